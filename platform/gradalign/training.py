@@ -1,0 +1,230 @@
+"""The training loop: data split over clients, one algorithm, epochs of updates, evaluation and checkpoints.
+
+A `Trainer` runs in one process. With `LocalComm` it holds every client; with `TorchDistributedComm` (e.g. inside a
+Ray TorchTrainer worker) it holds a block of clients and the algorithm all-reduces. Every client's batches come from
+its own seeded sampler and the model is initialised from the run's seed, so the same configuration gives the same
+numbers however the clients are spread over processes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .algorithms import RoundBatch, build_algorithm
+from .comm import LocalComm
+from .config import TrainConfig
+from .data import Dataset, load_dataset
+from .models import build_model
+from .partition import partition
+
+METRIC_KEYS = (
+    "epoch", "steps", "rounds", "examples", "train_loss", "test_loss", "test_accuracy", "grad_variance",
+    "grad_cosine", "grad_norm_sq", "gns_trace", "gns_grad_sq", "gns_simple", "wall_time", "status",
+)
+_ALIGNMENT_KEYS = ("grad_variance", "grad_cosine", "grad_norm_sq", "gns_trace", "gns_grad_sq")
+
+
+class ClientSampler:
+    """Draws a client's batches: a seeded permutation of its examples, reshuffled whenever it runs out."""
+
+    def __init__(self, indices, seed: int, client_id: int):
+        self.indices = torch.as_tensor(indices, dtype=torch.long)
+        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + client_id)
+        self.order = self._shuffle()
+        self.position = 0
+
+    def _shuffle(self) -> torch.Tensor:
+        return self.indices[torch.randperm(len(self.indices), generator=self.generator)]
+
+    def draw(self, n: int) -> torch.Tensor:
+        taken = []
+        while n > 0:
+            if self.position == len(self.order):
+                self.order, self.position = self._shuffle(), 0
+            chunk = self.order[self.position:self.position + n]
+            self.position += len(chunk)
+            n -= len(chunk)
+            taken.append(chunk)
+        return torch.cat(taken)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order.clone(), "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.position = state["order"].clone(), int(state["position"])
+
+
+def resolve_device(requested: str, override: str | torch.device | None = None) -> torch.device:
+    if override is not None:
+        return torch.device(override)
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("invalid device='cuda': no CUDA device is available here (use device='auto' or 'cpu')")
+    return torch.device(requested)
+
+
+class Trainer:
+    """Trains one configuration; `train_epoch` runs one epoch (a pass's worth of examples) and returns its metrics."""
+
+    def __init__(self, config: TrainConfig, comm: LocalComm | None = None, device=None, dataset: Dataset | None = None):
+        self.config = config
+        self.comm = comm or LocalComm()
+        self.device = resolve_device(config.device, device)
+        self.dtype = getattr(torch, config.dtype)
+        data = dataset or load_dataset(
+            config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed,
+            num_clients=config.clients, heterogeneity=config.heterogeneity,
+        )
+        parts = partition(
+            data.y_train.numpy(), config.clients, config.partition, alpha=config.alpha,
+            iid_fraction=config.iid_fraction, seed=config.seed, natural=data.natural_partition,
+        )
+        self.x_train = data.x_train.to(self.device, self.dtype)
+        self.y_train = data.y_train.to(self.device)
+        self.x_test = data.x_test.to(self.device, self.dtype)
+        self.y_test = data.y_test.to(self.device)
+        torch.manual_seed(config.seed)
+        self.model = build_model(config.model, data.input_shape, data.num_classes).to(self.device, self.dtype)
+        self.algorithm = build_algorithm(self.model, F.cross_entropy, config, self.comm)
+        self.local_clients = self.comm.local_clients(config.clients)
+        self.samplers = {cid: ClientSampler(parts[cid], config.seed, cid) for cid in self.local_clients}
+        self.participation_rng = torch.Generator().manual_seed(config.seed * 7919 + 17)
+        self.updates_per_epoch = max(1, len(self.y_train) // config.examples_per_update)
+        self.epoch = self.steps = self.rounds = self.examples = 0
+        self.wall_time = 0.0
+        self.status = "running"
+        self.history: list[dict] = []
+
+    @property
+    def done(self) -> bool:
+        return self.status != "running"
+
+    # -- one round ------------------------------------------------------------------------------------------------
+    def participants(self) -> list[int]:
+        c = self.config
+        if c.clients_per_round == c.clients:
+            return list(range(c.clients))
+        chosen = torch.randperm(c.clients, generator=self.participation_rng)[:c.clients_per_round]
+        return sorted(int(i) for i in chosen)
+
+    def next_batch(self) -> RoundBatch:
+        c = self.config
+        participants = self.participants()
+        local = [cid for cid in participants if cid in self.samplers]
+        k, b = c.local_steps, c.client_batch_size
+        if local:
+            idx = torch.stack([self.samplers[cid].draw(k * b) for cid in local]).to(self.device)
+            inputs, targets = self.x_train[idx].unflatten(1, (k, b)), self.y_train[idx].unflatten(1, (k, b))
+        else:
+            inputs = self.x_train.new_zeros(0, k, b, *self.x_train.shape[1:])
+            targets = self.y_train.new_zeros(0, k, b)
+        algorithm = c.algorithm
+        diagnose = algorithm in ("gradalign", "fedga") or self.rounds % c.diag_every == 0
+        return RoundBatch(local, inputs, targets, len(participants), diagnose)
+
+    # -- one epoch ------------------------------------------------------------------------------------------------
+    def train_epoch(self) -> dict:
+        if self.done:
+            raise RuntimeError(f"training is over (status={self.status!r})")
+        start = time.perf_counter()
+        self.model.train()
+        losses, alignments = [], []
+        for _ in range(self.updates_per_epoch):
+            result = self.algorithm.step(self.next_batch())
+            self.steps += result.steps
+            self.rounds += 1
+            self.examples += self.config.examples_per_update
+            losses.append(result.loss)
+            if result.alignment is not None:
+                alignments.append(result.alignment.as_dict())
+            if not math.isfinite(result.loss):
+                self.status = "diverged"
+                break
+        test_loss, test_accuracy = self.evaluate()
+        if not math.isfinite(test_loss) and self.status == "running":
+            self.status = "diverged"
+        self.epoch += 1
+        if self.status == "running" and self.epoch >= self.config.epochs:
+            self.status = "completed"
+        self.wall_time += time.perf_counter() - start
+        metrics = {
+            "epoch": self.epoch, "steps": self.steps, "rounds": self.rounds, "examples": self.examples,
+            "train_loss": sum(losses) / len(losses), "test_loss": test_loss, "test_accuracy": test_accuracy,
+            **_mean_alignment(alignments), "wall_time": self.wall_time, "status": self.status,
+        }
+        self.history.append(metrics)
+        return metrics
+
+    def fit(self, callback: Callable[[dict], None] | None = None) -> list[dict]:
+        """Run the remaining epochs; `callback(metrics)` after each."""
+        while not self.done:
+            metrics = self.train_epoch()
+            if callback is not None:
+                callback(metrics)
+        return self.history
+
+    @torch.no_grad()
+    def evaluate(self, chunk: int = 2048) -> tuple[float, float]:
+        """Test loss and accuracy; each process evaluates every world_size-th example and the sums are all-reduced."""
+        self.model.eval()
+        x, y = self.x_test[self.comm.rank::self.comm.world_size], self.y_test[self.comm.rank::self.comm.world_size]
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for i in range(0, len(y), chunk):
+            out = self.model(x[i:i + chunk])
+            totals[0] += F.cross_entropy(out, y[i:i + chunk], reduction="sum").double()
+            totals[1] += (out.argmax(1) == y[i:i + chunk]).sum()
+            totals[2] += len(out)
+        self.comm.sum_(totals)
+        self.model.train()
+        return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit-for-bit (this process's share of it)."""
+        return {
+            "config": self.config.to_dict(),
+            "rank": self.comm.rank,
+            "model": self.model.state_dict(),
+            "algorithm": self.algorithm.state_dict(),
+            "samplers": {cid: s.state_dict() for cid, s in self.samplers.items()},
+            "participation_rng": self.participation_rng.get_state(),
+            "counters": {"epoch": self.epoch, "steps": self.steps, "rounds": self.rounds, "examples": self.examples,
+                         "wall_time": self.wall_time, "status": self.status},
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.config.to_dict()
+        if state["config"] != mine:
+            changed = sorted(k for k in mine if state["config"].get(k) != mine[k])
+            raise ValueError(f"checkpoint was written by a different configuration (fields differ: {changed})")
+        self.model.load_state_dict(state["model"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        for cid, s in state["samplers"].items():
+            self.samplers[int(cid)].load_state_dict(s)
+        self.participation_rng.set_state(state["participation_rng"])
+        counters = state["counters"]
+        self.epoch, self.steps, self.rounds = counters["epoch"], counters["steps"], counters["rounds"]
+        self.examples, self.wall_time, self.status = counters["examples"], counters["wall_time"], counters["status"]
+        self.history = list(state["history"])
+
+
+def _mean_alignment(alignments: list[dict]) -> dict:
+    nan = float("nan")
+    if not alignments:
+        return {k: nan for k in (*_ALIGNMENT_KEYS, "gns_simple")}
+    out = {}
+    for key in _ALIGNMENT_KEYS:
+        values = [a[key] for a in alignments if math.isfinite(a[key])]
+        out[key] = sum(values) / len(values) if values else nan
+    # McCandlish et al.: average numerator and denominator separately, then divide.
+    trace, grad_sq = out["gns_trace"], out["gns_grad_sq"]
+    out["gns_simple"] = trace / grad_sq if math.isfinite(trace) and math.isfinite(grad_sq) and grad_sq != 0 else nan
+    return out
