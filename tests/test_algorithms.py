@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from gradalign import ALGORITHMS, ConfigError, TrainConfig
 from gradalign.algorithms import RoundBatch, build_algorithm
-from gradalign.functional import flat_params
+from gradalign.functional import flat_params, flatten_rows, param_dict
 
 from helpers import tiny_model
 
@@ -164,8 +164,9 @@ def test_fedprox_term_enters_local_gradient():
         new[name] = flat_params(model)
     model = tiny_model()
     grads, _ = build_algorithm(model, F.cross_entropy, config("fedavg")).client_grads(
-        flat_params(model), rounds[0].inputs[:, 0], rounds[0].targets[:, 0])
-    torch.testing.assert_close(new["fedprox"] - new["fedavg"], lr * lr * mu * grads.mean(0), rtol=1e-9, atol=1e-12)
+        param_dict(model), rounds[0].inputs[:, 0], rounds[0].targets[:, 0])
+    expected = lr * lr * mu * flatten_rows(grads).mean(0)
+    torch.testing.assert_close(new["fedprox"] - new["fedavg"], expected, rtol=1e-9, atol=1e-12)
 
 
 def test_partial_participation_uses_only_sampled_clients():

@@ -5,7 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from gradalign import gradalign_gradient
-from gradalign.functional import ParamLayout, alignment_from_moments, client_gradients, flat_params, gradient_moments, make_grad_fn
+from gradalign.functional import (
+    ParamLayout, alignment_from_moments, client_gradients, flat_params, flatten_rows, gradient_moments, make_grad_fn,
+    param_dict,
+)
 
 from helpers import client_batches, tiny_model
 
@@ -74,14 +77,15 @@ def test_implicit_regulariser_is_gradient_variance():
 def test_vmap_and_loop_give_the_same_numbers():
     model, batches = tiny_model(), client_batches(clients=6)
     layout = ParamLayout.of(model)
-    fn = make_grad_fn(model, F.cross_entropy, layout)
+    fn = make_grad_fn(model, F.cross_entropy)
     xs, ys = torch.stack([x for x, _ in batches]), torch.stack([y for _, y in batches])
-    params = flat_params(model)
-    per_client = params + 0.01 * torch.randn(6, layout.size, dtype=params.dtype)
-    for p in (params, per_client):
-        gv, lv = client_gradients(fn, p, xs, ys, use_vmap=True)
-        gl, ll = client_gradients(fn, p, xs, ys, use_vmap=False)
-        torch.testing.assert_close(gv, gl, rtol=1e-12, atol=1e-14)
+    shared = param_dict(model)
+    noise = 0.01 * torch.randn(6, layout.size, dtype=torch.float64)
+    per_client = layout.unflatten(flat_params(model).unsqueeze(0) + noise)
+    for params, flag in ((shared, False), (per_client, True)):
+        gv, lv = client_gradients(fn, params, xs, ys, per_client=flag, use_vmap=True)
+        gl, ll = client_gradients(fn, params, xs, ys, per_client=flag, use_vmap=False)
+        torch.testing.assert_close(flatten_rows(gv), flatten_rows(gl), rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(lv, ll, rtol=1e-12, atol=1e-14)
 
 
@@ -94,7 +98,8 @@ def test_unequal_client_batches_use_the_loop():
 
 def test_alignment_diagnostics_match_definitions():
     g = torch.randn(4, 10, dtype=torch.float64)
-    mean, al = alignment_from_moments(gradient_moments(g), num_clients=4, client_batch_size=8)
+    tree = {"w": g[:, :6].reshape(4, 2, 3), "b": g[:, 6:]}
+    mean, al = alignment_from_moments(gradient_moments(tree), num_clients=4, client_batch_size=8)
     torch.testing.assert_close(mean, g.mean(0))
     assert al.grad_variance == pytest.approx(((g - g.mean(0)) ** 2).sum(1).mean().item(), rel=1e-9)
     u = g / g.norm(dim=1, keepdim=True)
@@ -102,7 +107,7 @@ def test_alignment_diagnostics_match_definitions():
     assert al.grad_cosine == pytest.approx(sum(cos) / len(cos), rel=1e-9)
     assert al.grad_norm_sq == pytest.approx((g.mean(0) ** 2).sum().item())
     # identical client gradients: no variance, cosine 1, zero noise
-    same = g[:1].expand(4, -1)
+    same = {"w": g[:1].expand(4, -1)}
     _, al = alignment_from_moments(gradient_moments(same), 4, 8)
     assert al.grad_variance == pytest.approx(0, abs=1e-9) and al.grad_cosine == pytest.approx(1.0)
     assert al.gns_simple == pytest.approx(0, abs=1e-9)

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from .comm import LocalComm
 from .config import TrainConfig
 from .functional import (
-    Alignment, LossFn, ParamLayout, alignment_from_moments, client_gradients, displaced_params, flat_params,
-    gradient_moments, make_grad_fn, write_flat_grads_,
+    Alignment, LossFn, ParamLayout, Params, alignment_from_moments, client_gradients, displaced_params,
+    gradient_moments, make_grad_fn, param_dict, sum_clients, write_flat_grads_,
 )
 from .models import has_batchnorm
 
@@ -61,7 +61,7 @@ class Algorithm(abc.ABC):
         self.model, self.loss_fn, self.config = model, loss_fn, config
         self.comm = comm or LocalComm()
         self.layout = ParamLayout.of(model)
-        self.grad_fn = make_grad_fn(model, loss_fn, self.layout)
+        self.grad_fn = make_grad_fn(model, loss_fn)
         self.optimizer = self.make_optimizer()
 
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -88,14 +88,14 @@ class Algorithm(abc.ABC):
         self.optimizer.load_state_dict(state["optimizer"])
 
     # -- shared pieces -------------------------------------------------------------------------------------------
-    def client_grads(self, params: Tensor, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """([local clients, P], [local clients]) gradients and losses, each client at `params` (or its own row)."""
+    def client_grads(self, params: Params, inputs: Tensor, targets: Tensor, per_client: bool = False) -> tuple[Params, Tensor]:
+        """Per-client gradients by name ([local clients, ...]) and losses, at shared or per-client `params`."""
         if inputs.shape[0] == 0:
-            p = params.shape[-1]
-            return params.new_zeros(0, p), params.new_zeros(0)
-        return client_gradients(self.grad_fn, params, inputs, targets, use_vmap=self.config.vmap)
+            shapes = {n: t.shape[1:] if per_client else t.shape for n, t in params.items()}
+            return {n: params[n].new_zeros(0, *shapes[n]) for n in params}, inputs.new_zeros(0, dtype=self.dtype)
+        return client_gradients(self.grad_fn, params, inputs, targets, per_client=per_client, use_vmap=self.config.vmap)
 
-    def reduce_moments(self, grads: Tensor, losses: Tensor, batch: RoundBatch) -> tuple[Tensor, Alignment, float]:
+    def reduce_moments(self, grads: Params, losses: Tensor, batch: RoundBatch) -> tuple[Tensor, Alignment, float]:
         """One all-reduce of the clients' gradient moments and losses -> (ḡ, alignment diagnostics, mean loss)."""
         packed = torch.cat([gradient_moments(grads), losses.sum().reshape(1)])
         self.comm.sum_(packed)
@@ -125,7 +125,7 @@ class SGD(Algorithm):
     def step(self, batch: RoundBatch) -> StepResult:
         alignment = None
         if batch.diagnose:
-            grads, losses = self.client_grads(flat_params(self.model), batch.inputs[:, 0], batch.targets[:, 0])
+            grads, losses = self.client_grads(param_dict(self.model), batch.inputs[:, 0], batch.targets[:, 0])
             _, alignment, _ = self.reduce_moments(grads, losses, batch)
         position = {cid: j for j, cid in enumerate(batch.client_ids)}
         order = sorted(position) if self.comm.world_size == 1 else range(self.config.clients)
@@ -134,8 +134,8 @@ class SGD(Algorithm):
             packed = torch.zeros(self.layout.size + 1, dtype=self.dtype, device=self.device)
             if cid in position:
                 j = position[cid]
-                grad, loss = self.grad_fn(flat_params(self.model), batch.inputs[j, 0], batch.targets[j, 0])
-                packed[:-1], packed[-1] = grad, loss
+                grad, loss = self.grad_fn(param_dict(self.model), batch.inputs[j, 0], batch.targets[j, 0])
+                packed[:-1], packed[-1] = self.layout.flatten(list(grad.values())), loss
             if self.comm.world_size > 1:
                 self.comm.sum_(packed)
             self.server_step(packed[:-1])
@@ -150,7 +150,7 @@ class LargeBatchSGD(Algorithm):
 
     def step(self, batch: RoundBatch) -> StepResult:
         if batch.diagnose:
-            grads, losses = self.client_grads(flat_params(self.model), batch.inputs[:, 0], batch.targets[:, 0])
+            grads, losses = self.client_grads(param_dict(self.model), batch.inputs[:, 0], batch.targets[:, 0])
             mean_grad, alignment, loss = self.reduce_moments(grads, losses, batch)
             self.server_step(mean_grad)
             return StepResult(loss, 1, alignment)
@@ -184,13 +184,14 @@ class GradAlign(Algorithm):
         super().__init__(model, loss_fn, config, comm)
 
     def step(self, batch: RoundBatch) -> StepResult:
-        params = flat_params(self.model)
+        params = param_dict(self.model)
         inputs, targets = batch.inputs[:, 0], batch.targets[:, 0]
         grads, losses = self.client_grads(params, inputs, targets)
         mean_grad, alignment, loss = self.reduce_moments(grads, losses, batch)
-        displaced = displaced_params(params, grads, mean_grad, self.config.beta)
-        aligned, _ = self.client_grads(displaced, inputs, targets)
-        direction = self.comm.sum_(aligned.sum(0)) / batch.num_participants
+        displaced = displaced_params(params, grads, self.layout.unflatten(mean_grad), self.config.beta)
+        del grads
+        aligned, _ = self.client_grads(displaced, inputs, targets, per_client=True)
+        direction = self.comm.sum_(sum_clients(aligned)) / batch.num_participants
         self.server_step(direction)
         return StepResult(loss, 1, alignment)
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .algorithms import Algorithm, RoundBatch, StepResult, refuse_batchnorm, register
-from .functional import Alignment, displaced_params, flat_params
+from .functional import Alignment, Params, displaced_params, flatten_rows, param_dict, sum_clients
 
 
 class FederatedAlgorithm(Algorithm):
@@ -25,39 +25,41 @@ class FederatedAlgorithm(Algorithm):
         c = self.config
         return torch.optim.SGD(self.model.parameters(), lr=c.server_lr, momentum=c.momentum)
 
-    def starts(self, params: Tensor, batch: RoundBatch) -> tuple[Tensor, float | None, Alignment | None]:
-        """Each local client's starting point, plus the loss and diagnostics if computing them was needed."""
-        return params.expand(len(batch.client_ids), -1), None, None
+    def starts(self, params: Params, batch: RoundBatch) -> tuple[Params | None, float | None, Alignment | None]:
+        """Each local client's starting point (None: all start at x), plus the loss and diagnostics if computed."""
+        return None, None, None
 
-    def local_direction(self, grads: Tensor, local: Tensor, params: Tensor, batch: RoundBatch) -> Tensor:
+    def local_direction(self, grads: Params, local: Params, params: Params, batch: RoundBatch) -> Params:
         return grads
 
-    def extra_sums(self, params: Tensor, final: Tensor, batch: RoundBatch) -> Tensor:
+    def extra_sums(self, params: Params, final: Params, batch: RoundBatch) -> Tensor:
         """Further local sums to all-reduce with the update (SCAFFOLD's control-variate change)."""
-        return params.new_zeros(0)
+        return next(iter(params.values())).new_zeros(0)
 
     def apply_extra(self, summed: Tensor, batch: RoundBatch) -> None:
-        pass
+        """Use the all-reduced `extra_sums` (SCAFFOLD: update the server control variate)."""
 
     def step(self, batch: RoundBatch) -> StepResult:
         c = self.config
-        params = flat_params(self.model)
+        params = param_dict(self.model)
         start, loss, alignment = self.starts(params, batch)
-        local = start
+        local = start if start is not None else params
         first_losses = None
         for k in range(c.local_steps):
-            grads, losses = self.client_grads(local, batch.inputs[:, k], batch.targets[:, k])
-            if k == 0 and loss is None:
+            shared = k == 0 and start is None  # every client at x: one shared-parameter evaluation
+            grads, losses = self.client_grads(local, batch.inputs[:, k], batch.targets[:, k], per_client=not shared)
+            if shared:
                 first_losses = losses
-                if batch.diagnose:  # at k = 0 every client sits at x: these are the g_i of the diagnostics
+                if batch.diagnose:  # these are the g_i(x) of the diagnostics
                     _, alignment, _ = self.reduce_moments(grads, losses, batch)
             direction = self.local_direction(grads, local, params, batch)
-            if c.weight_decay:
-                direction = direction + c.weight_decay * local
-            local = local - c.lr * direction
+            decay = c.weight_decay
+            local = {n: local[n] - c.lr * (direction[n] + decay * local[n] if decay else direction[n]) for n in grads}
+        origin = start if start is not None else params
+        update = sum_clients({n: origin[n] - local[n] for n in local})
         extra = self.extra_sums(params, local, batch)
-        loss_sum = first_losses.sum().reshape(1) if first_losses is not None else params.new_zeros(1)
-        packed = self.comm.sum_(torch.cat([(start - local).sum(0), extra, loss_sum]))
+        loss_sum = first_losses.sum().reshape(1) if first_losses is not None else update.new_zeros(1)
+        packed = self.comm.sum_(torch.cat([update, extra, loss_sum]))
         size = self.layout.size
         self.server_step(packed[:size] / batch.num_participants)
         self.apply_extra(packed[size:-1], batch)
@@ -78,7 +80,8 @@ class FedProx(FederatedAlgorithm):
     name = "fedprox"
 
     def local_direction(self, grads, local, params, batch):
-        return grads + self.config.mu * (local - params)
+        mu = self.config.mu
+        return {n: grads[n] + mu * (local[n] - params[n]) for n in grads} if mu else grads
 
 
 @register
@@ -89,23 +92,24 @@ class Scaffold(FederatedAlgorithm):
 
     def __init__(self, model, loss_fn, config, comm=None):
         super().__init__(model, loss_fn, config, comm)
+        reference = next(model.parameters())
         size = self.layout.size
-        reference = flat_params(model)
         self.server_control = reference.new_zeros(size)
         self.client_controls = {cid: reference.new_zeros(size) for cid in self.comm.local_clients(config.clients)}
 
     def _controls(self, batch: RoundBatch) -> Tensor:
-        if not batch.client_ids:
-            return self.server_control.new_zeros(0, self.layout.size)
-        return torch.stack([self.client_controls[cid] for cid in batch.client_ids])
+        rows = [self.client_controls[cid] for cid in batch.client_ids]
+        return torch.stack(rows) if rows else self.server_control.new_zeros(0, self.layout.size)
 
     def local_direction(self, grads, local, params, batch):
-        return grads - self._controls(batch) + self.server_control
+        correction = self.layout.unflatten(self.server_control.unsqueeze(0) - self._controls(batch))
+        return {n: grads[n] + correction[n] for n in grads}
 
     def extra_sums(self, params, final, batch):
         c = self.config
         old = self._controls(batch)
-        new = old - self.server_control + (params - final) / (c.local_steps * c.lr)
+        x = torch.cat([p.reshape(-1) for p in params.values()])
+        new = old - self.server_control + (x - flatten_rows(final)) / (c.local_steps * c.lr)
         for row, cid in enumerate(batch.client_ids):
             self.client_controls[cid] = new[row].clone()
         return (new - old).sum(0)
@@ -137,4 +141,4 @@ class FedGA(FederatedAlgorithm):
     def starts(self, params, batch):
         grads, losses = self.client_grads(params, batch.inputs[:, 0], batch.targets[:, 0])
         mean_grad, alignment, loss = self.reduce_moments(grads, losses, batch)
-        return displaced_params(params, grads, mean_grad, self.config.beta), loss, alignment
+        return displaced_params(params, grads, self.layout.unflatten(mean_grad), self.config.beta), loss, alignment

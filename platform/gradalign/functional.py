@@ -51,17 +51,26 @@ class ParamLayout:
         return list(self.unflatten(flat).values())
 
 
+Params = dict[str, Tensor]
+"""Parameters (or gradients) by name; per-client ones carry a leading client dimension [m, ...]."""
+
+
 def flat_params(model: nn.Module) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def write_flat_params_(model: nn.Module, flat: Tensor) -> None:
-    offset = 0
-    with torch.no_grad():
-        for p in model.parameters():
-            n = p.numel()
-            p.copy_(flat[offset:offset + n].view_as(p))
-            offset += n
+def param_dict(model: nn.Module) -> Params:
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def flatten_rows(tree: Params) -> Tensor:
+    """[m, ...] per-client tensors -> one [m, P] matrix (costs a copy; the algorithms avoid it)."""
+    return torch.cat([t.flatten(1) for t in tree.values()], dim=1)
+
+
+def sum_clients(tree: Params) -> Tensor:
+    """Sum over the client dimension, flattened to [P] (cheap: one pass, small result)."""
+    return torch.cat([t.sum(0).reshape(-1) for t in tree.values()])
 
 
 def write_flat_grads_(model: nn.Module, flat: Tensor) -> None:
@@ -73,43 +82,43 @@ def write_flat_grads_(model: nn.Module, flat: Tensor) -> None:
         offset += n
 
 
-def make_grad_fn(model: nn.Module, loss_fn: LossFn, layout: ParamLayout) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """(flat_params, inputs, targets) -> (flat gradient, loss), evaluated functionally: the module is not changed."""
+def make_grad_fn(model: nn.Module, loss_fn: LossFn) -> Callable[[Params, Tensor, Tensor], tuple[Params, Tensor]]:
+    """(params, inputs, targets) -> (gradient by name, loss), evaluated functionally: the module is not changed."""
     buffers = dict(model.named_buffers())
 
-    def loss_at(flat: Tensor, inputs: Tensor, targets: Tensor) -> Tensor:
-        params = layout.unflatten(flat)
-        outputs = functional_call(model, {**params, **buffers}, (inputs,))
-        return loss_fn(outputs, targets)
+    def loss_at(params: Params, inputs: Tensor, targets: Tensor) -> Tensor:
+        return loss_fn(functional_call(model, {**params, **buffers}, (inputs,)), targets)
 
     return grad_and_value(loss_at)
 
 
 def client_gradients(
-    grad_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
-    params: Tensor,
+    grad_fn: Callable[[Params, Tensor, Tensor], tuple[Params, Tensor]],
+    params: Params,
     inputs: Sequence[Tensor] | Tensor,
     targets: Sequence[Tensor] | Tensor,
+    per_client: bool = False,
     use_vmap: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """Each client's gradient and loss: ([m, P], [m]).
+) -> tuple[Params, Tensor]:
+    """Each client's gradient (by name, [m, ...]) and loss [m].
 
-    `params` is one flat vector [P] shared by all clients, or one per client [m, P] (e.g. displaced parameters).
-    With `use_vmap` and equally sized client batches (stacked tensors) all clients are evaluated in one batched
-    call; otherwise a per-client loop computes the same numbers.
+    `params` is shared by all clients, or, with `per_client`, holds one set per client along a leading dimension
+    (e.g. displaced parameters). With `use_vmap` and equally sized client batches (stacked tensors) all clients
+    are evaluated in one batched call; otherwise a per-client loop computes the same numbers.
     """
-    per_client = params.dim() == 2
-    stacked = isinstance(inputs, Tensor)
-    if use_vmap and stacked:
-        grads, losses = vmap(grad_fn, in_dims=(0 if per_client else None, 0, 0))(params, inputs, targets)
-        return grads, losses
-    results = [grad_fn(params[i] if per_client else params, x, y) for i, (x, y) in enumerate(zip(inputs, targets))]
-    return torch.stack([g for g, _ in results]), torch.stack([l for _, l in results])
+    if use_vmap and isinstance(inputs, Tensor):
+        return vmap(grad_fn, in_dims=(0 if per_client else None, 0, 0))(params, inputs, targets)
+    results = [
+        grad_fn({n: t[i] for n, t in params.items()} if per_client else params, x, y)
+        for i, (x, y) in enumerate(zip(inputs, targets))
+    ]
+    grads = {n: torch.stack([g[n] for g, _ in results]) for n in params}
+    return grads, torch.stack([loss for _, loss in results])
 
 
-def displaced_params(params: Tensor, client_grads: Tensor, mean_grad: Tensor, beta: float) -> Tensor:
-    """GradAlign's displaced points x - beta (ḡ - g_i), one row per client."""
-    return params.unsqueeze(0) - beta * (mean_grad.unsqueeze(0) - client_grads)
+def displaced_params(params: Params, client_grads: Params, mean_grad: Params, beta: float) -> Params:
+    """GradAlign's displaced points x - beta (ḡ - g_i) = (x - beta ḡ) + beta g_i, one per client (one pass each)."""
+    return {n: torch.add(params[n] - beta * mean_grad[n], client_grads[n], alpha=beta) for n in params}
 
 
 @dataclass(frozen=True)
@@ -141,15 +150,17 @@ class Alignment:
         }
 
 
-def gradient_moments(client_grads: Tensor) -> Tensor:
-    """Local sums that, summed over all processes, give the alignment diagnostics: [sum g_i, sum g_i/|g_i|, sum |g_i|^2].
+def gradient_moments(client_grads: Params) -> Tensor:
+    """Local sums that, summed over all processes, give ḡ and the alignment diagnostics.
 
-    Packed into one flat vector of length 2P + 1 so one all-reduce communicates them.
+    Returns [sum_i g_i, sum_i g_i/|g_i|, sum_i |g_i|^2] packed in one flat vector of length 2P + 1, so that one
+    all-reduce communicates them. Reads each per-client gradient twice (norms, then one [2, m] @ [m, n] product).
     """
-    norms = client_grads.norm(dim=1, keepdim=True)
-    units = client_grads / norms.clamp_min(torch.finfo(client_grads.dtype).tiny)
-    sq = (norms.squeeze(1) ** 2).sum().reshape(1)
-    return torch.cat([client_grads.sum(0), units.sum(0), sq])
+    first = next(iter(client_grads.values()))
+    sq = sum((t.flatten(1) ** 2).sum(1) for t in client_grads.values()) if first.shape[0] else first.new_zeros(0)
+    weights = torch.stack([torch.ones_like(sq), sq.sqrt().clamp_min(torch.finfo(first.dtype).tiny).reciprocal()])
+    sums = [weights @ t.flatten(1) for t in client_grads.values()]
+    return torch.cat([torch.cat([s[0] for s in sums]), torch.cat([s[1] for s in sums]), sq.sum().reshape(1)])
 
 
 def alignment_from_moments(moments: Tensor, num_clients: int, client_batch_size: int) -> tuple[Tensor, Alignment]:
@@ -184,13 +195,15 @@ def gradalign_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[tupl
     if len(batches) == 0:
         raise ValueError("batches is empty: need one (inputs, targets) pair per client")
     layout = ParamLayout.of(model)
-    grad_fn = make_grad_fn(model, loss_fn, layout)
-    params = flat_params(model)
+    grad_fn = make_grad_fn(model, loss_fn)
+    params = param_dict(model)
     inputs = [x for x, _ in batches]
     targets = [y for _, y in batches]
     if len({tuple(x.shape) for x in inputs}) == 1 and len({tuple(y.shape) for y in targets}) == 1:
         inputs, targets = torch.stack(inputs), torch.stack(targets)
+    m = len(batches)
     grads, _ = client_gradients(grad_fn, params, inputs, targets)
-    mean_grad = grads.mean(0)
-    aligned, _ = client_gradients(grad_fn, displaced_params(params, grads, mean_grad, beta), inputs, targets)
-    return layout.to_list(aligned.mean(0))
+    mean_grad = layout.unflatten(sum_clients(grads) / m)
+    displaced = displaced_params(params, grads, mean_grad, beta)
+    aligned, _ = client_gradients(grad_fn, displaced, inputs, targets, per_client=True)
+    return layout.to_list(sum_clients(aligned) / m)
