@@ -60,9 +60,12 @@ def main(argv=None) -> None:
     parser.add_argument("--model", choices=("mlp", "cnn", "all"), default="all", help="model(s) to time")
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats per variant (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--no-loop", action="store_true", help="skip the naive per-client loop (slow for many clients)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = provenance()
     print(f"# torch {info['torch']} on {info['hardware']}, {torch.get_num_threads()} threads, commit {info['git_commit'][:12]}")
     print(f"# median of {args.repeats} interleaved repeats; ratio = time / large-batch SGD time at the same global batch")

@@ -157,7 +157,10 @@ def gradient_moments(client_grads: Params) -> Tensor:
     all-reduce communicates them. Reads each per-client gradient twice (norms, then one [2, m] @ [m, n] product).
     """
     first = next(iter(client_grads.values()))
-    sq = sum((t.flatten(1) ** 2).sum(1) for t in client_grads.values()) if first.shape[0] else first.new_zeros(0)
+    if first.shape[0]:
+        sq = sum(torch.linalg.vector_norm(t.flatten(1), dim=1) ** 2 for t in client_grads.values())
+    else:
+        sq = first.new_zeros(0)
     weights = torch.stack([torch.ones_like(sq), sq.sqrt().clamp_min(torch.finfo(first.dtype).tiny).reciprocal()])
     sums = [weights @ t.flatten(1) for t in client_grads.values()]
     return torch.cat([torch.cat([s[0] for s in sums]), torch.cat([s[1] for s in sums]), sq.sum().reshape(1)])
