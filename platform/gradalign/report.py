@@ -1,0 +1,223 @@
+"""One self-contained HTML report of a scaling study (opens offline: plotly.js is embedded once, in the head).
+
+Input is the *history* frame, one row per (trial_id, epoch), with columns
+  study, cell, phase ('tune' | 'seed'), trial_id, algorithm, batch_size (global), clients, workers, lr, beta, momentum,
+  weight_decay, local_steps, mu, participation, alpha, partition, seed, epoch, steps, rounds, examples, train_loss,
+  test_loss, test_accuracy (in [0, 1]), grad_variance, grad_cosine, grad_norm_sq, gns_simple, gns_trace, gns_grad_sq,
+  wall_time (s since trial start), status ('running' | 'completed' | 'diverged' | 'error' | 'stopped'),
+  git_commit, python, torch, ray, optuna, hardware,
+plus the cells frame of `gradalign.analysis.summarize_cells`. Sections: overview (title, command, summary),
+budget & fixed parameters, figures, cells, significance, warnings, provenance.
+
+The same code serves the federated study: pass `x="alpha"` (or "participation"); the McCandlish scaling figure
+only appears when x is the batch size.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from . import figures as F
+from .analysis import CONFIG_COLUMNS, fit_critical_batches, noise_scale_from_history, significance
+
+__all__ = ["default_figures", "critical_batch_table", "fixed_parameters", "provenance_from_history",
+           "significance_tables", "write_report"]
+
+PROVENANCE_COLUMNS = ("git_commit", "python", "torch", "ray", "optuna", "hardware")
+COMPARISONS = (("gradalign", "large_batch_sgd"), ("gradalign", "sgd"), ("fedga", "fedavg"), ("fedga", "fedprox"),
+               ("fedga", "scaffold"))
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1280px;
+       padding: 1em 2em; color: #222; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 1.6em; }
+pre { background: #f5f5f5; padding: 0.6em; overflow-x: auto; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
+th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; white-space: nowrap; }
+th { background: #f0f0f0; } td.text, th.text { text-align: left; }
+figure { margin: 1em 0; } figcaption { color: #555; font-size: 0.9em; }
+.warning { background: #fff4e5; border-left: 4px solid #f0a020; padding: 0.4em 0.8em; margin: 0.3em 0; }
+.ok { color: #2a7a2a; }
+"""
+
+
+def _fmt(value) -> str:
+    """A table cell: NaN as an en dash, integers without decimals, floats to 4 significant digits."""
+    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+        return "–"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+    if isinstance(value, Mapping):
+        return json.dumps({str(k): v for k, v in value.items()}, default=str)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def _table(frame: pd.DataFrame, empty: str = "No rows.") -> str:
+    """An HTML table of formatted values (escaped); all-NaN columns are left out."""
+    if frame is None or frame.empty:
+        return f"<p>{html.escape(empty)}</p>"
+    frame = frame.loc[:, frame.notna().any(axis=0)]
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in frame.itertuples(index=False))
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _cell(value) -> str:
+    numeric = isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_))
+    return f"<td>{html.escape(_fmt(value))}</td>" if numeric else f'<td class="text">{html.escape(_fmt(value))}</td>'
+
+
+def _dict_table(values: Mapping, empty: str = "Nothing recorded.") -> str:
+    if not values:
+        return f"<p>{html.escape(empty)}</p>"
+    rows = "".join(f'<tr><th class="text">{html.escape(str(k))}</th><td class="text">{html.escape(_fmt(v))}</td></tr>'
+                   for k, v in values.items())
+    return f"<table><tbody>{rows}</tbody></table>"
+
+
+def fixed_parameters(history: pd.DataFrame) -> dict:
+    """Configuration columns that hold one value across the whole history (the fixed hyperparameters)."""
+    out = {}
+    for column in CONFIG_COLUMNS:
+        if column in history.columns and column != "cell":
+            values = history[column].dropna().unique()
+            if len(values) == 1:
+                out[column] = values[0].item() if hasattr(values[0], "item") else values[0]
+    return out
+
+
+def provenance_from_history(history: pd.DataFrame) -> dict:
+    """The provenance columns' distinct values (more than one commit or library version is worth seeing)."""
+    out = {}
+    for column in PROVENANCE_COLUMNS:
+        if column in history.columns:
+            values = [str(v) for v in history[column].dropna().unique()]
+            if values:
+                out[column] = ", ".join(values)
+    return out
+
+
+def critical_batch_table(fits: Mapping[str, dict], noise: Mapping[str, float]) -> pd.DataFrame:
+    """Per algorithm: fitted S_min, E_min, B_crit (McCandlish) next to the predicted B_simple."""
+    rows = [{"algorithm": name, "S_min": fit["S_min"], "E_min": fit["E_min"], "B_crit (fit)": fit["B_crit"],
+             "B_simple (predicted)": noise.get(name, np.nan), "points": fit["n_points"],
+             "rms log residual": fit["rms_log_residual"], "note": fit["reason"] or ""} for name, fit in fits.items()]
+    return pd.DataFrame(rows)
+
+
+def significance_tables(history: pd.DataFrame, by: str = "batch_size", target: float | None = None,
+                        comparisons: Sequence[tuple[str, str]] = COMPARISONS) -> pd.DataFrame:
+    """Welch t-tests for every comparison whose two algorithms both appear: final accuracy, and steps to target."""
+    present = set(history["algorithm"].dropna()) if "algorithm" in history.columns else set()
+    if by not in history.columns:
+        return pd.DataFrame()
+    metrics = ["acc_final"] + (["steps_to_target"] if target is not None else [])
+    parts = [significance(history, a, b, by=by, metric=m, target=target)
+             for a, b in comparisons if a in present and b in present for m in metrics]
+    parts = [p for p in parts if not p.empty]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _noise_by_algorithm(history: pd.DataFrame) -> dict:
+    """B_simple pooled over all seed runs of an algorithm (tr(Sigma) and |G|^2 do not depend on the batch size)."""
+    if "algorithm" not in history.columns:
+        return {}
+    table = noise_scale_from_history(history, group=("algorithm",))
+    return {row.algorithm: row.B_simple for row in table.itertuples()}
+
+
+def default_figures(history: pd.DataFrame, cells: pd.DataFrame, x: str = "batch_size",
+                    fits: Mapping[str, dict] | None = None,
+                    noise: Mapping[str, float] | None = None) -> list[tuple[str, str, go.Figure]]:
+    """The standard figures as (id, caption, figure); the scaling figure only when `x` is the batch size."""
+    out = [("fig-accuracy", "Final-epoch test accuracy; error bars are the std over seeds.",
+            F.accuracy_vs_x(cells, x=x))]
+    if x == "batch_size":
+        out.append(("fig-scaling", "Dotted grey: perfect scaling. Dashed: McCandlish fit S = S_min(1 + B_crit/B). "
+                    "Stars and dashed verticals: fitted B_crit; dotted verticals: B_simple from the gradient noise.",
+                    F.steps_vs_batch(cells, fits=fits, noise=noise, x=x)))
+    out.append(("fig-pareto-parallelism", "Cells not dominated in (parallelism, accuracy).",
+                F.pareto_figure(cells, x=x, y="acc_mean", maximize_x=True)))
+    out.append(("fig-pareto-time", "Cells not dominated in (wall time per run, accuracy).",
+                F.pareto_figure(cells, x="wall_time_mean", y="acc_mean", maximize_x=False,
+                                title="Pareto frontier: test accuracy vs wall time (less is better)")))
+    out.append(("fig-alignment", "V = mean_i ||g_i - g||^2 and the mean pairwise cosine of client gradients.",
+                F.alignment_over_training(history, color=x)))
+    out.append(("fig-hyperparameters", "The lr and beta the tuning phase chose for each cell.",
+                F.hyperparameters_vs_x(cells, x=x)))
+    return out
+
+
+def _figure_html(fig_id: str, caption: str, fig: go.Figure) -> str:
+    div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=fig_id,
+                      config={"responsive": True, "displaylogo": False})
+    return f'<figure class="plot" data-figure="{fig_id}">{div}<figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+def write_report(path: str | Path, history: pd.DataFrame, cells: pd.DataFrame, summary: Mapping,
+                 warnings: Sequence[str], provenance: Mapping, budget: Mapping,
+                 title: str = "GradAlign batch-scaling study", *, x: str = "batch_size",
+                 significance_table: pd.DataFrame | None = None,
+                 figures: Sequence[tuple[str, str, go.Figure]] | None = None) -> Path:
+    """Write the study's report as ONE self-contained HTML file and return its path.
+
+    `summary`: headline facts (e.g. target, best cell); `warnings`: messages (e.g. from `edge_warnings`);
+    `provenance`: command, commit, versions, hardware (the history's provenance columns fill in what is missing);
+    `budget`: the budget and how it is counted (steps or examples). `significance_table` defaults to
+    `significance_tables(history, by=x, target)`; `figures` to `default_figures(history, cells, x)`.
+    """
+    target = summary.get("target", cells["target"].iloc[0] if "target" in cells and len(cells) else None)
+    fits, noise = {}, {}
+    if x == "batch_size" and {"algorithm", "steps_to_target_mean"} <= set(cells.columns):
+        fits, noise = fit_critical_batches(cells), _noise_by_algorithm(history)
+    if figures is None:
+        figures = default_figures(history, cells, x=x, fits=fits, noise=noise)
+    if significance_table is None:
+        significance_table = significance_tables(history, by=x, target=target)
+    provenance = {**provenance_from_history(history), **provenance}
+    command = provenance.get("command", summary.get("command", ""))
+    cell_table = cells.drop(columns=[c for c in ("target",) if c in cells.columns])
+    warn_html = "".join(f'<div class="warning">{html.escape(str(w))}</div>' for w in warnings) or \
+        '<p class="ok">No warnings.</p>'
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sections = [
+        f'<section id="overview"><h1>{html.escape(title)}</h1><p>Generated {stamp}.</p>'
+        f'<pre class="command">{html.escape(str(command) or "(command not recorded)")}</pre>'
+        f'{_dict_table(summary, "No summary.")}'
+        + (f"<h3>Critical batch size</h3>{_table(critical_batch_table(fits, noise))}" if fits else "")
+        + "</section>",
+        f'<section id="budget"><h2>Budget and fixed parameters</h2>{_dict_table(budget, "Budget not recorded.")}'
+        f'<h3>Fixed across the study</h3>{_dict_table(fixed_parameters(history))}</section>',
+        '<section id="figures"><h2>Figures</h2>' + "".join(_figure_html(*f) for f in figures) + "</section>",
+        f'<section id="cells"><h2>Cells</h2><p>Seed-phase statistics per cell (target accuracy {_fmt(target)}); '
+        f'"to target" columns average the n_reached seeds that reach it.</p>'
+        f'{_table(cell_table, "No cells.")}</section>',
+        f'<section id="significance"><h2>Significance (Welch t-test over seeds)</h2>'
+        f'{_table(significance_table, "No pair of compared algorithms in this study.")}</section>',
+        f'<section id="warnings"><h2>Warnings</h2>{warn_html}</section>',
+        f'<section id="provenance"><h2>Provenance</h2>{_dict_table(provenance)}</section>',
+    ]
+    document = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f'<style>{_CSS}</style>\n<script type="text/javascript">{get_plotlyjs()}</script>\n</head>\n<body>\n'
+        + "\n".join(sections) + "\n</body></html>\n"
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(document, encoding="utf-8")
+    return path
