@@ -139,10 +139,11 @@ def steps_vs_batch(cells: pd.DataFrame, fits: Mapping[str, dict] | None = None,
             curve = fit["curve"]
             fig.add_trace(go.Scatter(x=curve["batch_size"], y=curve["steps"], mode="lines", name=f"{name} fit",
                                      line={"color": rgb, "dash": "dash"}))
-            label = f"{name} B_crit={fit['B_crit']:.3g} (fit)"
-            fig.add_trace(go.Scatter(x=[fit["B_crit"]], y=[2 * fit["S_min"]], mode="markers", name=label,
-                                     legendgroup=label, marker={"color": rgb, "symbol": "star", "size": 15}))
-            fig.add_trace(_vertical(fit["B_crit"], y_range, label, rgb, "dash", showlegend=False))
+            if fit.get("reason") is None:  # a pinned fit only bounds B_crit: no marker far off the data
+                label = f"{name} B_crit={fit['B_crit']:.3g} (fit)"
+                fig.add_trace(go.Scatter(x=[fit["B_crit"]], y=[2 * fit["S_min"]], mode="markers", name=label,
+                                         legendgroup=label, marker={"color": rgb, "symbol": "star", "size": 15}))
+                fig.add_trace(_vertical(fit["B_crit"], y_range, label, rgb, "dash", showlegend=False))
         b_simple = noise.get(name, np.nan)
         if b_simple is not None and np.isfinite(b_simple) and b_simple > 0:
             fig.add_trace(_vertical(b_simple, y_range, f"{name} B_simple={b_simple:.3g} (predicted)", rgb, "dot"))

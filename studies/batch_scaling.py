@@ -1,0 +1,147 @@
+"""How far does data-parallel training scale? Accuracy and steps-to-target versus global batch size, tuned per cell.
+
+    python studies/batch_scaling.py                  # a real study on the bundled digits data (~10 min, 2 cores)
+    python studies/batch_scaling.py --smoke-test     # the whole pipeline in ~2 minutes
+    python studies/batch_scaling.py --report-only --out results/batch-scaling   # rebuild the report, no training
+    python studies/batch_scaling.py --address auto --dataset cifar10 --model lenet --batch-sizes 128 512 2048 \\
+        --trials-per-cell 24 --workers 4 --gpus-per-worker 1 --storage s3://bucket/gradalign   # on a cluster
+
+The method of Shallue et al. (2018) and Google's tuning playbook:
+- scientific: global batch size B (the parallelism) x algorithm. Small-batch SGD at batch b is the reference;
+  large-batch SGD and GradAlign at B split B into B/b micro-batches (GradAlign's clients) of that same b, so
+  GradAlign emulates the reference's implicit regularisation at any parallelism;
+- nuisance, re-tuned in every cell with Ray Tune + Optuna (TPE): step size, β (GradAlign), momentum;
+- fixed: dataset, model, the micro-batch b, and the budget (epochs, i.e. training examples seen);
+- the best configuration of each cell is re-run with several seeds; results are mean ± std with n.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from gradalign.config import ALGORITHMS, DATASETS, MODELS, ConfigError
+from gradalign.ray_adapter import Range, SearchSpace
+from studies.cells import Cell, StudyPlan, load_history, run_plan, save_table
+from studies.reporting import build_report
+from studies.study_cli import add_common_arguments, apply_defaults, check_storage, common_settings, fail, range_arg
+
+SMOKE = dict(batch_sizes=[32, 128], epochs=3, trials_per_cell=2, seeds=2, target=0.5)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("scientific axes")
+    g.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 512],
+                   help="global batch sizes B to compare (the degree of parallelism)")
+    g.add_argument("--algorithms", nargs="+", default=["sgd", "large_batch_sgd", "gradalign"], choices=ALGORITHMS,
+                   metavar="ALG", help="'sgd' is the small-batch reference at batch --micro-batch; the others run at "
+                   f"every B (choices: {', '.join(ALGORITHMS)})")
+    g.add_argument("--micro-batch", type=int, default=16,
+                   help="b: the reference's batch size, and each micro-batch (client) of GradAlign / large-batch SGD")
+    g.add_argument("--workers", type=int, nargs="+", default=[1],
+                   help="training processes per trial (1 = in the trial's process; >1 = Ray Train workers); "
+                   "several values make the number of workers a scientific axis too")
+    g = p.add_argument_group("fixed parameters and budget")
+    g.add_argument("--dataset", default="digits", choices=DATASETS)
+    g.add_argument("--model", default="mlp", choices=MODELS)
+    g.add_argument("--epochs", type=int, default=30, help="budget per run in epochs (= examples seen / training set)")
+    g.add_argument("--target", type=float, default=0.9, help="target test accuracy for steps-to-target, in (0, 1]")
+    g = p.add_argument_group("nuisance parameters, re-tuned in every cell")
+    g.add_argument("--lr-range", type=range_arg, default=(0.01, 3.0), metavar="LOW,HIGH",
+                   help="step-size search range (log-uniform)")
+    g.add_argument("--beta-range", type=range_arg, default=(1e-3, 3.0), metavar="LOW,HIGH",
+                   help="GradAlign's β search range (log-uniform)")
+    g.add_argument("--momentum-range", type=range_arg, default=(0.0, 0.95), metavar="LOW,HIGH",
+                   help="momentum search range (uniform); 'none' keeps momentum at 0")
+    add_common_arguments(p, default_name="batch-scaling", smoke=SMOKE)
+    return p
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Refuse impossible axes before anything starts; the message names the option and the value."""
+    if not args.algorithms:
+        raise ConfigError("algorithms", args.algorithms, "name at least one algorithm")
+    if args.micro_batch < 1:
+        raise ConfigError("micro_batch", args.micro_batch, "must be a positive integer")
+    for b in args.batch_sizes:
+        if b < args.micro_batch:
+            raise ConfigError("batch_sizes", b, f"is smaller than the micro-batch b={args.micro_batch} "
+                              "(each of the B/b clients needs at least b examples)")
+        if b % args.micro_batch:
+            raise ConfigError("batch_sizes", b, f"is not a multiple of the micro-batch b={args.micro_batch}")
+    if not (0 < args.target <= 1) or math.isnan(args.target):
+        raise ConfigError("target", args.target, "target accuracy must lie in (0, 1]")
+    if any(w < 1 for w in args.workers):
+        raise ConfigError("workers", args.workers, "every value must be >= 1")
+
+
+def plan_cells(args: argparse.Namespace) -> tuple[Cell, ...]:
+    fixed = dict(dataset=args.dataset, model=args.model, epochs=args.epochs, data_dir=str(Path(args.data_dir).resolve()),
+                 download=args.download, seed=0)
+    ranges = dict(lr=Range(*args.lr_range, log=True),
+                  momentum=Range(*args.momentum_range) if args.momentum_range else None)
+    cells = []
+    for workers in args.workers:
+        suffix = f"-w{workers}" if len(args.workers) > 1 else ""
+        if "sgd" in args.algorithms:  # the small-batch reference: plain SGD at batch b
+            b = args.micro_batch
+            space = SearchSpace(fixed={**fixed, "algorithm": "sgd", "batch_size": b, "clients": 1}, **ranges)
+            cells.append(Cell(f"sgd-B{b}{suffix}", dict(algorithm="sgd", batch_size=b, workers=workers), space, workers))
+        for algorithm in [a for a in args.algorithms if a != "sgd"]:
+            for batch in args.batch_sizes:
+                cfg = {**fixed, "algorithm": algorithm, "batch_size": batch, "clients": batch // args.micro_batch}
+                beta = Range(*args.beta_range, log=True) if algorithm in ("gradalign", "fedga") else None
+                space = SearchSpace(fixed=cfg, beta=beta, **ranges)
+                cells.append(Cell(f"{algorithm}-B{batch}{suffix}",
+                                  dict(algorithm=algorithm, batch_size=batch, workers=workers), space, workers))
+    return tuple(cells)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = apply_defaults(build_parser().parse_args(argv))
+    out = Path(args.out).resolve()
+    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    if args.report_only:
+        return report(out, args, command, load_history(out))
+    try:
+        validate(args)
+        plan = StudyPlan(name=args.name, out_dir=out, cells=plan_cells(args), **common_settings(args))
+    except ConfigError as err:
+        return fail(err)
+    print(f"batch-scaling study {args.name!r}: {len(plan.cells)} cells x {args.trials_per_cell} tuning trials + "
+          f"{len(plan.seeds)} seeds, {args.epochs} epochs of {args.dataset}/{args.model}; output in {out}", flush=True)
+    started = time.perf_counter()
+    try:
+        check_storage(args, plan)
+        history = run_plan(plan, address=args.address)
+    except ConfigError as err:
+        return fail(err)
+    print(f"all cells finished in {time.perf_counter() - started:.0f} s", flush=True)
+    return report(out, args, command, history)
+
+
+def report(out: Path, args: argparse.Namespace, command: str, history: pd.DataFrame) -> int:
+    save_table(history, out / "history")
+    search_ranges = {"lr": tuple(args.lr_range), "beta": tuple(args.beta_range)}
+    if args.momentum_range:
+        search_ranges["momentum"] = tuple(args.momentum_range)
+    budget = {"budget": f"{args.epochs} epochs per run (examples = epochs x training-set size)",
+              "counted in": "examples; steps = parameter updates (small-batch SGD: one per micro-batch)",
+              "tuning trials per cell": args.trials_per_cell, "seeds per best configuration": args.seeds,
+              "micro-batch b": args.micro_batch, "target accuracy": args.target}
+    path = build_report(out, history, target=args.target, x="batch_size", title="GradAlign batch-scaling study",
+                        command=command, budget=budget, search_ranges=search_ranges)
+    print(f"report: {path}\ntables: {out}/history.parquet, {out}/cells.parquet (and .csv), summary: {out}/summary.json")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    sys.exit(main())

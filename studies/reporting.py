@@ -1,0 +1,111 @@
+"""From a study's history frame to its report: cells table, warnings, significance, summary.json, report.html."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from gradalign.analysis import best_trials, edge_warnings, summarize_cells
+from gradalign.provenance import provenance
+from gradalign.report import significance_tables, write_report
+from studies.cells import save_table
+
+
+def scientific_group(history: pd.DataFrame, x: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """algorithm x the study's axis, plus any axis that varies (workers, ...)."""
+    group = ["algorithm", x, *extra]
+    if "workers" in history and history["workers"].nunique() > 1:
+        group.append("workers")
+    return tuple(dict.fromkeys(group))
+
+
+def build_report(out: Path, history: pd.DataFrame, *, target: float, x: str, title: str, command: str,
+                 budget: Mapping[str, Any], search_ranges: Mapping[str, tuple], extra_axes: Sequence[str] = (),
+                 comparisons: Sequence[tuple[str, str]] = (("gradalign", "large_batch_sgd"),),
+                 reference: str | None = "sgd", notes: Mapping[str, Any] | None = None) -> Path:
+    """Write cells.{parquet,csv}, summary.json and report.html into `out`; returns the report's path.
+
+    `comparisons` are tested at each value of `x`; every algorithm is also tested against `reference` (the
+    small-batch SGD cell, which sits at one batch size only), to give the gap to the reference at each x.
+    """
+    group = scientific_group(history, x, extra_axes)
+    cells = summarize_cells(history, target, group=group)
+    save_table(cells, out / "cells")
+    tuned = history[history["phase"] == "tune"]
+    warnings = edge_warnings(best_trials(tuned, group=group, reduce="last"), search_ranges, label=group) if len(tuned) else []
+    warnings += _divergence_warnings(history)
+    sig = compare(history, x, target, comparisons, reference)
+    summary = {
+        "target accuracy": target,
+        "cells with seed runs": int(len(cells)),
+        "tuning trials": int(tuned["trial_id"].nunique()) if len(tuned) else 0,
+        "seed runs": int(history.loc[history["phase"] == "seed", "trial_id"].nunique()),
+        **headline(cells, sig, x),
+        **(notes or {}),
+    }
+    prov = {"command": command, **provenance()}
+    path = write_report(out / "report.html", history, cells, summary, warnings, prov, budget, title=title, x=x,
+                        significance_table=sig)
+    record = {"title": title, "summary": summary, "warnings": warnings, "budget": dict(budget), "provenance": prov,
+              "significance": sig.to_dict(orient="records"), "cells": cells.to_dict(orient="records")}
+    (out / "summary.json").write_text(json.dumps(_strict(record), indent=2, default=str))
+    return path
+
+
+def compare(history: pd.DataFrame, x: str, target: float, comparisons: Sequence[tuple[str, str]],
+            reference: str | None) -> pd.DataFrame:
+    """Welch tests over seeds: each pair in `comparisons` per value of x, and every algorithm vs the reference."""
+    parts = [significance_tables(history, by=x, target=target, comparisons=comparisons)]
+    seeds = history[history["phase"] == "seed"]
+    if reference and reference in set(seeds["algorithm"]):
+        ref = seeds[seeds["algorithm"] == reference]
+        others = seeds[seeds["algorithm"] != reference]
+        # the reference runs at one x (its own batch size): compare it with every x of the other algorithms
+        copies = [ref.assign(**{x: value, "trial_id": ref["trial_id"].astype(str) + f"@{value}"})
+                  for value in sorted(others[x].dropna().unique())]
+        if copies:
+            paired = pd.concat([others, *copies], ignore_index=True)
+            pairs = [(a, reference) for a in sorted(others["algorithm"].unique())]
+            parts.append(significance_tables(paired, by=x, target=target, comparisons=pairs))
+    parts = [p for p in parts if not p.empty]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def headline(cells: pd.DataFrame, sig: pd.DataFrame, x: str) -> dict[str, str]:
+    """One line per compared value of x: the accuracy difference, its p-value and n (never one lucky run)."""
+    out = {}
+    if sig.empty:
+        return out
+    acc = sig[sig["metric"] == "acc_final"]
+    for row in acc.itertuples():
+        value = getattr(row, x) if hasattr(row, x) else row[1]
+        out[f"{row.a} - {row.b} at {x}={value}"] = (
+            f"{row.diff:+.4f} accuracy (n={row.n_a} vs {row.n_b}, Welch p={row.p_value:.3g}: {row.verdict})")
+    return out
+
+
+def _divergence_warnings(history: pd.DataFrame) -> list[str]:
+    last = history.sort_values("epoch").groupby(["phase", "cell", "trial_id"]).tail(1)
+    out = []
+    for (phase, cell), part in last.groupby(["phase", "cell"]):
+        diverged = int((part["status"] == "diverged").sum())
+        if phase == "seed" and diverged:
+            out.append(f"{cell}: {diverged} of {len(part)} seed runs of the best configuration diverged")
+        elif phase == "tune" and diverged == len(part):
+            out.append(f"{cell}: every tuning trial diverged: lower the step-size range")
+    return out
+
+
+def _strict(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    item = getattr(value, "item", None)
+    return _strict(item()) if callable(item) and not isinstance(value, (str, bytes)) else value

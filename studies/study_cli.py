@@ -1,0 +1,102 @@
+"""Command-line options and checks that every study script shares."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from gradalign.config import ConfigError
+
+
+def range_arg(text: str) -> tuple[float, float] | None:
+    """'LOW,HIGH' -> (low, high); 'none' -> None. Emptiness (low >= high) is refused by the search space."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (e.g. 0.01,1.0) or 'none', got {text!r}") from None
+    return low, high
+
+
+def add_common_arguments(p: argparse.ArgumentParser, default_name: str, smoke: dict) -> None:
+    g = p.add_argument_group("tuning and seeds")
+    g.add_argument("--trials-per-cell", type=int, default=8, help="Optuna (TPE) trials per cell")
+    g.add_argument("--seeds", type=int, default=3, help="seeds the best configuration of each cell is re-run with")
+    g.add_argument("--asha", action="store_true", help="stop unpromising tuning trials early (ASHA on epochs)")
+    g.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (cell i uses seed + i)")
+    g = p.add_argument_group("where it runs")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster to join ('auto' on a cluster node); default: RAY_ADDRESS, else a local Ray")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per training process")
+    g.add_argument("--gpus-per-worker", type=int, default=0, choices=(0, 1), help="1: one GPU per training process")
+    g.add_argument("--max-concurrent", type=int, default=None, help="cap on trials running at once")
+    g = p.add_argument_group("files")
+    g.add_argument("--name", default=default_name, help="study name; re-running a name resumes it")
+    g.add_argument("--out", default=None, help="output folder (default: results/<name>)")
+    g.add_argument("--storage", default=os.environ.get("GRADALIGN_STORAGE"),
+                   help="Ray storage for trial state: an absolute path or URI shared by all nodes (s3://..., NFS); "
+                   "default: $GRADALIGN_STORAGE, else the output folder")
+    g.add_argument("--data-dir", default="data", help="where downloadable datasets live")
+    g.add_argument("--download", action="store_true", help="allow downloading datasets into --data-dir")
+    g = p.add_argument_group("modes")
+    g.add_argument("--smoke-test", action="store_true",
+                   help="the whole pipeline on a tiny budget (" + ", ".join(f"{k}={v}" for k, v in smoke.items()) + ")")
+    g.add_argument("--report-only", action="store_true",
+                   help="rebuild the report from the output folder (finished or partial study) without training")
+    p.set_defaults(_smoke=smoke, _default_name=default_name)
+
+
+def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    if args.smoke_test:
+        for key, value in args._smoke.items():
+            setattr(args, key, value)
+        if args.name == args._default_name:
+            args.name = f"{args.name}-smoke"
+    if args.out is None:
+        args.out = str(Path("results") / args.name)
+    return args
+
+
+def common_settings(args: argparse.Namespace) -> dict:
+    return dict(trials_per_cell=args.trials_per_cell, seeds=tuple(range(args.seeds)), storage=args.storage,
+                cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, asha=args.asha,
+                max_concurrent=args.max_concurrent, sampler_seed=args.sampler_seed)
+
+
+def fail(err: Exception) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "fuse.s3fs",
+                      "fuse.gcsfuse", "fuse.juicefs", "efs")
+
+
+def check_storage(args: argparse.Namespace, plan) -> None:
+    """On a cluster of several hosts, trial state must live where every node sees it: refuse a local folder."""
+    import ray
+
+    from gradalign.ray_adapter import connect
+
+    connect(args.address)
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    storage = plan.storage or str(plan.out_dir)
+    if len(hosts) <= 1 or "://" in storage or _filesystem(storage) in SHARED_FILESYSTEMS:
+        return
+    raise ConfigError("storage", storage, f"the cluster spans {len(hosts)} hosts but this is a local folder; pass "
+                      "--storage s3://BUCKET/PATH (or gs://, or a path on NFS mounted on every node)")
+
+
+def _filesystem(path: str) -> str:
+    """The filesystem type holding `path` (longest matching mount point in /proc/mounts)."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return "unknown"
+    target = str(Path(path).resolve())
+    best = max((m for m in mounts if target.startswith(m[0].rstrip("/") + "/") or target == m[0]),
+               key=lambda m: len(m[0]), default=("", "unknown"))
+    return best[1]
