@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test study tune bench clean
+.PHONY: install test browser study smoke train bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,11 +14,23 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -q tests
+# The report test opens the HTML in Debian's headless Chromium (it skips, saying so, where none can be installed).
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed: the browser test will be skipped"
+
+# One intra-op thread per process: tests run several trials at once on small machines.
+test: $(STAMP) browser
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 study: $(STAMP)
-	$(PY) -m gradalign.cli --dataset digits --algorithm gradalign --batch-size 256 --clients 8 --epochs 10 --out results/local-run
+	$(PY) studies/batch_scaling.py
+
+smoke: $(STAMP)
+	$(PY) studies/batch_scaling.py --smoke-test
+
+train: $(STAMP)
+	$(PY) -m gradalign.cli --dataset digits --algorithm gradalign --batch-size 256 --clients 16 --epochs 10 --out results/local-run
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_cost.py
