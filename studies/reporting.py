@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
@@ -26,11 +26,13 @@ def scientific_group(history: pd.DataFrame, x: str, extra: Sequence[str] = ()) -
 def build_report(out: Path, history: pd.DataFrame, *, target: float, x: str, title: str, command: str,
                  budget: Mapping[str, Any], search_ranges: Mapping[str, tuple], extra_axes: Sequence[str] = (),
                  comparisons: Sequence[tuple[str, str]] = (("gradalign", "large_batch_sgd"),),
-                 reference: str | None = "sgd", notes: Mapping[str, Any] | None = None) -> Path:
+                 reference: str | None = "sgd", notes: Mapping[str, Any] | None = None, by: str | None = None,
+                 figures: Callable[[pd.DataFrame, pd.DataFrame], list] | None = None) -> Path:
     """Write cells.{parquet,csv}, summary.json and report.html into `out`; returns the report's path.
 
     `comparisons` are tested at each value of `x`; every algorithm is also tested against `reference` (the
     small-batch SGD cell, which sits at one batch size only), to give the gap to the reference at each x.
+    Significance is computed per value of `by` (default `x`); `figures(history, cells)` replaces the default figures.
     """
     group = scientific_group(history, x, extra_axes)
     cells = summarize_cells(history, target, group=group)
@@ -38,18 +40,18 @@ def build_report(out: Path, history: pd.DataFrame, *, target: float, x: str, tit
     tuned = history[history["phase"] == "tune"]
     warnings = edge_warnings(best_trials(tuned, group=group, reduce="last"), search_ranges, label=group) if len(tuned) else []
     warnings += _divergence_warnings(history)
-    sig = compare(history, x, target, comparisons, reference)
+    sig = compare(history, by or x, target, comparisons, reference)
     summary = {
         "target accuracy": target,
         "cells with seed runs": int(len(cells)),
         "tuning trials": int(tuned["trial_id"].nunique()) if len(tuned) else 0,
         "seed runs": int(history.loc[history["phase"] == "seed", "trial_id"].nunique()),
-        **headline(cells, sig, x),
+        **headline(cells, sig, by or x),
         **(notes or {}),
     }
     prov = {"command": command, **provenance()}
     path = write_report(out / "report.html", history, cells, summary, warnings, prov, budget, title=title, x=x,
-                        significance_table=sig)
+                        significance_table=sig, figures=figures(history, cells) if figures else None)
     record = {"title": title, "summary": summary, "warnings": warnings, "budget": dict(budget), "provenance": prov,
               "significance": sig.to_dict(orient="records"), "cells": cells.to_dict(orient="records")}
     (out / "summary.json").write_text(json.dumps(_strict(record), indent=2, default=str))

@@ -68,6 +68,9 @@ class TrainConfig:
     """Server step size applied to the averaged client update (federated algorithms)."""
     epochs: int = 5
     """Budget: passes over the training data (examples seen = epochs * training-set size)."""
+    rounds_per_epoch: int | None = None
+    """Updates (communication rounds) per reported epoch; None means one pass over the training data. Set it to
+    count a federated budget in rounds: the run then lasts epochs * rounds_per_epoch rounds."""
     partition: str = "iid"
     """How training examples are split over clients: one of PARTITIONS."""
     alpha: float = 0.5
@@ -105,6 +108,10 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 reason = "K (local steps) must be >= 1" if name == "local_steps" else "must be a positive integer"
                 raise ConfigError(name, value, reason)
+        if self.rounds_per_epoch is not None and (
+                isinstance(self.rounds_per_epoch, bool) or not isinstance(self.rounds_per_epoch, int)
+                or self.rounds_per_epoch < 1):
+            raise ConfigError("rounds_per_epoch", self.rounds_per_epoch, "must be a positive integer or None")
         if self.batch_size % self.clients:
             raise ConfigError(
                 "batch_size", self.batch_size,

@@ -96,7 +96,7 @@ class Trainer:
         self.local_clients = self.comm.local_clients(config.clients)
         self.samplers = {cid: ClientSampler(parts[cid], config.seed, cid) for cid in self.local_clients}
         self.participation_rng = torch.Generator().manual_seed(config.seed * 7919 + 17)
-        self.updates_per_epoch = max(1, len(self.y_train) // config.examples_per_update)
+        self.updates_per_epoch = config.rounds_per_epoch or max(1, len(self.y_train) // config.examples_per_update)
         self.epoch = self.steps = self.rounds = self.examples = 0
         self.wall_time = 0.0
         self.status = "running"
