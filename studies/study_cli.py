@@ -83,11 +83,17 @@ def check_storage(args: argparse.Namespace, plan) -> None:
 
     connect(args.address)
     hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
-    storage = plan.storage or str(plan.out_dir)
+    problem = storage_problem(hosts, plan.storage or str(plan.out_dir))
+    if problem:
+        raise ConfigError("storage", plan.storage or str(plan.out_dir), problem)
+
+
+def storage_problem(hosts: set[str], storage: str) -> str | None:
+    """Why `storage` cannot serve a cluster on `hosts` (None when it can)."""
     if len(hosts) <= 1 or "://" in storage or _filesystem(storage) in SHARED_FILESYSTEMS:
-        return
-    raise ConfigError("storage", storage, f"the cluster spans {len(hosts)} hosts but this is a local folder; pass "
-                      "--storage s3://BUCKET/PATH (or gs://, or a path on NFS mounted on every node)")
+        return None
+    return (f"the cluster spans {len(hosts)} hosts but this is a local folder that the other hosts cannot see; pass "
+            "--storage s3://BUCKET/PATH (or gs://..., or a folder on NFS mounted on every node)")
 
 
 def _filesystem(path: str) -> str:
