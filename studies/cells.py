@@ -9,6 +9,7 @@ before the next starts, so an interrupted study resumes where it stopped and not
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,8 +21,10 @@ from ray import tune
 
 from gradalign.config import ALIGNING_ALGORITHMS, ConfigError, TrainConfig
 from gradalign.ray_adapter import (
-    SearchSpace, StudySettings, TrialExecution, connect, plan_concurrency, results_table, run_study,
+    OptunaMirror, SearchSpace, StudySettings, TrialExecution, connect, make_scheduler, make_searcher,
+    plan_concurrency, results_table,
 )
+from studies.cell_search import CELL, CellMirror, CellScheduler, CellSearch, FixedConfigs
 from trainables import gradalign_trainable
 
 Log = Callable[[str], None]
@@ -76,68 +79,96 @@ class StudyPlan:
         for cell in self.cells:  # every corner of every cell is a valid TrainConfig: refuse bad input before Ray
             cell.space.validate()
 
-    def storage_for(self, cell: Cell, phase: str) -> str:
-        base = self.storage or str(self.out_dir.resolve())
-        return f"{base.rstrip('/')}/cells/{cell.key}/{phase}"
-
-    def execution(self, cell: Cell, phase: str) -> TrialExecution:
-        return TrialExecution(workers=cell.workers, cpus_per_worker=self.cpus_per_worker,
-                              use_gpu=self.gpus_per_worker > 0, storage_path=self.storage_for(cell, phase))
-
 
 def run_plan(plan: StudyPlan, address: str | None = None, log: Log = print) -> pd.DataFrame:
     """Tune every cell, re-run its best configuration with each seed; return the history of every trial."""
-    frames = []
     started = time.perf_counter()
-    for index, cell in enumerate(plan.cells):
-        log(f"[{index + 1}/{len(plan.cells)}] cell {cell.key} ({_coords(cell)}), "
-            f"{time.perf_counter() - started:.0f} s into the study")
-        frames.append(run_cell(plan, cell, index, address, log))
-        history = pd.concat(frames, ignore_index=True)
-        save_table(history, plan.out_dir / "history")
+    log(f"tuning {len(plan.cells)} cells x {plan.trials_per_cell} trials")
+    tuned = run_phase(plan, "tune", address, log)
+    best = {}
+    for cell in plan.cells:
+        best[cell.key] = best_config(tuned[cell.key], plan.objective)
+        log(f"  {cell.key}: best of {tuned[cell.key]['trial_id'].nunique()} trials: {_short(best[cell.key])}")
+    log(f"re-running each cell's best configuration with seeds {list(plan.seeds)} "
+        f"({time.perf_counter() - started:.0f} s into the study)")
+    seeded = run_phase(plan, "seed", address, log, best=best)
+    history = pd.concat([t for c in plan.cells for t in (tuned[c.key], seeded[c.key])], ignore_index=True)
+    save_table(history, plan.out_dir / "history")
     return history
 
 
-def run_cell(plan: StudyPlan, cell: Cell, index: int, address: str | None, log: Log) -> pd.DataFrame:
-    folder = plan.out_dir / "cells" / cell.key
-    tuned = _load(folder / "tune.parquet")
-    if tuned is None:
-        settings = StudySettings(
-            name=cell.key, storage_path=plan.storage_for(cell, "tune"), num_samples=plan.trials_per_cell,
-            objectives=((plan.objective, "max"),), seed=plan.sampler_seed + index, asha=plan.asha,
-            max_concurrent_trials=plan.max_concurrent,
-        )
-        grid = run_study(gradalign_trainable, cell.space, settings, plan.execution(cell, "tune"), address=address,
-                         callbacks=[TrialLine(f"  {cell.key} tune")], log=lambda s: log("  " + s))
-        tuned = tag(results_table(grid, plan.execution(cell, "tune")), plan, cell, "tune")
-        save_table(tuned, folder / "tune")
-    best = best_config(tuned, plan.objective)
-    log(f"  {cell.key}: best of {tuned['trial_id'].nunique()} trials: {_short(best)}")
-    seeded = _load(folder / "seeds.parquet")
-    if seeded is None:
-        grid = run_seeds(best, plan.seeds, plan.execution(cell, "seeds"), address, plan.max_concurrent,
-                         TrialLine(f"  {cell.key} seed"))
-        seeded = tag(results_table(grid, plan.execution(cell, "seeds")), plan, cell, "seed")
-        save_table(seeded, folder / "seeds")
-    return pd.concat([tuned, seeded], ignore_index=True)
+def run_phase(plan: StudyPlan, phase: str, address: str | None, log: Log,
+              best: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, pd.DataFrame]:
+    """Run one phase ('tune' or 'seed') of every cell that has not finished it yet, as one Tune experiment per
+    worker count, and save each cell's rows as soon as its experiment ends. Returns {cell key: rows}."""
+    done = {c.key: _load(plan.out_dir / "cells" / c.key / f"{phase}.parquet") for c in plan.cells}
+    todo = [c for c in plan.cells if done[c.key] is None]
+    if len(todo) < len(plan.cells):
+        log(f"  {phase}: {len(plan.cells) - len(todo)} cells already finished, {len(todo)} to run")
+    for workers in sorted({c.workers for c in todo}):
+        group = [c for c in todo if c.workers == workers]
+        table, owner = _run_experiment(plan, phase, group, address, log, best)
+        for cell in group:
+            rows = tag(table[table["trial_id"].map(owner) == cell.key], plan, cell, phase)
+            save_table(rows, plan.out_dir / "cells" / cell.key / phase)
+            done[cell.key] = rows
+    return done
 
 
-def run_seeds(config: Mapping[str, Any], seeds: Sequence[int], execution: TrialExecution, address: str | None,
-              max_concurrent: int | None, progress: tune.Callback) -> tune.ResultGrid:
-    """Re-run one configuration once per seed (a Tune grid over `seed`; resumes if its folder exists)."""
-    resources, concurrency = plan_concurrency(execution, connect(address), max_concurrent)
+def _run_experiment(plan: StudyPlan, phase: str, cells: Sequence[Cell], address: str | None, log: Log,
+                    best: Mapping[str, Mapping[str, Any]] | None) -> tuple[pd.DataFrame, dict[str, str]]:
+    storage = plan.storage or str(plan.out_dir.resolve())
+    # The experiment's name depends on the cells it runs, so a changed plan never restores a mismatched one.
+    digest = hashlib.sha1(",".join(c.key for c in cells).encode()).hexdigest()[:8]
+    name = f"{phase}-w{cells[0].workers}-{digest}"
+    execution = TrialExecution(workers=cells[0].workers, cpus_per_worker=plan.cpus_per_worker,
+                               use_gpu=plan.gpus_per_worker > 0, storage_path=f"{storage.rstrip('/')}/{name}")
+    resources, concurrency = plan_concurrency(execution, connect(address), plan.max_concurrent)
     fn = tune.with_resources(tune.with_parameters(gradalign_trainable, execution=execution), resources)
-    path = f"{execution.storage_path}/tune"
+    path = f"{storage.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable=fn, resume_errored=True).fit()
-    tuner = tune.Tuner(
-        fn,
-        param_space={**config, "seed": tune.grid_search(list(seeds))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=False),
-        run_config=tune.RunConfig(name="tune", storage_path=execution.storage_path, verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=1), callbacks=[progress]),
-    )
-    return tuner.fit()
+        log(f"  {phase}: resuming {path}")
+        tuner = tune.Tuner.restore(path, trainable=fn, resume_errored=True)
+    else:
+        index = {c.key: i for i, c in enumerate(plan.cells)}
+        if phase == "tune":
+            settings = {c.key: StudySettings(name=c.key, storage_path=str(plan.out_dir.resolve()),
+                                             num_samples=plan.trials_per_cell, objectives=((plan.objective, "max"),),
+                                             seed=plan.sampler_seed + index[c.key], asha=plan.asha) for c in cells}
+            search = CellSearch({c.key: make_searcher(c.space, settings[c.key]) for c in cells},
+                                {c.key: plan.trials_per_cell for c in cells}, plan.objective, "max")
+            scheduler = CellScheduler({c.key: make_scheduler(settings[c.key], int(c.space.fixed.get("epochs", 1)))
+                                       for c in cells}) if plan.asha else None
+            optuna_db = f"sqlite:///{plan.out_dir.resolve() / 'optuna.db'}"
+            mirror = CellMirror({c.key: OptunaMirror(optuna_db, c.key, c.space, ((plan.objective, "max"),))
+                                 for c in cells})
+            callbacks, samples = [mirror, TrialLine("  tune")], plan.trials_per_cell * len(cells)
+        else:
+            configs = [{**best[c.key], "seed": seed, CELL: c.key} for c in cells for seed in plan.seeds]
+            search, scheduler = FixedConfigs(configs, plan.objective, "max"), None
+            callbacks, samples = [TrialLine("  seed")], len(configs)
+        tuner = tune.Tuner(
+            fn,
+            tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=samples,
+                                        max_concurrent_trials=concurrency, reuse_actors=True),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=callbacks,
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+        )
+    log(f"  {phase}: {len(cells)} cells, {execution.workers} worker(s) per trial, up to {concurrency} trials at once")
+    grid = tuner.fit()
+    return results_table(grid, execution), _cell_of_trials(grid)
+
+
+def _cell_of_trials(grid: tune.ResultGrid) -> dict[str, str]:
+    """trial_id -> cell key (the `cell` entry every trial's config carries)."""
+    owner = {}
+    for result in grid:
+        frame = result.metrics_dataframe
+        has_id = frame is not None and len(frame) and "trial_id" in frame
+        trial_id = str(frame["trial_id"].iloc[-1]) if has_id else Path(result.path).name
+        owner[trial_id] = result.config.get(CELL)
+    return owner
 
 
 def best_config(tuned: pd.DataFrame, objective: str) -> dict[str, Any]:
@@ -196,11 +227,12 @@ class TrialLine(tune.Callback):
     def _line(self, trial, how):
         self.count += 1
         result = trial.last_result or {}
-        params = {k: trial.config.get(k) for k in ("lr", "beta", "momentum", "seed", "batch_size") if k in trial.config}
+        params = {k: trial.config.get(k) for k in ("lr", "beta", "momentum", "mu", "seed") if k in trial.config}
         if trial.config.get("algorithm") not in ALIGNING_ALGORITHMS:
             params.pop("beta", None)
         acc = result.get("test_accuracy", float("nan"))
-        print(f"{self.prefix} #{self.count} {_short(params)} -> acc {acc:.3f} after {result.get('epoch', 0)} epochs "
+        cell = trial.config.get(CELL, "")
+        print(f"{self.prefix} #{self.count} {cell}: {_short(params)} -> acc {acc:.3f} after {result.get('epoch', 0)} epochs "
               f"({result.get('status', how)})", flush=True)
 
 
