@@ -1,0 +1,73 @@
+"""Ray Train execution of a trial: 2 TorchTrainer workers reproduce one process, and trials resume from checkpoints."""
+
+import pytest
+
+from gradalign.config import TrainConfig
+from gradalign.ray_adapter import LOSS_PENALTY, TrialExecution, penalise
+from gradalign.training import Trainer
+from trainables import fit_torch_trainer, train_in_process
+
+TINY = dict(dataset="digits", model="mlp", algorithm="gradalign", batch_size=64, clients=4, lr=0.1, beta=0.05,
+            epochs=2, seed=3, dtype="float64")
+TRAJECTORY = ("train_loss", "test_loss", "test_accuracy", "grad_variance")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_train_workers_reproduce_single_process_float64(ray_cluster, tmp_path):
+    config = TrainConfig(**TINY)
+    expected = Trainer(config).fit()
+
+    execution = TrialExecution(workers=2, storage_path=str(tmp_path))
+    history = fit_torch_trainer(config, execution, "equivalence")
+
+    assert [m["epoch"] for m in history] == [1, 2]
+    for got, want in zip(history, expected):
+        for key in TRAJECTORY:
+            assert got[key] == pytest.approx(want[key], rel=1e-6), key
+        assert got["steps"] == want["steps"] and got["examples"] == want["examples"]
+    assert history[-1]["status"] == "completed"
+
+    # Fitting the same run name again resumes from its last checkpoint: nothing is retrained.
+    again = fit_torch_trainer(config, execution, "equivalence")
+    assert again == history
+
+
+def test_in_process_trial_resumes_without_repeating_epochs(tmp_path):
+    config = TrainConfig(**{**TINY, "epochs": 3, "algorithm": "sgd", "beta": None})
+    state = str(tmp_path / "state" / "trial.pt")
+    unbroken = train_in_process(config, str(tmp_path / "other.pt"), lambda m: None)
+
+    class Crash(Exception):
+        pass
+
+    reports = []
+
+    def crash_at_epoch_2(metrics):
+        reports.append(metrics["epoch"])
+        if metrics["epoch"] == 2:
+            raise Crash  # the process dies after reporting epoch 2 but before saving it
+
+    with pytest.raises(Crash):
+        train_in_process(config, state, crash_at_epoch_2)
+    resumed = []
+    history = train_in_process(config, state, lambda m: resumed.append(m["epoch"]))
+
+    assert reports == [1, 2]
+    assert resumed == [1, 2, 3]  # epoch 1 re-reported (restored), epoch 2 (in flight) redone, then 3
+    strip = lambda h: [{k: v for k, v in m.items() if k != "wall_time"} for m in h]  # noqa: E731
+    assert strip(history) == strip(unbroken)  # bit-for-bit the uninterrupted run
+
+
+def test_penalise_makes_diverged_metrics_finite():
+    metrics = {"epoch": 1, "train_loss": float("nan"), "test_loss": float("inf"), "test_accuracy": float("nan"),
+               "grad_cosine": float("nan"), "status": "diverged"}
+    out = penalise(metrics)
+    assert out["train_loss"] == out["test_loss"] == LOSS_PENALTY
+    assert out["test_accuracy"] == 0.0 and out["status"] == "diverged"
+    assert out["grad_cosine"] != out["grad_cosine"]  # diagnostics stay NaN
+    # A diverged run whose NaN model still scores chance-level accuracy gets the penalty too.
+    chance = penalise({"train_loss": float("nan"), "test_loss": 2.3, "test_accuracy": 0.1, "status": "diverged"})
+    assert chance["test_accuracy"] == 0.0 and chance["test_loss"] == LOSS_PENALTY
+    healthy = {"train_loss": 0.5, "test_loss": 0.4, "test_accuracy": 0.9, "status": "running"}
+    assert penalise(healthy) == healthy

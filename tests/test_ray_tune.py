@@ -1,0 +1,131 @@
+"""Tune + Optuna studies on a real local Ray: ASHA over Ray Train trials, divergence, and refusing bad input early."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+
+from gradalign import ray_adapter
+from gradalign.config import ConfigError
+from gradalign.ray_adapter import (
+    LOSS_PENALTY, Range, SearchSpace, StudySettings, TrialExecution, results_table, run_study,
+)
+from trainables import gradalign_trainable
+
+REPO = Path(__file__).resolve().parents[1]
+FIXED = dict(dataset="digits", model="mlp", algorithm="sgd", clients=4, batch_size=64, epochs=2, seed=0)
+
+
+def last_rows(table):
+    return table.sort_values("epoch").groupby("trial_id").tail(1).set_index("trial_id")
+
+
+def live_placement_groups():
+    return [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_asha_stops_a_train_trial_and_later_train_trials_still_run(ray_cluster, tmp_path):
+    # Trial 1 learns; trial 2 (lr 1e-4) is far worse after epoch 1, so ASHA stops it -- killing its 2 Ray Train
+    # workers mid-run. Trials 3 and 4 need the CPUs that trial 2's placement group held (ray issue 54305).
+    space = SearchSpace(fixed=FIXED, lr=Range(1e-4, 0.5, log=True))
+    settings = StudySettings(name="asha", storage_path=str(tmp_path), num_samples=4, asha=True, seed=0,
+                             initial_points=({"lr": 0.3}, {"lr": 1e-4}))
+    results = run_study(gradalign_trainable, space, settings, TrialExecution(workers=2))
+
+    assert [r.error for r in results] == [None] * 4
+    table = results_table(results, TrialExecution(workers=2))
+    last = last_rows(table)
+    assert len(last) == 4
+    stopped = last[last["lr"] == 1e-4]
+    assert list(stopped["trial_status"]) == ["stopped"] and list(stopped["epoch"]) == [1]
+    assert set(last["trial_status"]) <= {"completed", "stopped"}
+    assert (last["trial_status"] == "completed").sum() >= 2  # the first and at least one trial after the stop
+    assert set(table["workers"]) == {2}
+
+    deadline = time.monotonic() + 30  # Ray Train's PlacementGroupCleaner polls once a second
+    while live_placement_groups() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert live_placement_groups() == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_diverging_trial_ends_early_with_finite_penalty(ray_cluster, tmp_path):
+    space = SearchSpace(fixed={**FIXED, "epochs": 3}, lr=Range(1e-2, 1e4, log=True))
+    settings = StudySettings(name="diverge", storage_path=str(tmp_path), num_samples=3, seed=1,
+                             initial_points=({"lr": 1e4}, {"lr": 0.1}))
+    results = run_study(gradalign_trainable, space, settings, TrialExecution(workers=1))
+
+    table = results_table(results)
+    last = last_rows(table)
+    diverged = last[last["lr"] == 1e4]
+    assert len(diverged) == 1
+    row = diverged.iloc[0]
+    assert row["status"] == row["trial_status"] == "diverged"
+    assert row["epoch"] < 3  # ended early
+    assert row["test_accuracy"] == 0.0 and row["train_loss"] == LOSS_PENALTY
+    assert set(last.loc[last["lr"] != 1e4, "trial_status"]) == {"completed"}
+
+    # The Optuna study (SQLite, for optuna-dashboard) has every trial finished, the diverged one with its penalty.
+    study = optuna.load_study(study_name="diverge", storage=settings.optuna_storage)
+    trials = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert set(trials) == set(last.index)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials.values())
+    bad = trials[diverged.index[0]]
+    assert bad.value == 0.0 and bad.user_attrs["status"] == "diverged" and bad.params["lr"] == 1e4
+
+
+# -- bad input: refused before Ray is touched, naming the field and the value ------------------------------------
+BAD_SPACES = {
+    "negative lr": (dict(lr=Range(-1.0, 0.1)), "invalid lr=-1.0"),
+    "negative beta": (dict(fixed={**FIXED, "algorithm": "gradalign"}, beta=Range(-0.5, 0.1)), "invalid beta=-0.5"),
+    "indivisible batch": (dict(batch_sizes=(64, 30)), "invalid batch_size=30"),
+    "unknown dataset": (dict(fixed={**FIXED, "dataset": "imagenet"}), "invalid dataset='imagenet'"),
+    "empty range": (dict(lr=Range(0.5, 0.1, log=True)), "invalid lr=(0.5, 0.1): empty search range"),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", list(BAD_SPACES))
+def test_bad_search_space_is_refused_before_ray_starts(case, tmp_path, monkeypatch):
+    changes, message = BAD_SPACES[case]
+    changes = dict(changes)
+    fixed = changes.pop("fixed", {k: v for k, v in FIXED.items() if not (k == "batch_size" and "batch_sizes" in changes)})
+    space = SearchSpace(fixed=fixed, **changes)
+
+    def must_not_connect(*args, **kwargs):
+        raise AssertionError("connected to Ray before validating the search space")
+
+    monkeypatch.setattr(ray_adapter, "connect", must_not_connect)  # a tripwire, not a stand-in for Ray
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run_study(gradalign_trainable, space, StudySettings("bad", str(tmp_path)), TrialExecution())
+    assert not (tmp_path / "tune").exists()
+
+
+@pytest.mark.timeout(120)
+def test_more_workers_than_the_cluster_has_fails_fast(ray_cluster, tmp_path):
+    space = SearchSpace(fixed=FIXED)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"invalid workers=8: .*16 CPUs per trial, but the cluster has 2 CPUs"):
+        run_study(gradalign_trainable, space, StudySettings("big", str(tmp_path)),
+                  TrialExecution(workers=8, cpus_per_worker=2))
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "tune").exists()
+
+
+@pytest.mark.timeout(120)
+def test_cli_refuses_bad_input_with_a_clear_message(tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "studies/tune.py", "--lr", "-1", "0.1", "--out", str(out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=100,
+                         env={**os.environ, "RAY_ADDRESS": ""})
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "invalid lr=-1.0" in run.stderr
+    assert not out.exists()

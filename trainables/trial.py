@@ -1,0 +1,105 @@
+"""The Tune function trainable: one trial = one GradAlign training run, reported to Tune every epoch.
+
+One worker: the trial trains in its own process (`LocalComm`, no TorchTrainer, no process group: start-up costs
+nothing), keeping its state in a stable per-trial file. More workers: the trial is the Ray Train driver (Ray 2.60's
+V2 pattern) -- it builds and fits a `TorchTrainer` named after the trial, whose `TuneReportCallback` forwards rank 0's
+per-epoch reports to Tune. Either way a restarted trial (retry, or a restored study) resumes from its latest
+checkpoint and a diverged run ends early with finite penalty metrics and status 'diverged'.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ray.train
+import ray.train.torch
+import torch
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from gradalign.comm import LocalComm
+from gradalign.config import TrainConfig
+from gradalign.ray_adapter import TrialExecution, penalise
+from gradalign.training import Trainer
+
+from trainables.state import from_bytes, read_if_exists, to_bytes, write_atomic, write_history
+from trainables.worker import train_loop_per_worker
+
+
+def gradalign_trainable(config: dict[str, Any], execution: TrialExecution) -> None:
+    """Tune function trainable. `config` holds TrainConfig fields; wrap with `tune.with_parameters(..., execution=)`."""
+    train_config = TrainConfig.from_dict(config)
+    trial_id = tune.get_context().get_trial_id()
+    if execution.in_process:
+        train_in_process(train_config, execution.state_path(trial_id), tune.report,
+                         history_path=execution.history_path(trial_id), threads=max(1, int(execution.cpus_per_worker)))
+    else:
+        history = fit_torch_trainer(train_config, execution, f"train-{trial_id}", callbacks=[TuneReportCallback()],
+                                    history_path=execution.history_path(trial_id))
+        # Report the final metrics once more after fit(): a trial that finished just before a driver crash
+        # otherwise keeps a stale last result when the study is restored.
+        tune.report(history[-1])
+
+
+def train_in_process(
+    config: TrainConfig,
+    state_path: str,
+    report: Callable[[dict], None],
+    history_path: str | None = None,
+    threads: int | None = None,
+) -> list[dict]:
+    """Train in this process, calling `report(metrics)` after every epoch; returns the (penalised) metrics history.
+
+    The state is saved to `state_path` after each report (atomically), and loaded from it if present, so a
+    restarted trial loses at most the epoch in flight; the metrics history is saved beside it to `history_path`.
+    On resume the restored epoch is reported again: if the previous process died after saving it but before Tune
+    recorded it, it is not lost (the results table keeps the last report of each epoch).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    trainer = Trainer(config, comm=LocalComm())
+    saved = read_if_exists(state_path)
+    if saved is not None:
+        trainer.load_state_dict(from_bytes(saved))
+        if trainer.history:
+            report(penalise(trainer.history[-1]))
+    while not trainer.done:
+        metrics = penalise(trainer.train_epoch())
+        report(metrics)
+        write_atomic(state_path, to_bytes(trainer.state_dict()))
+        write_history(history_path, [penalise(m) for m in trainer.history])
+    return [penalise(m) for m in trainer.history]
+
+
+def fit_torch_trainer(
+    config: TrainConfig,
+    execution: TrialExecution,
+    name: str,
+    callbacks: list | None = None,
+    history_path: str | None = None,
+) -> list[dict]:
+    """Fit a `TorchTrainer` of `execution.workers` workers on `config`; returns rank 0's (penalised) metrics history.
+
+    The run is called `name` and kept under `execution.train_storage`: fitting the same name again resumes from its
+    latest checkpoint. Worker-group and controller retries are bounded by `execution`.
+    """
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "history_path": history_path},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=execution.workers,
+            use_gpu=execution.use_gpu,
+            resources_per_worker={"CPU": execution.cpus_per_worker, **({"GPU": 1} if execution.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=execution.train_storage,
+            callbacks=callbacks or [],
+            failure_config=ray.train.FailureConfig(
+                max_failures=execution.max_failures,
+                controller_failure_limit=execution.controller_failure_limit,
+            ),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit().return_value
