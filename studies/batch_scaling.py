@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("nuisance parameters, re-tuned in every cell")
     g.add_argument("--lr-range", type=range_arg, default=(0.01, 3.0), metavar="LOW,HIGH",
                    help="step-size search range (log-uniform)")
-    g.add_argument("--beta-range", type=range_arg, default=(1e-3, 3.0), metavar="LOW,HIGH",
+    g.add_argument("--beta-range", type=range_arg, default=(1e-5, 3.0), metavar="LOW,HIGH",
                    help="GradAlign's β search range (log-uniform)")
     g.add_argument("--momentum-range", type=range_arg, default=(0.0, 0.95), metavar="LOW,HIGH",
                    help="momentum search range (uniform); 'none' keeps momentum at 0")
@@ -129,9 +129,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(out: Path, args: argparse.Namespace, command: str, history: pd.DataFrame) -> int:
     save_table(history, out / "history")
-    search_ranges = {"lr": tuple(args.lr_range), "beta": tuple(args.beta_range)}
-    if args.momentum_range:
-        search_ranges["momentum"] = tuple(args.momentum_range)
+    search_ranges = {}  # per algorithm: only what was searched for it
+    for algorithm in set(history["algorithm"]):
+        search_ranges[algorithm] = {"lr": tuple(args.lr_range)}
+        if algorithm in ("gradalign", "fedga"):
+            search_ranges[algorithm]["beta"] = tuple(args.beta_range)
+        if args.momentum_range:
+            search_ranges[algorithm]["momentum"] = tuple(args.momentum_range)
     budget = {"budget": f"{args.epochs} epochs per run (examples = epochs x training-set size)",
               "counted in": "examples; steps = parameter updates (small-batch SGD: one per micro-batch)",
               "tuning trials per cell": args.trials_per_cell, "seeds per best configuration": args.seeds,

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "per round, K=5, FedAvg vs SCAFFOLD vs FedGA with 5 seeds (the paper's setting on digits)")
     g = p.add_argument_group("nuisance parameters, re-tuned in every cell")
     g.add_argument("--lr-range", type=range_arg, default=(0.01, 1.0), metavar="LOW,HIGH", help="client step size (log)")
-    g.add_argument("--beta-range", type=range_arg, default=(1e-3, 1.0), metavar="LOW,HIGH", help="β of FedGA (log)")
+    g.add_argument("--beta-range", type=range_arg, default=(1e-5, 1.0), metavar="LOW,HIGH", help="β of FedGA (log)")
     g.add_argument("--mu-range", type=range_arg, default=(1e-3, 1.0), metavar="LOW,HIGH", help="μ of FedProx (log)")
     g.add_argument("--server-lr-range", type=range_arg, default=None, metavar="LOW,HIGH",
                    help="server step size (log); default 'none': fixed at 1")
@@ -202,7 +202,15 @@ def report(out: Path, args: argparse.Namespace, command: str, history: pd.DataFr
     save_table(history, out / "history")
     # Communication is the budget: the analysis counts rounds where the batch-scaling study counts steps.
     analysed = history.assign(steps=history["rounds"])
-    ranges = {"lr": tuple(args.lr_range), "beta": tuple(args.beta_range), "mu": tuple(args.mu_range)}
+    ranges = {}  # per algorithm: only what was searched for it
+    for algorithm in set(history["algorithm"]):
+        ranges[algorithm] = {"lr": tuple(args.lr_range)}
+        if algorithm in ("fedga", "gradalign"):
+            ranges[algorithm]["beta"] = tuple(args.beta_range)
+        if algorithm == "fedprox":
+            ranges[algorithm]["mu"] = tuple(args.mu_range)
+        if args.server_lr_range and algorithm in FEDERATED_ALGORITHMS:
+            ranges[algorithm]["server_lr"] = tuple(args.server_lr_range)
     budget = {"budget": f"{args.rounds} communication rounds per run, evaluated every {args.eval_every}",
               "counted in": "communication rounds ('steps to target' in the tables = rounds to target)",
               "clients": args.clients, "examples per client per local step": args.client_batch,
