@@ -1,6 +1,6 @@
 """Tune one algorithm on one setting with Ray Tune + Optuna, locally or on a running Ray cluster.
 
-    python studies/tune.py                                   # GradAlign on digits, 8 trials, a few minutes on 2 CPUs
+    python studies/tune.py                                   # GradAlign on digits, 16 trials, a few minutes on 2 CPUs
     python studies/tune.py --algorithm fedprox --mu 1e-3 1 --name digits-fedprox
     python studies/tune.py --workers 2 --asha                # each trial = a 2-worker Ray Train run
     python studies/tune.py --name my-study                   # again, after a crash or Ctrl-C: resumes it
@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("study")
     g.add_argument("--name", default=None, help="study name (default DATASET-ALGORITHM); re-running a name resumes it")
     g.add_argument("--out", default="results/tune", help="output folder; the study lives in OUT/NAME (default %(default)s)")
-    g.add_argument("--trials", type=int, default=8, help="number of trials (default %(default)s)")
+    g.add_argument("--trials", type=int, default=16, help="number of trials (default %(default)s)")
     g.add_argument("--metric", default="test_accuracy", help="metric to optimise, from the last epoch (default %(default)s)")
     g.add_argument("--mode", choices=("max", "min"), default=None, help="max or min (default: max for accuracy, else min)")
     g.add_argument("--multi-objective", action="store_true",
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--model", choices=MODELS, default="mlp", help="model (default %(default)s)")
     g.add_argument("--algorithm", choices=ALGORITHMS, default="gradalign", help="algorithm to tune (default %(default)s)")
     g.add_argument("--clients", type=int, default=8, help="clients m; every batch size must be divisible by it (default %(default)s)")
-    g.add_argument("--epochs", type=int, default=3, help="budget per trial in passes over the training data (default %(default)s)")
+    g.add_argument("--epochs", type=int, default=5, help="budget per trial in passes over the training data (default %(default)s)")
     g.add_argument("--partition", choices=PARTITIONS, default="iid", help="how data are split over clients (default %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed of every trial's model, partition and batches (default %(default)s)")
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="(default %(default)s)")

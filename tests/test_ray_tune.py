@@ -1,6 +1,7 @@
 """Tune + Optuna studies on a real local Ray: ASHA over Ray Train trials, divergence, and refusing bad input early."""
 
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -80,6 +81,19 @@ def test_diverging_trial_ends_early_with_finite_penalty(ray_cluster, tmp_path):
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials.values())
     bad = trials[diverged.index[0]]
     assert bad.value == 0.0 and bad.user_attrs["status"] == "diverged" and bad.params["lr"] == 1e4
+
+    # Tune's own searcher (the source of truth for sampling) learnt the penalty too: no Optuna trial left RUNNING.
+    [state_file] = (tmp_path / "tune").glob("searcher-state-*.pkl")
+    with open(state_file, "rb") as f:
+        searcher_study = pickle.load(f)["_ot_study"]
+    states = {t.user_attrs.get("tune_trial_id"): (t.state, t.values) for t in searcher_study.trials}
+    assert states[diverged.index[0]] == (optuna.trial.TrialState.COMPLETE, [0.0])
+    assert all(state == optuna.trial.TrialState.COMPLETE for state, _ in states.values())
+
+    # Resuming the finished study under its name with another search space is refused, naming what changed.
+    other = SearchSpace(fixed={**FIXED, "epochs": 3}, lr=Range(1e-2, 1e3, log=True))
+    with pytest.raises(ConfigError, match=r"invalid name='diverge': .*space\.lr\.high: 10000\.0 -> 1000\.0"):
+        run_study(gradalign_trainable, other, settings, TrialExecution(workers=1))
 
 
 # -- bad input: refused before Ray is touched, naming the field and the value ------------------------------------

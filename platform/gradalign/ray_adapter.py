@@ -98,13 +98,14 @@ def penalise(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def final_status(result: Mapping[str, Any] | None, error: bool = False) -> str:
-    """How a trial ended: 'completed', 'diverged', 'stopped' (by the scheduler, budget not spent) or 'error'."""
-    if error:
-        return "error"
+    """How a trial ended: 'completed', 'diverged', 'stopped' (by the scheduler, budget not spent) or 'error'.
+
+    A trial that errored after its last epoch (e.g. while shutting down) still counts as completed or diverged.
+    """
     status = (result or {}).get("status")
     if status in ("completed", "diverged"):
         return status
-    return "stopped"
+    return "error" if error else "stopped"
 
 
 def _is_finite(value: Any) -> bool:
@@ -314,13 +315,7 @@ class TrialExecution:
 
     def saved_history(self, trial_id: str) -> list[dict[str, Any]]:
         """The metrics history the trial saved with its latest checkpoint ([] if none)."""
-        if not self.storage_path:
-            return []
-        fs, path = pyarrow.fs.FileSystem.from_uri(self.history_path(trial_id))
-        if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
-            return []
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
+        return (_read_json(self.history_path(trial_id)) or []) if self.storage_path else []
 
 
 def plan_concurrency(
@@ -552,19 +547,26 @@ def run_study(
     Everything that can be checked is checked before Ray starts (the space) or right after it does (whether one
     trial's workers fit on the cluster), so a bad configuration fails in seconds instead of hanging.
     A study whose experiment folder exists is restored: finished trials stay finished, running and errored ones
-    resume from their latest checkpoint, and the searcher continues where it was.
+    resume from their latest checkpoint, and the searcher continues where it was. Restoring with another search
+    space, objective, budget or execution than the study was started with is refused (Tune would silently keep
+    the old ones). Callbacks are those the study was started with.
     """
     space.validate()
     if execution.storage_path != settings.storage_path:
         execution = dataclasses.replace(execution, storage_path=settings.storage_path)
+    restore = tune.Tuner.can_restore(settings.experiment_path)
+    fingerprint, fingerprint_path = _fingerprint(space, settings, execution), _join(settings.storage_path, "study.json")
+    if restore:
+        _check_same_study(settings, _read_json(fingerprint_path), fingerprint)
     resources, concurrency = plan_concurrency(execution, connect(address), settings.max_concurrent_trials)
     fn = tune.with_resources(tune.with_parameters(trainable, execution=execution), resources)
 
     mirror = OptunaMirror(settings.optuna_storage, settings.name, space, settings.objectives)
-    if tune.Tuner.can_restore(settings.experiment_path):
+    if restore:
         log(f"resuming study {settings.name!r} from {settings.experiment_path}")
         tuner = tune.Tuner.restore(settings.experiment_path, trainable=fn, resume_errored=True)
     else:
+        _write_json(fingerprint_path, fingerprint)
         max_epochs = int(space.fixed.get("epochs", TrainConfig.epochs))
         tuner = tune.Tuner(
             fn,
@@ -574,7 +576,9 @@ def run_study(
                 num_samples=settings.num_samples,
                 max_concurrent_trials=concurrency,
                 time_budget_s=settings.time_budget_s,
-                reuse_actors=False,
+                # An in-process trial's process (torch and the data already imported) serves the next trial:
+                # seconds per trial. A Train driver is not reused: its Train run owns actors and queues.
+                reuse_actors=execution.in_process,
             ),
             run_config=tune.RunConfig(
                 name="tune",
@@ -588,6 +592,35 @@ def run_study(
     log(f"study {settings.name!r}: {settings.num_samples} trials, {execution.workers} worker(s) x "
         f"{execution.cpus_per_worker:g} CPU each, trial resources {resources}, up to {concurrency} at once")
     return tuner.fit()
+
+
+def _fingerprint(space: SearchSpace, settings: StudySettings, execution: TrialExecution) -> dict[str, Any]:
+    """What a resumed study must share with the study it resumes, flattened to 'space.lr.high'-style keys."""
+    what = {
+        "space": dataclasses.asdict(space),
+        "study": {k: getattr(settings, k) for k in ("objectives", "num_samples", "seed", "asha", "grace_period",
+                                                     "reduction_factor", "initial_points")},
+        "execution": {k: getattr(execution, k) for k in ("workers", "cpus_per_worker", "use_gpu")},
+    }
+    return _flatten(json.loads(json.dumps(what, default=repr)))
+
+
+def _check_same_study(settings: StudySettings, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    if saved is None or saved == now:
+        return
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+    raise ConfigError("name", settings.name, f"a study of this name at {settings.storage_path} was started with "
+                      f"other settings ({details}); resume it with the same options or choose a new name")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -658,7 +691,7 @@ class OptunaMirror(tune.Callback):
         params = {name: _plain(config[name]) for name in dists if name in config}
         user_attrs = {
             "tune_trial_id": trial_id,
-            "status": final_status(last_result, error=error and not complete),
+            "status": final_status(last_result, error=error),
             "epoch": int(last_result.get("epoch", 0) or 0),
         }
         study.add_trial(
@@ -729,7 +762,7 @@ def results_table(
         rows.insert(0, "trial_id", trial_id)
         for name, value in config.to_dict().items():
             rows[name] = value
-        rows["trial_status"] = final_status(last, error=result.error is not None and last.get("status") != "completed")
+        rows["trial_status"] = final_status(last, error=result.error is not None)
         frames.append(rows)
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["trial_id", *METRICS])
     if execution is not None:
@@ -780,6 +813,22 @@ def write_results_table(table: pd.DataFrame, out_dir: str | os.PathLike) -> tupl
 # ---------------------------------------------------------------------------------------------------------------
 def _is_absolute_uri(path: str) -> bool:
     return "://" in path or os.path.isabs(path)
+
+
+def _read_json(uri: str) -> Any:
+    """JSON content of a local path or URI, None if there is no such file."""
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def _write_json(uri: str, value: Any) -> None:
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(value, indent=1).encode())
 
 
 def _join(base: str, *parts: str) -> str:
