@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import fast_paths
 from .comm import LocalComm
 from .config import TrainConfig
 from .functional import (
-    Alignment, LossFn, ParamLayout, Params, alignment_from_moments, client_gradients, displaced_params,
+    Alignment, LossFn, ParamLayout, Params, alignment_from_moments, client_gradients, displace_,
     gradient_moments, make_grad_fn, param_dict, sum_clients, write_flat_grads_,
 )
 from .models import has_batchnorm
@@ -175,24 +176,87 @@ class LargeBatchSGD(Algorithm):
 
 
 class GradAlign(Algorithm):
-    """x+ = x - lr * (1/m) sum_i grad f_i(x - beta (ḡ - g_i)): two gradient evaluations, two all-reduces."""
+    """x+ = x - lr * (1/m) sum_i grad f_i(x - beta (ḡ - g_i)): two gradient evaluations, two all-reduces.
+
+    Paths (`self.path`, the same numbers): 'fast' (models of Linear/Conv2d/GroupNorm layers, see `fast_paths`:
+    each evaluation is one forward/backward over all local examples and the displaced gradients are summed in the
+    backward pass), 'vmap' (per-client `torch.func.vmap`, any vmap-compatible model), 'loop' (config.vmap=False).
+    `fast_path=False` rules out the fast one; a model that turns out to use a parameter outside the supported
+    layers falls back to 'vmap' (`self.fallback_reason` says why).
+    """
 
     name = "gradalign"
 
-    def __init__(self, model, loss_fn, config, comm=None):
+    def __init__(self, model, loss_fn, config, comm=None, fast_path: bool = True):
         refuse_batchnorm(model, config)
         super().__init__(model, loss_fn, config, comm)
+        if not config.vmap:
+            self.path, self.fallback_reason = "loop", "config.vmap is False"
+        elif not fast_path:
+            self.path, self.fallback_reason = "vmap", "fast_path=False"
+        else:
+            self.fallback_reason = fast_paths.unsupported_reason(model)
+            self.path = "vmap" if self.fallback_reason else "fast"
+        self._mean_loss: bool | None = None  # whether loss_fn is a mean over examples (checked on the first step)
+        self._buffer: Tensor | None = None
 
     def step(self, batch: RoundBatch) -> StepResult:
-        params = param_dict(self.model)
         inputs, targets = batch.inputs[:, 0], batch.targets[:, 0]
+        if self.path == "fast" and inputs.shape[0]:
+            try:
+                return self._fast_step(batch, inputs, targets)
+            except fast_paths.Unsupported as err:  # raised before any communication: fall back for good
+                self.path, self.fallback_reason = "vmap", str(err)
+        params = param_dict(self.model)
         grads, losses = self.client_grads(params, inputs, targets)
         mean_grad, alignment, loss = self.reduce_moments(grads, losses, batch)
-        displaced = displaced_params(params, grads, self.layout.unflatten(mean_grad), self.config.beta)
-        del grads
+        displaced = displace_(params, grads, self.layout.unflatten(mean_grad), self.config.beta)
         aligned, _ = self.client_grads(displaced, inputs, targets, per_client=True)
-        direction = self.comm.sum_(sum_clients(aligned)) / batch.num_participants
-        self.server_step(direction)
+        return self._finish(sum_clients(aligned), batch, loss, alignment)
+
+    def _fast_step(self, batch: RoundBatch, inputs: Tensor, targets: Tensor) -> StepResult:
+        size, beta = self.layout.size, self.config.beta
+        # The per-client gradients go straight from the backward pass into one buffer (kept between steps), where
+        # they become the displaced points in place: no [m, P] copies, no fresh [m, P] memory.
+        rows = self.layout.stacked(self._client_buffer(inputs.shape[0]), inputs.shape[0])
+        factors: dict = {}
+        _, loss_sum, mean_ok = fast_paths.client_gradients(self.model, self.loss_fn, inputs, targets, self._mean_loss,
+                                                           out=rows, factors=factors)
+        if self._mean_loss is None:
+            self._mean_loss = mean_ok
+        packed = loss_sum.new_empty(2 * size + 2)
+        gradient_moments(rows, out=packed[:-1], squared_norms={n: f[2] for n, f in factors.items()})
+        packed[-1] = loss_sum
+        self.comm.sum_(packed)
+        mean_grad, alignment = alignment_from_moments(packed[:-1], batch.num_participants, self.config.client_batch_size)
+        loss = packed[-1].item() / batch.num_participants
+        params, mean_grad = param_dict(self.model), self.layout.unflatten(mean_grad)
+        points = fast_paths.displaced_points(params, rows, mean_grad, beta, factors)
+        local = packed.new_empty(size)
+        try:
+            fast_paths.displaced_gradient_sum(self.model, self.loss_fn, points, inputs, targets, self._mean_loss,
+                                              out=self.layout.unflatten(local))
+        except fast_paths.Unsupported as err:  # (the first evaluation passed, so hardly ever) finish this step with vmap
+            self.path, self.fallback_reason = "vmap", str(err)
+            displace_(params, {n: rows[n] for n in factors}, mean_grad, beta)
+            local = sum_clients(self.client_grads(rows, inputs, targets, per_client=True)[0])
+        return self._finish(local, batch, loss, alignment)
+
+    def _client_buffer(self, clients: int) -> Tensor:
+        """Room for `clients` per-client gradients (clients * P values), reused from step to step."""
+        buffer = self._buffer
+        if buffer is None or buffer.numel() != clients * self.layout.size or buffer.dtype != self.dtype \
+                or buffer.device != self.device:
+            self._buffer = buffer = None  # (let the old one go first)
+            self._buffer = buffer = torch.empty(clients * self.layout.size, dtype=self.dtype, device=self.device)
+        return buffer
+
+    def _finish(self, local_sum: Tensor, batch: RoundBatch, loss: float, alignment: Alignment) -> StepResult:
+        # local_sum is this step's own tensor: all-reduce and scale it in place, and hand the optimizer views of it
+        direction = self.comm.sum_(local_sum).div_(batch.num_participants)
+        for p, g in zip(self.model.parameters(), self.layout.to_list(direction)):
+            p.grad = g
+        self.optimizer.step()
         return StepResult(loss, 1, alignment)
 
 

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from . import fast_paths
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -49,6 +51,18 @@ class ParamLayout:
 
     def to_list(self, flat: Tensor) -> list[Tensor]:
         return list(self.unflatten(flat).values())
+
+    def stacked(self, buffer: Tensor, clients: int) -> dict[str, Tensor]:
+        """Per-client tensors [clients, *shape] by name, each a contiguous block of the flat `buffer` (clients * P).
+
+        One allocation for all per-client gradients, yet every parameter's [m, ...] block is contiguous, so that
+        batched products can write into it directly.
+        """
+        out, offset = {}, 0
+        for n, s, k in zip(self.names, self.shapes, self.numels):
+            out[n] = buffer[offset:offset + clients * k].view(clients, *s)
+            offset += clients * k
+        return out
 
 
 Params = dict[str, Tensor]
@@ -121,6 +135,13 @@ def displaced_params(params: Params, client_grads: Params, mean_grad: Params, be
     return {n: torch.add(params[n] - beta * mean_grad[n], client_grads[n], alpha=beta) for n in params}
 
 
+def displace_(params: Params, client_grads: Params, mean_grad: Params, beta: float) -> Params:
+    """`displaced_params` written over `client_grads` (one pass over [m, P], no new [m, P] memory); returns it."""
+    for n, g in client_grads.items():
+        torch.add(params[n] - beta * mean_grad[n], g, alpha=beta, out=g)
+    return client_grads
+
+
 @dataclass(frozen=True)
 class Alignment:
     """Alignment diagnostics of one step, from the per-client gradients."""
@@ -150,20 +171,32 @@ class Alignment:
         }
 
 
-def gradient_moments(client_grads: Params) -> Tensor:
+def gradient_moments(client_grads: Params, out: Tensor | None = None, squared_norms: Params | None = None) -> Tensor:
     """Local sums that, summed over all processes, give ḡ and the alignment diagnostics.
 
     Returns [sum_i g_i, sum_i g_i/|g_i|, sum_i |g_i|^2] packed in one flat vector of length 2P + 1, so that one
-    all-reduce communicates them. Reads each per-client gradient twice (norms, then one [2, m] @ [m, n] product).
+    all-reduce communicates them (written into `out` when given). Reads each per-client gradient twice (norms, then
+    one [2, m] @ [m, n] product); `squared_norms` ([m] by name) spares the first read for the parameters it holds.
     """
     first = next(iter(client_grads.values()))
+    known = squared_norms or {}
     if first.shape[0]:
-        sq = sum(torch.linalg.vector_norm(t.flatten(1), dim=1) ** 2 for t in client_grads.values())
+        sq = sum(known[n] if n in known else torch.linalg.vector_norm(t.flatten(1), dim=1) ** 2
+                 for n, t in client_grads.items())
     else:
         sq = first.new_zeros(0)
     weights = torch.stack([torch.ones_like(sq), sq.sqrt().clamp_min(torch.finfo(first.dtype).tiny).reciprocal()])
-    sums = [weights @ t.flatten(1) for t in client_grads.values()]
-    return torch.cat([torch.cat([s[0] for s in sums]), torch.cat([s[1] for s in sums]), sq.sum().reshape(1)])
+    size = sum(math.prod(t.shape[1:]) for t in client_grads.values())
+    if out is None:
+        out = first.new_empty(2 * size + 1)
+    offset = 0
+    for t in client_grads.values():
+        n = math.prod(t.shape[1:])
+        sums = weights @ t.reshape(t.shape[0], n)
+        out[offset:offset + n], out[size + offset:size + offset + n] = sums[0], sums[1]
+        offset += n
+    out[-1] = sq.sum()
+    return out
 
 
 def alignment_from_moments(moments: Tensor, num_clients: int, client_batch_size: int) -> tuple[Tensor, Alignment]:
@@ -186,12 +219,17 @@ def alignment_from_moments(moments: Tensor, num_clients: int, client_batch_size:
     return mean_grad, Alignment(variance, cosine, big_sq, trace, grad_sq)
 
 
-def gradalign_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[tuple[Tensor, Tensor]], beta: float) -> list[Tensor]:
+def gradalign_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[tuple[Tensor, Tensor]], beta: float,
+                       fast_path: bool = True) -> list[Tensor]:
     """GradAlign's update direction d = (1/m) sum_i grad f_i(x - beta (ḡ - g_i)) for any module.
 
     `batches` holds one (inputs, targets) pair per client; `loss_fn(outputs, targets)` returns the mean loss.
     Returns one tensor per `model.parameters()` entry. beta=0 gives the mean of the per-client gradients.
     The model's parameters and .grad are left as they were.
+
+    With equally sized client batches and a model that `fast_paths` handles (Linear, Conv2d and GroupNorm layers)
+    both gradient evaluations are one forward/backward pass each over all clients' examples (the same numbers);
+    otherwise, or with `fast_path=False`, per-client `vmap` (or a loop for unequal batches).
     """
     if beta < 0 or not math.isfinite(beta):
         raise ValueError(f"invalid beta={beta!r}: must be a finite number >= 0")
@@ -205,8 +243,18 @@ def gradalign_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[tupl
     if len({tuple(x.shape) for x in inputs}) == 1 and len({tuple(y.shape) for y in targets}) == 1:
         inputs, targets = torch.stack(inputs), torch.stack(targets)
     m = len(batches)
+    if fast_path and isinstance(inputs, Tensor) and fast_paths.unsupported_reason(model) is None:
+        try:
+            factors: dict = {}
+            grads, _, _ = fast_paths.client_gradients(model, loss_fn, inputs, targets, factors=factors)
+            displaced = fast_paths.displaced_points(params, grads, layout.unflatten(sum_clients(grads) / m), beta,
+                                                    factors)
+            aligned, _, _ = fast_paths.displaced_gradient_sum(model, loss_fn, displaced, inputs, targets)
+            return [aligned[n] / m for n in layout.names]
+        except fast_paths.Unsupported:
+            pass  # the model uses a parameter outside the supported layers: the generic path below
     grads, _ = client_gradients(grad_fn, params, inputs, targets)
     mean_grad = layout.unflatten(sum_clients(grads) / m)
-    displaced = displaced_params(params, grads, mean_grad, beta)
+    displaced = displace_(params, grads, mean_grad, beta)
     aligned, _ = client_gradients(grad_fn, displaced, inputs, targets, per_client=True)
     return layout.to_list(sum_clients(aligned) / m)
