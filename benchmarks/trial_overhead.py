@@ -12,8 +12,11 @@ wall time per trial - the training time the trial itself reported. Prints a tabl
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
+
+import torch
 
 from gradalign.config import TrainConfig
 from gradalign.ray_adapter import Range, SearchSpace, StudySettings, TrialExecution, connect, results_table, run_study
@@ -30,7 +33,7 @@ def main() -> None:
     fixed = dict(dataset="digits", model="mlp", algorithm=args.algorithm, clients=4, batch_size=64,
                  epochs=args.epochs, seed=0)
 
-    start = time.perf_counter()
+    torch.set_num_threads(1)  # as in a 1-CPU trial (Ray sets OMP_NUM_THREADS from the trial's CPUs)
     Trainer(TrainConfig(**fixed)).fit()  # also warms the data cache
     start = time.perf_counter()
     Trainer(TrainConfig(**fixed)).fit()
@@ -54,9 +57,10 @@ def main() -> None:
         training = table.groupby("trial_id")["wall_time"].max().mean()
         rows.append((workers, wall, training, wall - training))
 
-    print(f"\nmachine: {cpus:g} CPUs; ray.init {init:.1f} s; {args.trials} trials per row, one at a time; "
-          f"{fixed['algorithm']}, digits/mlp, {args.epochs} epoch(s), batch 64, 4 clients")
-    print(f"direct Trainer.fit (no Ray): {direct:.2f} s")
+    load = os.getloadavg()[0]
+    print(f"\nmachine: {cpus:g} CPUs, load average {load:.1f}; ray.init {init:.1f} s; {args.trials} trials per row, "
+          f"one at a time; {fixed['algorithm']}, digits/mlp, {args.epochs} epoch(s), batch 64, 4 clients")
+    print(f"direct Trainer.fit (no Ray, 1 thread): {direct:.2f} s")
     print(f"{'workers':>7} {'wall/trial s':>13} {'training s':>11} {'overhead s':>11} {'vs 1 worker':>12}")
     for workers, wall, training, overhead in rows:
         print(f"{workers:>7} {wall:>13.1f} {training:>11.2f} {overhead:>11.1f} {wall / rows[0][1]:>11.1f}x")

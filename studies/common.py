@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import optuna
 import pandas as pd
 from ray import tune
+
+from gradalign.ray_adapter import final_status
 
 SHOWN_METRICS = ("test_accuracy", "test_loss", "train_loss")
 
@@ -45,7 +48,7 @@ class ProgressPrinter(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._count(trials, trial)
         last = trial.last_result or {}
-        self._line(trial, f"finished: {last.get('status', '?')} after epoch {last.get('epoch', '?')}")
+        self._line(trial, f"finished: {final_status(last)} after epoch {last.get('epoch', '?')}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._count(trials, trial)
@@ -90,12 +93,16 @@ def write_figures(study: optuna.Study, out_dir: str | Path, contour: Sequence[st
     params = sorted({p for t in complete for p in t.params})
     multi = len(study.directions) > 1
     target = (lambda t: t.values[0]) if multi else None
+    # Importance evaluators look at the best (lowest) targets once a target function is given: flip maximised ones.
+    sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    importance_target = (lambda t: sign * t.values[0]) if multi else None
     name = study.metric_names[0] if study.metric_names else "objective"
     figures = {}
     if complete:
         figures["optimization_history"] = lambda: vis.plot_optimization_history(study, target=target, target_name=name)
     if len(params) >= 2 and len(complete) >= 2:
-        figures["param_importances"] = lambda: vis.plot_param_importances(study, target=target, target_name=name)
+        figures["param_importances"] = lambda: vis.plot_param_importances(study, target=importance_target,
+                                                                          target_name=name)
     if all(p in params for p in contour) and len(complete) >= 2:
         figures["contour_" + "_".join(contour)] = lambda: vis.plot_contour(study, params=list(contour), target=target,
                                                                           target_name=name)
@@ -104,6 +111,9 @@ def write_figures(study: optuna.Study, out_dir: str | Path, contour: Sequence[st
     written = []
     for fig_name, make in figures.items():
         path = out / f"{fig_name}.html"
-        make().write_html(path, include_plotlyjs="directory")  # one plotly.min.js beside them: works offline
+        with warnings.catch_warnings():  # PED-ANOVA warns on any target function; the sign is handled above
+            warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
+            figure = make()
+        figure.write_html(path, include_plotlyjs="directory")  # one plotly.min.js beside them: works offline
         written.append(path)
     return written

@@ -6,13 +6,13 @@
     python studies/tune.py --name my-study                   # again, after a crash or Ctrl-C: resumes it
 
 What varies: lr (log-uniform), beta (GradAlign/FedGA, log-uniform), the batch size (categorical), and optionally
-momentum, weight decay, local steps K (federated) and mu (FedProx). Everything else is fixed (--set FIELD=VALUE for
+momentum, weight decay, local steps K and server step size (federated) and mu (FedProx). Everything else is fixed (--set FIELD=VALUE for
 any TrainConfig field). The budget is --epochs passes over the training data per trial, --trials trials.
 
 Writes into OUT/NAME/: results.parquet and results.csv (a row per trial per epoch: configuration, metrics, status,
 provenance), optuna.db (the Optuna study: `optuna-dashboard sqlite:///OUT/NAME/optuna.db`), figures/*.html
-(optimization history, parameter importances, lr x beta contour), tune/ (Ray Tune's experiment, for resuming) and
-train/ + state/ (trial checkpoints).
+(optimization history, parameter importances, lr x beta contour), tune/ (Ray Tune's experiment, for resuming),
+train/, state/ and history/ (trial checkpoints and metric histories) and study.json (what a resume must match).
 """
 
 from __future__ import annotations
@@ -73,11 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--weight-decay", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="log-uniform, LO > 0")
     g.add_argument("--local-steps", type=int, nargs=2, default=None, metavar=("LO", "HI"), help="integer K, federated algorithms")
     g.add_argument("--mu", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="log-uniform, fedprox only")
+    g.add_argument("--server-lr", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="log-uniform server step size, federated algorithms")
 
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=1,
                    help="processes per trial: 1 trains inside the trial process; N > 1 runs a Ray Train TorchTrainer (default %(default)s)")
-    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="(default %(default)s)")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker (default %(default)s)")
     g.add_argument("--gpu", action="store_true", help="one GPU per worker")
     g.add_argument("--max-concurrent", type=int, default=None, help="cap on concurrent trials (default: as many as the CPUs allow)")
     g.add_argument("--max-failures", type=int, default=1, help="retries per trial, each resuming from its checkpoint (default %(default)s)")
@@ -105,6 +107,7 @@ def build(args: argparse.Namespace) -> tuple[SearchSpace, StudySettings, TrialEx
         weight_decay=Range(*args.weight_decay, log=True) if args.weight_decay else None,
         local_steps=Range(*args.local_steps) if args.local_steps else None,
         mu=Range(*args.mu, log=True) if args.mu else None,
+        server_lr=Range(*args.server_lr, log=True) if args.server_lr else None,
     )
     mode = args.mode or ("max" if "accuracy" in args.metric else "min")
     objectives = ((args.metric, mode),) + ((("wall_time", "min"),) if args.multi_objective else ())
@@ -129,6 +132,9 @@ def _literal(text: str):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.multi_objective and args.asha:
+        print("note: trials that ASHA stops report the wall time until they were stopped, so they sit at the fast "
+              "end of the Pareto front; read the front with that in mind (or drop --asha)", file=sys.stderr)
     try:
         space, settings, execution = build(args)
         space.validate()  # before Ray starts
@@ -159,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{settings.metric}={best[settings.metric]:.4g} test_loss={best['test_loss']:.4g} "
           f"wall_time={best['wall_time']:.1f}s")
     print(f"  configuration: {format_params(best.to_dict(), space.param_names)}")
+    if len(settings.objectives) > 1:
+        names = [m for m, _ in settings.objectives]
+        print(f"Pareto front ({', '.join(names)}):")
+        for trial in sorted(study.best_trials, key=lambda t: t.values[0], reverse=settings.mode == "max"):
+            values = " ".join(f"{n}={v:.4g}" for n, v in zip(names, trial.values))
+            print(f"  trial {trial.user_attrs.get('tune_trial_id')}: {values}  [{format_params(trial.params, space.param_names)}]")
     print(f"figures: {', '.join(str(f) for f in figures)}")
     print(f"optuna-dashboard {settings.optuna_storage}")
     return 0

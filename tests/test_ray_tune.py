@@ -91,8 +91,8 @@ def test_diverging_trial_ends_early_with_finite_penalty(ray_cluster, tmp_path):
     assert all(state == optuna.trial.TrialState.COMPLETE for state, _ in states.values())
 
     # Resuming the finished study under its name with another search space is refused, naming what changed.
-    other = SearchSpace(fixed={**FIXED, "epochs": 3}, lr=Range(1e-2, 1e3, log=True))
-    with pytest.raises(ConfigError, match=r"invalid name='diverge': .*space\.lr\.high: 10000\.0 -> 1000\.0"):
+    other = SearchSpace(fixed={**FIXED, "epochs": 3}, lr=Range(1e-3, 1e4, log=True))
+    with pytest.raises(ConfigError, match=r"invalid name='diverge': .*space\.lr\.low: 0\.01 -> 0\.001"):
         run_study(gradalign_trainable, other, settings, TrialExecution(workers=1))
 
 
@@ -143,3 +143,27 @@ def test_cli_refuses_bad_input_with_a_clear_message(tmp_path):
     assert run.returncode == 2, run.stderr[-2000:]
     assert "invalid lr=-1.0" in run.stderr
     assert not out.exists()
+
+
+@pytest.mark.timeout(60)
+def test_initial_point_outside_the_space_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_adapter, "connect", lambda *a, **k: pytest.fail("connected before validating"))
+    settings = StudySettings("bad", str(tmp_path), initial_points=({"lr": 5.0},))
+    with pytest.raises(ConfigError, match=r"invalid lr=5.0: initial point outside the search range"):
+        run_study(gradalign_trainable, SearchSpace(fixed=FIXED, lr=Range(0.01, 1.0, log=True)), settings,
+                  TrialExecution())
+
+
+def test_concurrency_follows_the_resources_the_workers_need():
+    cluster = {"CPU": 8.0, "train_driver": 8.0, "memory": 1e10}
+    plan = ray_adapter.plan_concurrency
+    assert plan(TrialExecution(workers=1, cpus_per_worker=2), cluster) == ({"CPU": 2}, 4)
+    assert plan(TrialExecution(workers=2), cluster) == ({"train_driver": 1}, 4)  # the driver holds no CPU
+    assert plan(TrialExecution(workers=3), cluster) == ({"train_driver": 1}, 2)
+    assert plan(TrialExecution(workers=2), cluster, max_concurrent=1) == ({"train_driver": 1}, 1)
+    assert plan(TrialExecution(workers=2), {"CPU": 8.0, "train_driver": 1.0}) == ({"train_driver": 1}, 1)
+    assert plan(TrialExecution(workers=2), {"CPU": 8.0}) == ({"memory": 1}, 4)  # a cluster without the resource
+    with pytest.raises(ConfigError, match="invalid use_gpu=True: 2 worker"):
+        plan(TrialExecution(workers=2, use_gpu=True), {**cluster, "GPU": 1.0})
+    with pytest.raises(ConfigError, match="invalid workers=3: .* 6 CPUs per trial, but the cluster has 4 CPUs"):
+        plan(TrialExecution(workers=3, cpus_per_worker=2), {"CPU": 4.0})

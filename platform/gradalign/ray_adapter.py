@@ -239,6 +239,26 @@ class SearchSpace:
         for config in self._corners():
             TrainConfig.from_dict(config)  # raises ConfigError naming the field and the value
 
+    def check_point(self, point: Mapping[str, Any]) -> None:
+        """Raise `ConfigError` unless `point` (e.g. an initial configuration to try) lies inside this space."""
+        algorithm = point.get("algorithm", self._algorithm_choices()[0])
+        if algorithm not in self._algorithm_choices():
+            raise ConfigError("algorithm", algorithm, f"initial point outside algorithms {self._algorithm_choices()}")
+        dists = self.distributions(algorithm)
+        for name, value in point.items():
+            if name not in dists:
+                raise ConfigError(name, value, f"initial point sets a parameter that is not searched ({', '.join(dists)})")
+            dist = dists[name]
+            if isinstance(dist, optuna.distributions.CategoricalDistribution):
+                inside = value in dist.choices
+            else:
+                inside = _is_finite(value) and dist.low <= value <= dist.high
+            if not inside:
+                raise ConfigError(name, value, "initial point outside the search range")
+        ranges = self._ranges_for(algorithm)
+        batch = point.get("batch_size", self.batch_sizes[0] if self.batch_sizes else self.fixed.get("batch_size", 128))
+        TrainConfig.from_dict({**self.fixed, **{n: r.low for n, r in ranges.items()}, "batch_size": batch, **point})
+
     @staticmethod
     def _check_range(name: str, rng: Range) -> None:
         if not (_is_finite(rng.low) and _is_finite(rng.high)):
@@ -552,6 +572,8 @@ def run_study(
     the old ones). Callbacks are those the study was started with.
     """
     space.validate()
+    for point in settings.initial_points:
+        space.check_point(point)
     if execution.storage_path != settings.storage_path:
         execution = dataclasses.replace(execution, storage_path=settings.storage_path)
     restore = tune.Tuner.can_restore(settings.experiment_path)
@@ -664,10 +686,17 @@ class OptunaMirror(tune.Callback):
             self._intermediate.setdefault(trial.trial_id, {})[int(result["epoch"])] = float(result[self.objectives[0][0]])
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.add(trial.trial_id, trial.config, trial.last_result, error=False)
+        self._add_safely(trial, error=False)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.add(trial.trial_id, trial.config, trial.last_result, error=True)
+        self._add_safely(trial, error=True)
+
+    def _add_safely(self, trial, error: bool) -> None:
+        # The SQLite study is a copy: a failure to write it must not end the study (the final sync retries).
+        try:
+            self.add(trial.trial_id, trial.config, trial.last_result, error=error)
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"could not copy trial {trial.trial_id} to the Optuna study {self.storage}: {exc!r}")
 
     def known_trial_ids(self) -> set[str]:
         return {t.user_attrs.get("tune_trial_id") for t in self.study().get_trials(deepcopy=False)}
