@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from gradalign import figures as F
-from gradalign.config import ALGORITHMS, DATASETS, FEDERATED_ALGORITHMS, MODELS, ConfigError
+from gradalign.config import DATASETS, FEDERATED_ALGORITHMS, MODELS, ConfigError
 from gradalign.data import load_dataset
 from gradalign.partition import describe_partition, partition
 from gradalign.ray_adapter import Range, SearchSpace

@@ -1,0 +1,49 @@
+"""Ray Tune + Optuna plumbing for GradAlign studies: the one module of the library that imports Ray.
+
+What lives here, in the order a study uses it:
+
+1. `SearchSpace` -- an Optuna define-by-run space (a picklable callable object, not a lambda: Tune pickles the
+   searcher with the experiment state), conditional on the algorithm; `validate()` refuses bad ranges *before*
+   Ray starts, by building a `TrainConfig` at every range endpoint.
+2. `TrialExecution` -- how one trial runs (workers, CPUs per worker, where Train runs keep their checkpoints), and
+   `plan_concurrency` -- the Tune resources of a trial and how many trials fit at once on the cluster.
+3. `connect` -- join a running cluster (`address` / `RAY_ADDRESS`) or start a local one with the `train_driver`
+   custom resource that Train-driver trials hold instead of a CPU.
+4. `run_study` -- build (or restore) the `Tuner`: seeded TPE via `OptunaSearch`, optional ASHA on `epoch`, bounded
+   retries, and `OptunaMirror`, which copies every finished trial into a SQLite Optuna study for optuna-dashboard.
+5. `results_table` -- one tidy frame, a row per trial per reported epoch, with configuration, metrics and
+   `provenance()`; `sync_optuna_study` re-syncs the SQLite study from it.
+
+The trainable itself (what a trial runs) lives in the `trainables` package; `run_study` takes it as an argument, so
+the library never imports `trainables`.
+"""
+
+from __future__ import annotations
+
+from ._common import DRIVER_RESOURCE, LOSS_PENALTY, METRICS, final_status, penalise
+from .execution import TrialExecution, connect, plan_concurrency
+from .mirror import OptunaMirror, sync_optuna_study
+from .results import results_table, write_results_table
+from .space import Range, SearchSpace
+from .study import StudySettings, make_scheduler, make_searcher, run_study
+
+__all__ = [
+    "METRICS",
+    "LOSS_PENALTY",
+    "DRIVER_RESOURCE",
+    "Range",
+    "SearchSpace",
+    "TrialExecution",
+    "StudySettings",
+    "penalise",
+    "final_status",
+    "plan_concurrency",
+    "connect",
+    "make_searcher",
+    "make_scheduler",
+    "OptunaMirror",
+    "run_study",
+    "results_table",
+    "write_results_table",
+    "sync_optuna_study",
+]

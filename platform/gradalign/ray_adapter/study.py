@@ -1,0 +1,248 @@
+"""StudySettings, the searcher and scheduler, and `run_study`, which builds or restores the Tuner."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import optuna
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from gradalign.config import (
+    ConfigError,
+    TrainConfig,
+)
+
+from ._common import (
+    METRICS,
+    _is_absolute_uri,
+    _join,
+    _read_json,
+    _write_json,
+    final_status,
+)
+from .execution import TrialExecution, connect, plan_concurrency
+from .mirror import OptunaMirror
+from .space import SearchSpace
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Searcher, scheduler, and the Tuner
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StudySettings:
+    """What a study optimises, how many trials it runs and where it keeps its state."""
+
+    name: str
+    """Study name: the Tune experiment and the Optuna study. Re-running a name resumes it."""
+    storage_path: str
+    """Absolute output folder of this study (Tune experiment, Train runs, results, Optuna SQLite file)."""
+    num_samples: int = 8
+    """Trials to run."""
+    objectives: tuple[tuple[str, str], ...] = (("test_accuracy", "max"),)
+    """(metric, 'max'|'min') pairs; two or more make a multi-objective study (ASHA then uses the first)."""
+    seed: int = 0
+    """Seed of Optuna's TPE sampler."""
+    asha: bool = False
+    """Stop unpromising trials early with ASHA on `epoch`."""
+    grace_period: int = 1
+    """ASHA: epochs every trial gets before it may be stopped."""
+    reduction_factor: float = 2
+    """ASHA: keep the best 1/reduction_factor at each rung."""
+    max_concurrent_trials: int | None = None
+    """Cap on concurrent trials (the cluster's resources bound it anyway)."""
+    max_failures: int = 1
+    """Tune retries per trial (each resumes from the trial's latest checkpoint)."""
+    time_budget_s: float | None = None
+    """Stop starting trials after this many seconds (None: no limit)."""
+    initial_points: tuple[Mapping[str, Any], ...] = ()
+    """Configurations to try first (Optuna enqueues them; the sampler takes over after), e.g. a known baseline."""
+    verbose: int = 0
+    """Tune's own console output (0: none; `run_study` callbacks print a line per result instead)."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError("name", self.name, "must be a non-empty name without '/'")
+        if not _is_absolute_uri(self.storage_path):
+            raise ConfigError("storage_path", self.storage_path, "must be an absolute path or a URI")
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ConfigError("num_samples", self.num_samples, "must be a positive integer")
+        if not self.objectives:
+            raise ConfigError("objectives", self.objectives, "need at least one (metric, mode)")
+        for metric, mode in self.objectives:
+            if metric not in METRICS or metric == "status":
+                raise ConfigError("objectives", metric, f"metric must be one of {', '.join(METRICS[:-1])}")
+            if mode not in ("min", "max"):
+                raise ConfigError("objectives", mode, "mode must be 'min' or 'max'")
+        if self.grace_period < 1:
+            raise ConfigError("grace_period", self.grace_period, "must be >= 1 epoch")
+        if not self.reduction_factor > 1:
+            raise ConfigError("reduction_factor", self.reduction_factor, "must be > 1")
+        if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < 0:
+            raise ConfigError("max_failures", self.max_failures, "must be an integer >= 0 (bounded retries)")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ConfigError("time_budget_s", self.time_budget_s, "must be > 0")
+
+    @property
+    def metric(self) -> str:
+        return self.objectives[0][0]
+
+    @property
+    def mode(self) -> str:
+        return self.objectives[0][1]
+
+    @property
+    def experiment_path(self) -> str:
+        """The Tune experiment folder (what `Tuner.restore` reads)."""
+        return _join(self.storage_path, "tune")
+
+    @property
+    def optuna_storage(self) -> str:
+        """SQLite URL of the mirrored Optuna study (`optuna-dashboard <this>`)."""
+        return f"sqlite:///{_join(self.storage_path, 'optuna.db')}"
+
+
+class _StatusOptunaSearch(OptunaSearch):
+    """`OptunaSearch` that also records each trial's final status and Tune trial id as Optuna user attrs."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and trial_id not in self._completed_trials:
+            ot_trial.set_user_attr("tune_trial_id", trial_id)
+            ot_trial.set_user_attr("status", final_status(result, error))
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def make_searcher(space: SearchSpace, settings: StudySettings) -> Searcher:
+    """`OptunaSearch` over `space` with a seeded multivariate TPE; startup trials scale with the budget."""
+    sampler = optuna.samplers.TPESampler(
+        multivariate=True,
+        seed=settings.seed,
+        n_startup_trials=min(10, max(2, settings.num_samples // 3)),
+    )
+    metrics = [m for m, _ in settings.objectives]
+    modes = [m for _, m in settings.objectives]
+    single = len(metrics) == 1
+    return _StatusOptunaSearch(
+        space=space,
+        metric=metrics[0] if single else metrics,
+        mode=modes[0] if single else modes,
+        sampler=sampler,
+        study_name=settings.name,
+        points_to_evaluate=[dict(p) for p in settings.initial_points] or None,
+    )
+
+
+def make_scheduler(settings: StudySettings, max_epochs: int) -> TrialScheduler | None:
+    """ASHA on the trainer's own `epoch` counter (Tune's `training_iteration` restarts after a retry)."""
+    if not settings.asha:
+        return None
+    # max_t one past the budget: a trial that reaches its last epoch ends by itself instead of being stopped
+    # (killed) by ASHA, which is what can strand a Train run's placement group.
+    return ASHAScheduler(
+        time_attr="epoch",
+        metric=settings.metric,
+        mode=settings.mode,
+        max_t=max(max_epochs, settings.grace_period) + 1,
+        grace_period=settings.grace_period,
+        reduction_factor=settings.reduction_factor,
+    )
+
+
+def run_study(
+    trainable: Callable[..., Any],
+    space: SearchSpace,
+    settings: StudySettings,
+    execution: TrialExecution,
+    *,
+    address: str | None = None,
+    callbacks: Sequence[tune.Callback] = (),
+    log: Callable[[str], None] = print,
+) -> tune.ResultGrid:
+    """Validate, connect, and run (or resume) the study; returns Tune's `ResultGrid`.
+
+    `trainable(config, execution=...)` is a Tune function trainable (`trainables.gradalign_trainable`).
+    Everything that can be checked is checked before Ray starts (the space) or right after it does (whether one
+    trial's workers fit on the cluster), so a bad configuration fails in seconds instead of hanging.
+    A study whose experiment folder exists is restored: finished trials stay finished, running and errored ones
+    resume from their latest checkpoint, and the searcher continues where it was. Restoring with another search
+    space, objective, budget or execution than the study was started with is refused (Tune would silently keep
+    the old ones). Callbacks are those the study was started with.
+    """
+    space.validate()
+    for point in settings.initial_points:
+        space.check_point(point)
+    if execution.storage_path != settings.storage_path:
+        execution = dataclasses.replace(execution, storage_path=settings.storage_path)
+    restore = tune.Tuner.can_restore(settings.experiment_path)
+    fingerprint, fingerprint_path = _fingerprint(space, settings, execution), _join(settings.storage_path, "study.json")
+    if restore:
+        _check_same_study(settings, _read_json(fingerprint_path), fingerprint)
+    resources, concurrency = plan_concurrency(execution, connect(address), settings.max_concurrent_trials)
+    fn = tune.with_resources(tune.with_parameters(trainable, execution=execution), resources)
+
+    mirror = OptunaMirror(settings.optuna_storage, settings.name, space, settings.objectives)
+    if restore:
+        log(f"resuming study {settings.name!r} from {settings.experiment_path}")
+        tuner = tune.Tuner.restore(settings.experiment_path, trainable=fn, resume_errored=True)
+    else:
+        _write_json(fingerprint_path, fingerprint)
+        max_epochs = int(space.fixed.get("epochs", TrainConfig.epochs))
+        tuner = tune.Tuner(
+            fn,
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher(space, settings),
+                scheduler=make_scheduler(settings, max_epochs),
+                num_samples=settings.num_samples,
+                max_concurrent_trials=concurrency,
+                time_budget_s=settings.time_budget_s,
+                # An in-process trial's process (torch and the data already imported) serves the next trial:
+                # seconds per trial. A Train driver is not reused: its Train run owns actors and queues.
+                reuse_actors=execution.in_process,
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=settings.storage_path,
+                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[mirror, *callbacks],
+                verbose=settings.verbose,
+            ),
+        )
+    log(f"study {settings.name!r}: {settings.num_samples} trials, {execution.workers} worker(s) x "
+        f"{execution.cpus_per_worker:g} CPU each, trial resources {resources}, up to {concurrency} at once")
+    return tuner.fit()
+
+
+def _fingerprint(space: SearchSpace, settings: StudySettings, execution: TrialExecution) -> dict[str, Any]:
+    """What a resumed study must share with the study it resumes, flattened to 'space.lr.high'-style keys."""
+    what = {
+        "space": dataclasses.asdict(space),
+        "study": {k: getattr(settings, k) for k in ("objectives", "num_samples", "seed", "asha", "grace_period",
+                                                     "reduction_factor", "initial_points")},
+        "execution": {k: getattr(execution, k) for k in ("workers", "cpus_per_worker", "use_gpu")},
+    }
+    return _flatten(json.loads(json.dumps(what, default=repr)))
+
+
+def _check_same_study(settings: StudySettings, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    if saved is None or saved == now:
+        return
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+    raise ConfigError("name", settings.name, f"a study of this name at {settings.storage_path} was started with "
+                      f"other settings ({details}); resume it with the same options or choose a new name")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
