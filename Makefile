@@ -21,7 +21,7 @@ browser:
 
 # One intra-op thread per process: tests run several trials at once on small machines.
 test: $(STAMP) browser
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=12 tests
 
 study: $(STAMP)
 	$(PY) studies/batch_scaling.py
