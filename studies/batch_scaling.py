@@ -21,16 +21,15 @@ import argparse
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 
 from gradalign.config import ALGORITHMS, DATASETS, MODELS, ConfigError
 from gradalign.ray_adapter import Range, SearchSpace
-from studies.cells import Cell, StudyPlan, load_history, run_plan, save_table
+from studies.cells import Cell, save_table
 from studies.reporting import build_report
-from studies.study_cli import add_common_arguments, apply_defaults, check_storage, common_settings, fail, range_arg
+from studies.study_cli import add_common_arguments, apply_defaults, range_arg, run_study_script
 
 SMOKE = dict(batch_sizes=[32, 128], epochs=3, trials_per_cell=2, seeds=2, target=0.5)
 
@@ -106,25 +105,10 @@ def plan_cells(args: argparse.Namespace) -> tuple[Cell, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = apply_defaults(build_parser().parse_args(argv))
-    out = Path(args.out).resolve()
-    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
-    if args.report_only:
-        return report(out, args, command, load_history(out))
-    try:
-        validate(args)
-        plan = StudyPlan(name=args.name, out_dir=out, cells=plan_cells(args), **common_settings(args))
-    except ConfigError as err:
-        return fail(err)
-    print(f"batch-scaling study {args.name!r}: {len(plan.cells)} cells x {args.trials_per_cell} tuning trials + "
-          f"{len(plan.seeds)} seeds, {args.epochs} epochs of {args.dataset}/{args.model}; output in {out}", flush=True)
-    started = time.perf_counter()
-    try:
-        check_storage(args, plan)
-        history = run_plan(plan, address=args.address)
-    except ConfigError as err:
-        return fail(err)
-    print(f"all cells finished in {time.perf_counter() - started:.0f} s", flush=True)
-    return report(out, args, command, history)
+    describe = lambda plan: (
+        f"batch-scaling study {args.name!r}: {len(plan.cells)} cells x {args.trials_per_cell} tuning trials + "
+        f"{len(plan.seeds)} seeds, {args.epochs} epochs of {args.dataset}/{args.model}")
+    return run_study_script(args, argv, plan_cells, validate, report, describe)
 
 
 def report(out: Path, args: argparse.Namespace, command: str, history: pd.DataFrame) -> int:

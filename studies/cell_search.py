@@ -19,7 +19,19 @@ from ray.tune.search import Searcher
 CELL = "cell"
 
 
-class CellSearch(Searcher):
+class _PickledState:
+    """Searcher state saved and restored as the pickled attributes (as OptunaSearch does)."""
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.__dict__, fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            self.__dict__.update(pickle.load(fh))
+
+
+class CellSearch(_PickledState, Searcher):
     """Routes each new trial to the cell with the fewest trials so far, and each result back to its cell's searcher."""
 
     def __init__(self, searchers: Mapping[str, Searcher], budget: Mapping[str, int], metric: str, mode: str):
@@ -53,16 +65,8 @@ class CellSearch(Searcher):
         if trial_id in self.owner:
             self.searchers[self.owner[trial_id]].on_trial_complete(trial_id, result=result, error=error)
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(self.__dict__, fh)
 
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:
-            self.__dict__.update(pickle.load(fh))
-
-
-class FixedConfigs(Searcher):
+class FixedConfigs(_PickledState, Searcher):
     """Hands out a fixed list of configurations, once each (the seed runs of every cell's best configuration)."""
 
     def __init__(self, configs: Sequence[Mapping[str, Any]], metric: str, mode: str):
@@ -81,14 +85,6 @@ class FixedConfigs(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(self.__dict__, fh)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:
-            self.__dict__.update(pickle.load(fh))
 
 
 class CellScheduler(FIFOScheduler):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from gradalign.config import ConfigError
@@ -64,6 +65,35 @@ def common_settings(args: argparse.Namespace) -> dict:
     return dict(trials_per_cell=args.trials_per_cell, seeds=tuple(range(args.seeds)), storage=args.storage,
                 cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, asha=args.asha,
                 max_concurrent=args.max_concurrent, sampler_seed=args.sampler_seed)
+
+
+def run_study_script(args: argparse.Namespace, argv: list[str] | None, plan_cells, validate, report,
+                     describe) -> int:
+    """The body every study script shares: report-only, or validate -> plan -> run every cell -> report.
+
+    `plan_cells(args)` and `validate(args)` must raise ConfigError (or ValueError) on bad input, before Ray starts;
+    `report(out, args, command, history)` writes the report; `describe(plan)` is the opening progress line.
+    """
+    from studies.cells import StudyPlan, load_history, run_plan
+
+    out = Path(args.out).resolve()
+    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    if args.report_only:
+        return report(out, args, command, load_history(out))
+    try:
+        validate(args)
+        plan = StudyPlan(name=args.name, out_dir=out, cells=plan_cells(args), **common_settings(args))
+    except (ConfigError, ValueError) as err:
+        return fail(err)
+    print(f"{describe(plan)}; output in {out}", flush=True)
+    started = time.perf_counter()
+    try:
+        check_storage(args, plan)
+        history = run_plan(plan, address=args.address)
+    except ConfigError as err:
+        return fail(err)
+    print(f"all cells finished in {time.perf_counter() - started:.0f} s", flush=True)
+    return report(out, args, command, history)
 
 
 def fail(err: Exception) -> int:
