@@ -264,35 +264,59 @@ def _conv_backward(grad, x, weight, conf, groups, mask):
 
 
 CONV_LOOP_MIN_EXAMPLES = 8
-"""Per-client convolutions run as one ordinary convolution per client (contiguous slices, no copies) when clients
-have at least this many examples, else as one grouped convolution over all clients (fewer, bigger calls)."""
+"""On CPU, with at least this many examples per client, the convolutions of both evaluations run as one ordinary
+convolution per client (contiguous slices of the batch, no copies; with oneDNN on one core also faster than one
+convolution over all m*b examples). Otherwise (fewer examples, or an accelerator, where few big kernels win) the
+per-client ones are grouped convolutions over all clients at once and the shared-weight ones plain convolutions."""
 
 
 def _loop(x: Tensor, m: int) -> bool:
-    return m > 1 and x.shape[0] // m >= CONV_LOOP_MIN_EXAMPLES
+    return x.device.type == "cpu" and m > 1 and x.shape[0] // m >= CONV_LOOP_MIN_EXAMPLES
+
+
+def _client_rows(n: int, m: int) -> list[slice]:
+    b = n // m
+    return [slice(i * b, (i + 1) * b) for i in range(m)]
+
+
+def _conv_forward_per_client(x, weight_of, bias_of, conf, groups, m):
+    out = None
+    for i, rows in enumerate(_client_rows(x.shape[0], m)):
+        y = F.conv2d(x[rows], weight_of(i), bias_of(i), *conf, groups)
+        if out is None:
+            out = y.new_empty(x.shape[0], *y.shape[1:])
+        out[rows] = y
+    return out
+
+
+def _conv_input_grad_per_client(grad, x, weight_of, conf, groups, m):
+    gx = torch.empty_like(x)
+    for i, rows in enumerate(_client_rows(x.shape[0], m)):
+        gx[rows] = _conv_backward(grad[rows], x[rows], weight_of(i), conf, groups, (True, False, False))[0]
+    return gx
 
 
 class _Conv2dClientGrads(Function):
-    """The ordinary convolution at the shared weights; backward: the weight gradient per client."""
+    """The convolution at the shared weights; backward: the weight gradient per client."""
 
     @staticmethod
     def forward(ctx, x, anchor, weight, bias, run, wn, bn, conf, groups):
         ctx.save_for_backward(x, weight)
         ctx.run, ctx.names, ctx.conf, ctx.groups = run, (wn, bn), conf, groups
+        if _loop(x, run.m):
+            return _conv_forward_per_client(x, lambda i: weight, lambda i: bias, conf, groups, run.m)
         return F.conv2d(x, weight, bias, *conf, groups)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         run, (wn, bn), conf, groups = ctx.run, ctx.names, ctx.conf, ctx.groups
-        m = run.m
+        m, loop = run.m, _loop(x, run.m)
 
         def weight_grads(out):
-            if _loop(x, m):  # one weight gradient per client, each from its own rows
-                b = x.shape[0] // m
+            if loop:  # one weight gradient per client, each from its own rows
                 out = out if out is not None else weight.new_empty(m, *weight.shape)
-                for i in range(m):
-                    rows = slice(i * b, (i + 1) * b)
+                for i, rows in enumerate(_client_rows(x.shape[0], m)):
                     out[i] = _conv_backward(grad[rows], x[rows], weight, conf, groups, (False, True, False))[1]
                 return out
             # one grouped convolution backward, group i = client i (as vmap's batching rule)
@@ -305,13 +329,15 @@ class _Conv2dClientGrads(Function):
         if bn is not None:
             run.store(bn, lambda out: _sum(grad.reshape(m, -1, *grad.shape[1:]), (1, 3, 4), out))
         gx = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and loop:
+            gx = _conv_input_grad_per_client(grad, x, lambda i: weight, conf, groups, m)
+        elif ctx.needs_input_grad[0]:
             gx = _conv_backward(grad, x, weight, conf, groups, (True, False, False))[0]
         return gx, None, None, None, None, None, None, None, None
 
 
 class _Conv2dAligned(Function):
-    """Client i's examples convolved with its own W_i; the weight gradient summed over clients is one ordinary one."""
+    """Client i's examples convolved with its own W_i; the weight gradient summed over clients."""
 
     @staticmethod
     def forward(ctx, x, anchor, weights, biases, run, wn, bn, conf, groups):
@@ -319,14 +345,8 @@ class _Conv2dAligned(Function):
         ctx.run, ctx.names, ctx.conf, ctx.groups = run, (wn, bn), conf, groups
         m = run.m
         if _loop(x, m):
-            b = x.shape[0] // m
-            out = None
-            for i in range(m):
-                y = F.conv2d(x[i * b:(i + 1) * b], weights[i], biases[i] if biases is not None else None, *conf, groups)
-                if out is None:
-                    out = y.new_empty(x.shape[0], *y.shape[1:])
-                out[i * b:(i + 1) * b] = y
-            return out
+            return _conv_forward_per_client(x, lambda i: weights[i], lambda i: None if biases is None else biases[i],
+                                            conf, groups, m)
         w = weights.reshape(-1, *weights.shape[2:])
         b = biases.reshape(-1) if biases is not None else None
         return _from_grouped(F.conv2d(_to_grouped(x, m), w, b, *conf, m * groups), m)
@@ -335,18 +355,24 @@ class _Conv2dAligned(Function):
     def backward(ctx, grad):
         x, weights = ctx.saved_tensors
         run, (wn, bn), conf, groups = ctx.run, ctx.names, ctx.conf, ctx.groups
-        m = run.m
-        run.store(wn, lambda out: _conv_backward(grad, x, x.new_empty(1).expand(weights.shape[1:]), conf, groups,
-                                                 (False, True, False))[1])
+        m, loop = run.m, _loop(x, run.m)
+        shape_only = x.new_empty(1).expand(weights.shape[1:])
+
+        def weight_grad(out):
+            if not loop:
+                return _conv_backward(grad, x, shape_only, conf, groups, (False, True, False))[1]
+            total = None
+            for rows in _client_rows(x.shape[0], m):
+                g = _conv_backward(grad[rows], x[rows], shape_only, conf, groups, (False, True, False))[1]
+                total = g if total is None else total.add_(g)
+            return total
+
+        run.store(wn, weight_grad)
         if bn is not None:
             run.store(bn, lambda out: _sum(grad, (0, 2, 3), out))
         gx = None
-        if ctx.needs_input_grad[0] and _loop(x, m):
-            b = x.shape[0] // m
-            gx = torch.empty_like(x)
-            for i in range(m):
-                rows = slice(i * b, (i + 1) * b)
-                gx[rows] = _conv_backward(grad[rows], x[rows], weights[i], conf, groups, (True, False, False))[0]
+        if ctx.needs_input_grad[0] and loop:
+            gx = _conv_input_grad_per_client(grad, x, lambda i: weights[i], conf, groups, m)
         elif ctx.needs_input_grad[0]:
             shape = (x.shape[0] // m, m * x.shape[1], *x.shape[2:])
             gx = _conv_backward(_to_grouped(grad, m), x.new_empty(1).expand(shape),

@@ -189,11 +189,10 @@ def gradient_moments(client_grads: Params, out: Tensor | None = None, squared_no
     size = sum(math.prod(t.shape[1:]) for t in client_grads.values())
     if out is None:
         out = first.new_empty(2 * size + 1)
-    offset = 0
+    rows, offset = out[:2 * size].view(2, size), 0  # [sum_i g_i; sum_i g_i/|g_i|], written in place
     for t in client_grads.values():
         n = math.prod(t.shape[1:])
-        sums = weights @ t.reshape(t.shape[0], n)
-        out[offset:offset + n], out[size + offset:size + offset + n] = sums[0], sums[1]
+        torch.mm(weights, t.reshape(t.shape[0], n), out=rows[:, offset:offset + n])
         offset += n
     out[-1] = sq.sum()
     return out
