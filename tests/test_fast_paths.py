@@ -48,7 +48,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> 
 
 
 def _loop_direction(model, loss_fn, batches, beta):
-    """The definition, one client at a time: (1/m) sum_i grad f_i(x - beta (ḡ - g_i)) with separate backward passes."""
+    """The definition, client by client: (1/m) sum_i grad f_i(x - beta (ḡ - g_i)) with separate backward passes."""
     def grad_at(flat, x, y):
         clone = copy.deepcopy(model)
         nn.utils.vector_to_parameters(flat, clone.parameters())

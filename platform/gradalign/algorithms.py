@@ -228,15 +228,16 @@ class GradAlign(Algorithm):
         gradient_moments(rows, out=packed[:-1], squared_norms={n: f[2] for n, f in factors.items()})
         packed[-1] = loss_sum
         self.comm.sum_(packed)
-        mean_grad, alignment = alignment_from_moments(packed[:-1], batch.num_participants, self.config.client_batch_size)
-        loss = packed[-1].item() / batch.num_participants
+        participants = batch.num_participants
+        mean_grad, alignment = alignment_from_moments(packed[:-1], participants, self.config.client_batch_size)
+        loss = packed[-1].item() / participants
         params, mean_grad = param_dict(self.model), self.layout.unflatten(mean_grad)
         points = fast_paths.displaced_points(params, rows, mean_grad, beta, factors)
         local = packed.new_empty(size)
         try:
             fast_paths.displaced_gradient_sum(self.model, self.loss_fn, points, inputs, targets, self._mean_loss,
                                               out=self.layout.unflatten(local))
-        except fast_paths.Unsupported as err:  # (the first evaluation passed, so hardly ever) finish this step with vmap
+        except fast_paths.Unsupported as err:  # (the first evaluation passed: hardly ever) finish this step with vmap
             self.path, self.fallback_reason = "vmap", str(err)
             displace_(params, {n: rows[n] for n in factors}, mean_grad, beta)
             local = sum_clients(self.client_grads(rows, inputs, targets, per_client=True)[0])

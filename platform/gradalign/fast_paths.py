@@ -72,8 +72,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
                                for f in ("forward", "_conv_forward") if hasattr(base, f)):
             return f"{name or 'model'} ({type(module).__name__}) holds parameters and is not one of " \
                    f"{', '.join(c.__name__ for c in SUPPORTED_MODULES)}"
-        if not set(own) <= {"weight", "bias"}:
-            return f"{name or 'model'} ({type(module).__name__}) holds extra parameters {sorted(set(own) - {'weight', 'bias'})}"
+        extra = sorted(set(own) - {"weight", "bias"})
+        if extra:
+            return f"{name or 'model'} ({type(module).__name__}) holds extra parameters {extra}"
     named = list(model.named_parameters(remove_duplicate=False))
     if len({id(p) for _, p in named}) != len(named):
         return "a parameter is shared between modules"
@@ -90,7 +91,7 @@ class _Pass:
 
     def __init__(self, clients: int, dests: dict[str, Tensor], factors: dict | None = None):
         self.m, self.dests, self.written = clients, dests, set()
-        self.factors = factors  # Linear weight name -> (layer input, output gradient), when asked for
+        self.factors = factors  # Linear weight name -> (layer input, output gradient, |g_i|^2), when asked for
         self.uses: dict[str, int] = {}
 
     def store(self, name: str, compute) -> None:
