@@ -29,7 +29,7 @@ from gradalign.config import ALGORITHMS, DATASETS, MODELS, ConfigError
 from gradalign.ray_adapter import Range, SearchSpace
 from studies.cells import Cell, save_table
 from studies.reporting import build_report
-from studies.study_cli import add_common_arguments, apply_defaults, range_arg, run_study_script
+from studies.study_cli import add_common_arguments, apply_defaults, describe_study, range_arg, run_study_script
 
 SMOKE = dict(batch_sizes=[32, 128], epochs=3, trials_per_cell=2, seeds=2, target=0.5)
 
@@ -105,9 +105,7 @@ def plan_cells(args: argparse.Namespace) -> tuple[Cell, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = apply_defaults(build_parser().parse_args(argv))
-    describe = lambda plan: (
-        f"batch-scaling study {args.name!r}: {len(plan.cells)} cells x {args.trials_per_cell} tuning trials + "
-        f"{len(plan.seeds)} seeds, {args.epochs} epochs of {args.dataset}/{args.model}")
+    describe = describe_study("batch-scaling", args, f"{args.epochs} epochs of {args.dataset}/{args.model}")
     return run_study_script(args, argv, plan_cells, validate, report, describe)
 
 

@@ -32,7 +32,7 @@ from gradalign.partition import describe_partition, partition
 from gradalign.ray_adapter import Range, SearchSpace
 from studies.cells import Cell, save_table
 from studies.reporting import build_report
-from studies.study_cli import add_common_arguments, apply_defaults, range_arg, run_study_script
+from studies.study_cli import add_common_arguments, apply_defaults, describe_study, range_arg, run_study_script
 
 SMOKE = dict(splits=["dirichlet:0.1"], rounds=6, eval_every=3, trials_per_cell=2, seeds=2, target=0.5,
              algorithms=["fedavg", "fedga"], references=["gradalign"])
@@ -175,9 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.name == "federated":
             args.name = "federated-paper"
     args = apply_defaults(args)
-    describe = lambda plan: (
-        f"federated study {args.name!r}: {len(plan.cells)} cells x {args.trials_per_cell} tuning trials + "
-        f"{len(plan.seeds)} seeds, {args.rounds} rounds of {args.dataset}/{args.model} over {args.clients} clients")
+    describe = describe_study("federated", args,
+                              f"{args.rounds} rounds of {args.dataset}/{args.model} over {args.clients} clients")
     return run_study_script(args, argv, plan_cells, validate, report, describe)
 
 

@@ -96,6 +96,12 @@ def run_study_script(args: argparse.Namespace, argv: list[str] | None, plan_cell
     return report(out, args, command, history)
 
 
+def describe_study(kind: str, args: argparse.Namespace, budget: str):
+    """`run_study_script`'s `describe`: '<kind> study <name>: N cells x T tuning trials + S seeds, <budget>'."""
+    return lambda plan: (f"{kind} study {args.name!r}: {len(plan.cells)} cells x {args.trials_per_cell} "
+                         f"tuning trials + {len(plan.seeds)} seeds, {budget}")
+
+
 def fail(err: Exception) -> int:
     print(f"error: {err}", file=sys.stderr)
     return 2
