@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradalign import TrainConfig, fast_paths, gradalign_gradient
+from gradalign import TrainConfig, fast_layers, fast_paths, gradalign_gradient
 from gradalign.algorithms import ALGORITHM_CLASSES, RoundBatch
 from gradalign.functional import (
     ParamLayout, client_gradients, flat_params, flatten_rows, make_grad_fn, param_dict,
@@ -66,8 +66,8 @@ def kernels(request, monkeypatch):
     as [m, out, in] matrices or through their factors; 'default' keeps the size-based choices."""
     if request.param != "default":
         dense = request.param == "grouped-dense"
-        monkeypatch.setattr(fast_paths, "CONV_LOOP_MIN_EXAMPLES", 10**9 if dense else 1)
-        monkeypatch.setattr(fast_paths, "FACTOR_RATIO", 0.0 if dense else 1e9)
+        monkeypatch.setattr(fast_layers, "CONV_LOOP_MIN_EXAMPLES", 10**9 if dense else 1)
+        monkeypatch.setattr(fast_layers, "FACTOR_RATIO", 0.0 if dense else 1e9)
     return request.param
 
 
@@ -169,9 +169,8 @@ def test_a_layer_called_twice_adds_its_gradients(kernels):
     x, y = _data((5,), classes=3)
     batches = list(zip(x, y))
     assert fast_paths.unsupported_reason(model) is None
-    factors = {}
-    fast_paths.client_gradients(model, F.cross_entropy, x, y, factors=factors)
-    assert "mid.weight" not in factors
+    grads, _, _ = fast_paths.client_gradients(model, F.cross_entropy, x, y, factored=True)
+    assert isinstance(grads["mid.weight"], torch.Tensor)
     for beta in BETAS:
         _close(_flat(gradalign_gradient(model, F.cross_entropy, batches, beta)),
                _loop_direction(model, F.cross_entropy, batches, beta))
@@ -310,3 +309,60 @@ def test_one_client_and_the_gradient_of_one_batch():
     _close(_flat(gradalign_gradient(model, F.cross_entropy, [(x[0], y[0])], 0.4)), expected)
     layout = ParamLayout.of(model)
     assert layout.size == expected.numel()
+
+
+def test_factored_gradients_equal_the_dense_ones(monkeypatch):
+    """A Linear weight kept as factors: its materialised, summed, weighted and squared-norm values are the dense ones."""
+    monkeypatch.setattr(fast_layers, "FACTOR_RATIO", 1e9)
+    model, shape = _model("mlp")
+    x, y = _data(shape, clients=4, batch=3)
+    dense, _, _ = fast_paths.client_gradients(model, F.cross_entropy, x, y)
+    factored, _, _ = fast_paths.client_gradients(model, F.cross_entropy, x, y, factored=True)
+    weights = [n for n, g in factored.items() if isinstance(g, fast_paths.FactoredGrads)]
+    assert weights == [n for n in dense if n.endswith("weight")]  # every Linear weight, no bias
+    w = torch.rand(4, dtype=torch.float64)
+    for n in weights:
+        f, d = factored[n], dense[n]
+        assert f.shape == d.shape
+        _close(f.materialize(), d)
+        _close(f.weighted_sum(), d.sum(0))
+        _close(f.weighted_sum(w), (d * w.reshape(-1, 1, 1)).sum(0))
+        _close(f.squared_norms, d.flatten(1).pow(2).sum(1))
+
+
+def test_the_first_layer_reuses_its_input_gram_matrix(monkeypatch):
+    """The displaced pass sees the very input of the first pass at the first Linear: its Gram matrix is reused."""
+    monkeypatch.setattr(fast_layers, "FACTOR_RATIO", 1e9)
+    model, shape = _model("mlp")
+    x, y = _data(shape)
+    grads, _, _ = fast_paths.client_gradients(model, F.cross_entropy, x, y, factored=True)
+    first = grads["1.weight"]  # (model[0] is the Flatten)
+    same_input = x.reshape(x.shape[0] * x.shape[1], -1)
+    assert first.gram_with(same_input) is first.input_gram
+    assert first.gram_with(same_input.clone()) is not first.input_gram  # other memory: computed afresh
+    _close(first.gram_with(same_input.clone()), first.input_gram)
+    x.mul_(1.0)  # written in place: the saved Gram matrix may be stale, so it is not reused
+    assert first.gram_with(x.reshape(same_input.shape)) is not first.input_gram
+
+
+def test_steps_without_diagnostics_take_the_same_step():
+    """batch.diagnose only adds the cosine (a second moment in the first all-reduce): same parameters, same V."""
+    _, shape = _model("mlp")
+    x, y = _data(shape, clients=4, batch=3)
+    cfg = TrainConfig(algorithm="gradalign", batch_size=12, clients=4, lr=0.3, beta=0.2, dtype="float64")
+    runs = {}
+    for diagnose in (True, False):
+        for fast in (True, False):
+            model, _ = _model("mlp")
+            algo = ALGORITHM_CLASSES["gradalign"](model, F.cross_entropy, cfg, fast_path=fast)
+            results = [algo.step(RoundBatch(list(range(4)), x.unsqueeze(1) + 0.1 * k, y.unsqueeze(1), 4, diagnose))
+                       for k in range(2)]
+            runs[diagnose, fast] = flat_params(model), results
+    reference, with_cosine = runs[True, True]
+    for key, (params, results) in runs.items():
+        _close(params, reference)
+        for r, o in zip(results, with_cosine):
+            got, want = r.alignment.as_dict(), o.alignment.as_dict()
+            assert (got["grad_cosine"] == got["grad_cosine"]) is key[0]  # NaN exactly when not diagnosing
+            for name in ("grad_variance", "grad_norm_sq", "gns_simple"):
+                assert got[name] == pytest.approx(want[name], rel=1e-9), (key, name)

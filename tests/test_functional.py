@@ -117,3 +117,17 @@ def test_alignment_diagnostics_match_definitions():
 def test_bad_beta_raises(beta):
     with pytest.raises(ValueError, match="beta"):
         gradalign_gradient(tiny_model(), F.cross_entropy, client_batches(), beta)
+
+
+def test_moments_without_cosine_are_half_the_size_and_give_the_rest():
+    g = torch.randn(5, 12, dtype=torch.float64)
+    tree = {"w": g[:, :8].reshape(5, 2, 4), "b": g[:, 8:]}
+    full = gradient_moments(tree)
+    short = gradient_moments(tree, cosine=False)
+    assert full.numel() == 2 * 12 + 1 and short.numel() == 12 + 1
+    mean_full, al_full = alignment_from_moments(full, 5, 4)
+    mean_short, al_short = alignment_from_moments(short, 5, 4, cosine=False)
+    torch.testing.assert_close(mean_short, mean_full)
+    assert al_short.grad_cosine != al_short.grad_cosine  # NaN: not computed
+    for key in ("grad_variance", "grad_norm_sq", "gns_trace", "gns_grad_sq"):
+        assert getattr(al_short, key) == pytest.approx(getattr(al_full, key), rel=1e-12), key

@@ -96,11 +96,16 @@ class Algorithm(abc.ABC):
             return {n: params[n].new_zeros(0, *shapes[n]) for n in params}, inputs.new_zeros(0, dtype=self.dtype)
         return client_gradients(self.grad_fn, params, inputs, targets, per_client=per_client, use_vmap=self.config.vmap)
 
-    def reduce_moments(self, grads: Params, losses: Tensor, batch: RoundBatch) -> tuple[Tensor, Alignment, float]:
-        """One all-reduce of the clients' gradient moments and losses -> (ḡ, alignment diagnostics, mean loss)."""
-        packed = torch.cat([gradient_moments(grads), losses.sum().reshape(1)])
+    def reduce_moments(self, grads: Params, losses: Tensor, batch: RoundBatch,
+                       cosine: bool = True) -> tuple[Tensor, Alignment, float]:
+        """One all-reduce of the clients' gradient moments and losses -> (ḡ, alignment diagnostics, mean loss).
+
+        Without `cosine` the all-reduce carries P + 2 values instead of 2P + 2, and the cosine diagnostic is NaN.
+        """
+        packed = torch.cat([gradient_moments(grads, cosine=cosine), losses.sum().reshape(1)])
         self.comm.sum_(packed)
-        mean_grad, alignment = alignment_from_moments(packed[:-1], batch.num_participants, self.config.client_batch_size)
+        mean_grad, alignment = alignment_from_moments(packed[:-1], batch.num_participants,
+                                                      self.config.client_batch_size, cosine=cosine)
         return mean_grad, alignment, packed[-1].item() / batch.num_participants
 
     def server_step(self, direction: Tensor) -> None:
@@ -178,6 +183,9 @@ class LargeBatchSGD(Algorithm):
 class GradAlign(Algorithm):
     """x+ = x - lr * (1/m) sum_i grad f_i(x - beta (ḡ - g_i)): two gradient evaluations, two all-reduces.
 
+    The alignment diagnostics V, |ḡ|^2 and B_simple come free with every step; the mean pairwise cosine, which
+    needs a second P-sized moment in the first all-reduce, only on steps with `batch.diagnose`.
+
     Paths (`self.path`, the same numbers): 'fast' (models of Linear/Conv2d/GroupNorm layers, see `fast_paths`:
     each evaluation is one forward/backward over all local examples and the displaced gradients are summed in the
     backward pass), 'vmap' (per-client `torch.func.vmap`, any vmap-compatible model), 'loop' (config.vmap=False).
@@ -209,37 +217,40 @@ class GradAlign(Algorithm):
                 self.path, self.fallback_reason = "vmap", str(err)
         params = param_dict(self.model)
         grads, losses = self.client_grads(params, inputs, targets)
-        mean_grad, alignment, loss = self.reduce_moments(grads, losses, batch)
+        mean_grad, alignment, loss = self.reduce_moments(grads, losses, batch, cosine=batch.diagnose)
         displaced = displace_(params, grads, self.layout.unflatten(mean_grad), self.config.beta)
         aligned, _ = self.client_grads(displaced, inputs, targets, per_client=True)
         return self._finish(sum_clients(aligned), batch, loss, alignment)
 
     def _fast_step(self, batch: RoundBatch, inputs: Tensor, targets: Tensor) -> StepResult:
-        size, beta = self.layout.size, self.config.beta
+        size, beta, cosine = self.layout.size, self.config.beta, batch.diagnose
         # The per-client gradients go straight from the backward pass into one buffer (kept between steps), where
-        # they become the displaced points in place: no [m, P] copies, no fresh [m, P] memory.
+        # they become the displaced points in place: no [m, P] copies, no fresh [m, P] memory. Linear weights with
+        # few rows per client stay factors (fast_paths.FactoredGrads) and never take up their part of the buffer.
         rows = self.layout.stacked(self._client_buffer(inputs.shape[0]), inputs.shape[0])
-        factors: dict = {}
-        _, loss_sum, mean_ok = fast_paths.client_gradients(self.model, self.loss_fn, inputs, targets, self._mean_loss,
-                                                           out=rows, factors=factors)
+        grads, loss_sum, mean_ok = fast_paths.client_gradients(self.model, self.loss_fn, inputs, targets,
+                                                               self._mean_loss, out=rows, factored=True)
         if self._mean_loss is None:
             self._mean_loss = mean_ok
-        packed = loss_sum.new_empty(2 * size + 2)
-        gradient_moments(rows, out=packed[:-1], squared_norms={n: f[2] for n, f in factors.items()})
+        moments = (2 if cosine else 1) * size + 1
+        packed = loss_sum.new_empty(moments + 1)
+        gradient_moments(grads, out=packed[:-1], cosine=cosine)
         packed[-1] = loss_sum
         self.comm.sum_(packed)
         participants = batch.num_participants
-        mean_grad, alignment = alignment_from_moments(packed[:-1], participants, self.config.client_batch_size)
+        mean_grad, alignment = alignment_from_moments(packed[:-1], participants, self.config.client_batch_size,
+                                                      cosine=cosine)
         loss = packed[-1].item() / participants
         params, mean_grad = param_dict(self.model), self.layout.unflatten(mean_grad)
-        points = fast_paths.displaced_points(params, rows, mean_grad, beta, factors)
+        points = fast_paths.displaced_points(params, grads, mean_grad, beta)
         local = packed.new_empty(size)
         try:
             fast_paths.displaced_gradient_sum(self.model, self.loss_fn, points, inputs, targets, self._mean_loss,
                                               out=self.layout.unflatten(local))
         except fast_paths.Unsupported as err:  # (the first evaluation passed: hardly ever) finish this step with vmap
             self.path, self.fallback_reason = "vmap", str(err)
-            displace_(params, {n: rows[n] for n in factors}, mean_grad, beta)
+            factored = {n: g.materialize(rows[n]) for n, g in grads.items() if not isinstance(g, Tensor)}
+            displace_(params, factored, mean_grad, beta)
             local = sum_clients(self.client_grads(rows, inputs, targets, per_client=True)[0])
         return self._finish(local, batch, loss, alignment)
 

@@ -86,7 +86,9 @@ class TrainConfig:
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
     diag_every: int = 10
-    """Compute the alignment diagnostics every this many updates (free for GradAlign/FedGA, which compute them each step)."""
+    """Compute the alignment diagnostics every this many updates and on each epoch's first update. GradAlign and
+    FedGA get V, |ḡ|^2 and B_simple free on every update; their mean pairwise cosine, which costs a second P-sized
+    moment in the first all-reduce, follows this schedule too."""
     vmap: bool = True
     """Compute per-client gradients batched with torch.func.vmap; False uses a per-client loop (same numbers)."""
     data_dir: str = "data"

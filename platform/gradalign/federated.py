@@ -140,5 +140,5 @@ class FedGA(FederatedAlgorithm):
 
     def starts(self, params, batch):
         grads, losses = self.client_grads(params, batch.inputs[:, 0], batch.targets[:, 0])
-        mean_grad, alignment, loss = self.reduce_moments(grads, losses, batch)
+        mean_grad, alignment, loss = self.reduce_moments(grads, losses, batch, cosine=batch.diagnose)
         return displaced_params(params, grads, self.layout.unflatten(mean_grad), self.config.beta), loss, alignment

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from . import fast_paths
+from .fast_layers import FactoredGrads
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -82,9 +83,9 @@ def flatten_rows(tree: Params) -> Tensor:
     return torch.cat([t.flatten(1) for t in tree.values()], dim=1)
 
 
-def sum_clients(tree: Params) -> Tensor:
+def sum_clients(tree: Mapping[str, Tensor | FactoredGrads]) -> Tensor:
     """Sum over the client dimension, flattened to [P] (cheap: one pass, small result)."""
-    return torch.cat([t.sum(0).reshape(-1) for t in tree.values()])
+    return torch.cat([(t.sum(0) if isinstance(t, Tensor) else t.weighted_sum()).reshape(-1) for t in tree.values()])
 
 
 def write_flat_grads_(model: nn.Module, flat: Tensor) -> None:
@@ -171,51 +172,66 @@ class Alignment:
         }
 
 
-def gradient_moments(client_grads: Params, out: Tensor | None = None, squared_norms: Params | None = None) -> Tensor:
+def gradient_moments(client_grads: Mapping[str, Tensor | FactoredGrads], out: Tensor | None = None,
+                     cosine: bool = True) -> Tensor:
     """Local sums that, summed over all processes, give ḡ and the alignment diagnostics.
 
-    Returns [sum_i g_i, sum_i g_i/|g_i|, sum_i |g_i|^2] packed in one flat vector of length 2P + 1, so that one
-    all-reduce communicates them (written into `out` when given). Reads each per-client gradient twice (norms, then
-    one [2, m] @ [m, n] product); `squared_norms` ([m] by name) spares the first read for the parameters it holds.
+    Returns [sum_i g_i, sum_i g_i/|g_i| (only with `cosine`), sum_i |g_i|^2] packed in one flat vector of length
+    2P + 1 (P + 1 without `cosine`), so that one all-reduce communicates them (written into `out` when given).
+    Reads each per-client gradient twice (norms, then one [k, m] @ [m, n] product). `FactoredGrads` values (Linear
+    weights kept as factors by the fast path) give their norms and weighted sums as small products instead.
     """
+    tensors = [t for t in client_grads.values() if isinstance(t, Tensor)]
     first = next(iter(client_grads.values()))
-    known = squared_norms or {}
-    if first.shape[0]:
-        sq = sum(known[n] if n in known else torch.linalg.vector_norm(t.flatten(1), dim=1) ** 2
-                 for n, t in client_grads.items())
-    else:
-        sq = first.new_zeros(0)
-    weights = torch.stack([torch.ones_like(sq), sq.sqrt().clamp_min(torch.finfo(first.dtype).tiny).reciprocal()])
+    m = first.shape[0]
     size = sum(math.prod(t.shape[1:]) for t in client_grads.values())
+    rows_wanted = 2 if cosine else 1
     if out is None:
-        out = first.new_empty(2 * size + 1)
-    rows, offset = out[:2 * size].view(2, size), 0  # [sum_i g_i; sum_i g_i/|g_i|], written in place
+        out = (tensors[0] if tensors else first.grads).new_empty(rows_wanted * size + 1)
+    sq = out.new_zeros(m)
+    for t in client_grads.values():
+        if m:
+            sq += t.squared_norms if not isinstance(t, Tensor) else torch.linalg.vector_norm(t.flatten(1), dim=1) ** 2
+    weights = torch.ones_like(sq).unsqueeze(0)
+    if cosine:
+        weights = torch.cat([weights, sq.sqrt().clamp_min(torch.finfo(sq.dtype).tiny).reciprocal().unsqueeze(0)])
+    rows, offset = out[:rows_wanted * size].view(rows_wanted, size), 0  # [sum_i g_i; sum_i g_i/|g_i|], in place
     for t in client_grads.values():
         n = math.prod(t.shape[1:])
-        torch.mm(weights, t.reshape(t.shape[0], n), out=rows[:, offset:offset + n])
+        if isinstance(t, Tensor):
+            torch.mm(weights, t.reshape(m, n), out=rows[:, offset:offset + n])
+        else:
+            for j in range(rows_wanted):
+                t.weighted_sum(weights[j] if j else None, out=rows[j, offset:offset + n].view(t.shape[1:]))
         offset += n
     out[-1] = sq.sum()
     return out
 
 
-def alignment_from_moments(moments: Tensor, num_clients: int, client_batch_size: int) -> tuple[Tensor, Alignment]:
-    """(ḡ, diagnostics) from the all-reduced `gradient_moments` of `num_clients` clients of batch b each."""
-    size = (moments.numel() - 1) // 2
+def alignment_from_moments(moments: Tensor, num_clients: int, client_batch_size: int,
+                           cosine: bool = True) -> tuple[Tensor, Alignment]:
+    """(ḡ, diagnostics) from the all-reduced `gradient_moments` of `num_clients` clients of batch b each.
+
+    Without `cosine` (moments of length P + 1) the mean pairwise cosine is NaN; the rest is the same.
+    """
+    size = (moments.numel() - 1) // 2 if cosine else moments.numel() - 1
     m, b = num_clients, client_batch_size
     mean_grad = moments[:size] / m
-    unit_sum = moments[size:2 * size]
     small_sq = moments[-1].item() / m          # mean_i |g_i|^2, batch size b
     big_sq = mean_grad.dot(mean_grad).item()    # |ḡ|^2, batch size m*b
     variance = max(small_sq - big_sq, 0.0)
     nan = float("nan")
+    cos = nan
     if m > 1:
-        cosine = (unit_sum.dot(unit_sum).item() - m) / (m * (m - 1))
+        if cosine:
+            unit_sum = moments[size:2 * size]
+            cos = (unit_sum.dot(unit_sum).item() - m) / (m * (m - 1))
         big = m * b
         grad_sq = (big * big_sq - b * small_sq) / (big - b)
         trace = (small_sq - big_sq) / (1.0 / b - 1.0 / big)
     else:
-        cosine, grad_sq, trace = nan, nan, nan
-    return mean_grad, Alignment(variance, cosine, big_sq, trace, grad_sq)
+        grad_sq, trace = nan, nan
+    return mean_grad, Alignment(variance, cos, big_sq, trace, grad_sq)
 
 
 def gradalign_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[tuple[Tensor, Tensor]], beta: float,
@@ -244,10 +260,8 @@ def gradalign_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[tupl
     m = len(batches)
     if fast_path and isinstance(inputs, Tensor) and fast_paths.unsupported_reason(model) is None:
         try:
-            factors: dict = {}
-            grads, _, _ = fast_paths.client_gradients(model, loss_fn, inputs, targets, factors=factors)
-            displaced = fast_paths.displaced_points(params, grads, layout.unflatten(sum_clients(grads) / m), beta,
-                                                    factors)
+            grads, _, _ = fast_paths.client_gradients(model, loss_fn, inputs, targets, factored=True)
+            displaced = fast_paths.displaced_points(params, grads, layout.unflatten(sum_clients(grads) / m), beta)
             aligned, _, _ = fast_paths.displaced_gradient_sum(model, loss_fn, displaced, inputs, targets)
             return [aligned[n] / m for n in layout.names]
         except fast_paths.Unsupported:

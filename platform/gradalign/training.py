@@ -114,7 +114,9 @@ class Trainer:
         chosen = torch.randperm(c.clients, generator=self.participation_rng)[:c.clients_per_round]
         return sorted(int(i) for i in chosen)
 
-    def next_batch(self) -> RoundBatch:
+    def next_batch(self, diagnose: bool = False) -> RoundBatch:
+        """The next round's data for this process's participating clients; the alignment diagnostics are asked for
+        when `diagnose` or every `diag_every` rounds."""
         c = self.config
         participants = self.participants()
         local = [cid for cid in participants if cid in self.samplers]
@@ -125,8 +127,7 @@ class Trainer:
         else:
             inputs = self.x_train.new_zeros(0, k, b, *self.x_train.shape[1:])
             targets = self.y_train.new_zeros(0, k, b)
-        algorithm = c.algorithm
-        diagnose = algorithm in ("gradalign", "fedga") or self.rounds % c.diag_every == 0
+        diagnose = diagnose or self.rounds % c.diag_every == 0
         return RoundBatch(local, inputs, targets, len(participants), diagnose)
 
     # -- one epoch ------------------------------------------------------------------------------------------------
@@ -136,8 +137,8 @@ class Trainer:
         start = time.perf_counter()
         self.model.train()
         losses, alignments = [], []
-        for _ in range(self.updates_per_epoch):
-            result = self.algorithm.step(self.next_batch())
+        for update in range(self.updates_per_epoch):  # (diagnostics at least once per epoch, on its first update)
+            result = self.algorithm.step(self.next_batch(diagnose=update == 0))
             self.steps += result.steps
             self.rounds += 1
             self.examples += self.config.examples_per_update
