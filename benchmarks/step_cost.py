@@ -2,11 +2,22 @@
 
     python benchmarks/step_cost.py                # MLP and CNN on MNIST-shaped inputs, several shapes
     python benchmarks/step_cost.py --model mlp --repeats 30
+    python benchmarks/step_cost.py --model lenet,resnet18 --shapes 8x64,32x32 --device cuda --no-loop
+
+Models: mlp and cnn take MNIST-shaped inputs (1, 28, 28), lenet and resnet18 CIFAR-shaped ones (3, 32, 32), all with
+10 classes and random data; `all` = mlp,cnn. Shapes are `CLIENTSxB` (b examples per client, global batch CLIENTS*b).
 
 GradAlign needs two gradient evaluations per update, so 2.0x is the floor. All variants are timed side by side in
-one run (interleaved, median of repeats): `gradalign` is the default path (`path` says which ran: `fast` for models
-of Linear/Conv2d/GroupNorm layers, see gradalign.fast_paths), `vmap` the per-client torch.func.vmap path it
-replaces (GradAlign(fast_path=False)), `loop` GradAlign with a naive per-client Python loop (config vmap=False).
+one run (interleaved, median of repeats after --warmup untimed steps each): `gradalign` is the default path (`path`
+says which ran: `fast` for models of Linear/Conv2d/GroupNorm layers, see gradalign.fast_paths), `vmap` the per-client
+torch.func.vmap path it replaces (GradAlign(fast_path=False)), `loop` GradAlign with a naive per-client Python loop
+(config vmap=False). On cuda every timed step ends with torch.cuda.synchronize().
+
+`rel err` checks the numbers before timing, on the same device, model and data: ||fast - vmap|| / ||vmap|| for
+GradAlign's update direction (gradalign.gradalign_gradient with beta=0.1, fast_path=True against fast_path=False).
+The check runs in full float32 (TF32 off: TF32 alone gives differences near 1e-3 on an H100, where two runs of the
+vmap path differ by 1e-3 for resnet18); expect about 1e-7 to 1e-6 on CPU and up to about 1e-4 on cuda (cuDNN picks
+other algorithms). Above 1e-3 a WARNING line follows the row. The timed steps keep torch's defaults.
 """
 
 from __future__ import annotations
@@ -17,28 +28,88 @@ import time
 
 import torch
 import torch.nn.functional as F
-
-from gradalign import TrainConfig
+from gradalign import TrainConfig, gradalign_gradient
 from gradalign.algorithms import ALGORITHM_CLASSES, RoundBatch, build_algorithm
 from gradalign.models import build_model
 from gradalign.provenance import provenance
 
 SHAPES = ((4, 128), (8, 64), (16, 64), (8, 128), (32, 32))
+MNIST_SHAPE, CIFAR_SHAPE = (1, 28, 28), (3, 32, 32)
+INPUTS = {"mlp": (MNIST_SHAPE, "mnist"), "cnn": (MNIST_SHAPE, "mnist"),
+          "lenet": (CIFAR_SHAPE, "cifar10"), "resnet18": (CIFAR_SHAPE, "cifar10")}
+ALL_MODELS = ("mlp", "cnn")
+NUM_CLASSES = 10
+CHECK_BETA = 0.1
+REL_ERR_LIMIT = 1e-3
+
+
+def _within(item: str, value: str) -> str:
+    return "" if item.strip() == value.strip() else f" in {value!r}"
+
+
+def parse_models(value: str) -> tuple[str, ...]:
+    """'mlp,resnet18' -> ('mlp', 'resnet18'); 'all' -> mlp, cnn. Duplicates are dropped, order kept."""
+    models: list[str] = []
+    for name in value.split(","):
+        name = name.strip()
+        if name == "all":
+            models.extend(ALL_MODELS)
+        elif name in INPUTS:
+            models.append(name)
+        else:
+            raise argparse.ArgumentTypeError(
+                f"invalid model {name!r}{_within(name, value)}: choose from {', '.join(INPUTS)}, all (comma-separated)")
+    return tuple(dict.fromkeys(models))
+
+
+def parse_shapes(value: str) -> tuple[tuple[int, int], ...]:
+    """'4x128,32x32' -> ((4, 128), (32, 32)): clients x examples per client, both positive."""
+    shapes = []
+    for item in value.split(","):
+        parts = item.strip().lower().split("x")
+        try:
+            clients, per_client = (int(p) for p in parts)
+            if clients < 1 or per_client < 1:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid shape {item.strip()!r}{_within(item, value)}: expected CLIENTSxB with positive integers, "
+                "comma-separated, e.g. 4x128,32x32") from None
+        shapes.append((clients, per_client))
+    return tuple(shapes)
+
+
+def _int_at_least(minimum: int):
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"invalid value {value!r}: must be an integer >= {minimum}")
+        return number
+    return parse
+
+
+def make_problem(model_name: str, clients: int, per_client: int, device: torch.device):
+    """The benchmark's model and data (seeded, so every variant and the check see the same ones)."""
+    torch.manual_seed(0)
+    shape = INPUTS[model_name][0]
+    model = build_model(model_name, shape, NUM_CLASSES).to(device)
+    x = torch.randn(clients, 1, per_client, *shape, device=device)
+    y = torch.randint(0, NUM_CLASSES, (clients, 1, per_client), device=device)
+    return model, x, y
 
 
 def make_step(model_name: str, algorithm: str, clients: int, per_client: int, vmap: bool, device: torch.device,
               fast_path: bool = True):
-    torch.manual_seed(0)
-    shape = (1, 28, 28)
-    model = build_model(model_name, shape, 10).to(device)
+    model, x, y = make_problem(model_name, clients, per_client, device)
     cfg = TrainConfig(algorithm=algorithm, batch_size=clients * per_client, clients=clients, lr=0.01, vmap=vmap,
-                      model=model_name, dataset="mnist")
+                      model=model_name, dataset=INPUTS[model_name][1])
     if algorithm == "gradalign":
         algo = ALGORITHM_CLASSES[algorithm](model, F.cross_entropy, cfg, fast_path=fast_path)
     else:
         algo = build_algorithm(model, F.cross_entropy, cfg)
-    x = torch.randn(clients, 1, per_client, *shape, device=device)
-    y = torch.randint(0, 10, (clients, 1, per_client), device=device)
     batch = RoundBatch(list(range(clients)), x, y, clients, diagnose=False)
 
     def step():
@@ -47,6 +118,26 @@ def make_step(model_name: str, algorithm: str, clients: int, per_client: int, vm
             torch.cuda.synchronize()
     step.algorithm = algo
     return step
+
+
+def direction_rel_err(model_name: str, clients: int, per_client: int, device: torch.device,
+                      beta: float = CHECK_BETA) -> float:
+    """||fast - vmap|| / ||vmap|| of GradAlign's update direction on the benchmark's model and data."""
+    model, x, y = make_problem(model_name, clients, per_client, device)
+    batches = [(x[i, 0], y[i, 0]) for i in range(clients)]
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:  # full float32 for the check: TF32 alone gives differences near 1e-3 (the timed steps keep torch's defaults)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            fast = gradalign_gradient(model, F.cross_entropy, batches, beta, fast_path=True)
+            ref = gradalign_gradient(model, F.cross_entropy, batches, beta, fast_path=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    fast = torch.cat([g.detach().reshape(-1) for g in fast]).double()
+    ref = torch.cat([g.detach().reshape(-1) for g in ref]).double()
+    diff = (fast - ref).norm().item()
+    scale = ref.norm().item()
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
 
 
 def time_side_by_side(steps: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
@@ -64,8 +155,14 @@ def time_side_by_side(steps: dict, repeats: int, warmup: int = 3) -> dict[str, f
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("mlp", "cnn", "all"), default="all", help="model(s) to time")
-    parser.add_argument("--repeats", type=int, default=20, help="timed repeats per variant (median reported)")
+    parser.add_argument("--model", type=parse_models, default=ALL_MODELS, metavar="MODELS",
+                        help=f"comma-separated models from {', '.join(INPUTS)}, or all (= mlp,cnn; the default)")
+    parser.add_argument("--shapes", type=parse_shapes, default=SHAPES, metavar="SHAPES",
+                        help="comma-separated CLIENTSxB (default: " + ",".join(f"{c}x{b}" for c, b in SHAPES) + ")")
+    parser.add_argument("--repeats", type=_int_at_least(1), default=20,
+                        help="timed repeats per variant, median reported (default: %(default)s)")
+    parser.add_argument("--warmup", type=_int_at_least(0), default=3,
+                        help="untimed steps per variant before timing (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--no-loop", action="store_true", help="skip the naive per-client loop (slow for many clients)")
@@ -75,13 +172,21 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     info = provenance()
-    print(f"# torch {info['torch']} on {info['hardware']}, {torch.get_num_threads()} threads, commit {info['git_commit'][:12]}")
-    print(f"# median of {args.repeats} interleaved repeats; ratio = time / large-batch SGD time at the same global batch")
-    print(f"{'model':>5} {'clients x b':>12} {'batch':>6} {'large-batch ms':>15} {'gradalign ms':>13} {'path':>5} "
-          f"{'ratio':>6} {'vmap ratio':>11} {'loop ratio':>11}")
-    models = ("mlp", "cnn") if args.model == "all" else (args.model,)
-    for model_name in models:
-        for clients, per_client in SHAPES:
+    print(f"# torch {info['torch']} on {info['hardware']}, device {device}, {torch.get_num_threads()} threads, "
+          f"commit {info['git_commit'][:12]}")
+    if device.type == "cuda":
+        print(f"# cuda: TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, "
+              f"cuDNN TF32 {torch.backends.cudnn.allow_tf32}")
+    print(f"# median of {args.repeats} interleaved repeats after {args.warmup} warm-up steps; ratio = time / "
+          "large-batch SGD time at the same global batch")
+    print(f"# rel err = ||fast - vmap|| / ||vmap|| of GradAlign's direction (beta={CHECK_BETA}) on this device "
+          "and data, checked before timing")
+    width = max(5, *(len(m) for m in args.model))
+    print(f"{'model':>{width}} {'clients x b':>12} {'batch':>6} {'large-batch ms':>15} {'gradalign ms':>13} "
+          f"{'path':>5} {'ratio':>6} {'vmap ratio':>11} {'loop ratio':>11} {'rel err':>8}")
+    for model_name in args.model:
+        for clients, per_client in args.shapes:
+            rel_err = direction_rel_err(model_name, clients, per_client, device)
             steps = {
                 "large": make_step(model_name, "large_batch_sgd", clients, per_client, True, device),
                 "gradalign": make_step(model_name, "gradalign", clients, per_client, True, device),
@@ -90,13 +195,16 @@ def main(argv=None) -> None:
                 steps["vmap"] = make_step(model_name, "gradalign", clients, per_client, True, device, fast_path=False)
             if not args.no_loop:
                 steps["loop"] = make_step(model_name, "gradalign", clients, per_client, False, device)
-            t = time_side_by_side(steps, args.repeats)
+            t = time_side_by_side(steps, args.repeats, args.warmup)
             path = steps["gradalign"].algorithm.path  # after the steps: a fallback would show here
             vmap = f"{t['vmap'] / t['large']:.2f}x" if "vmap" in t else "-"
             loop = f"{t['loop'] / t['large']:.2f}x" if "loop" in t else "-"
-            print(f"{model_name:>5} {f'{clients} x {per_client}':>12} {clients * per_client:>6} {t['large'] * 1e3:>15.2f} "
-                  f"{t['gradalign'] * 1e3:>13.2f} {path:>5} {t['gradalign'] / t['large']:>5.2f}x {vmap:>11} {loop:>11}",
-                  flush=True)
+            print(f"{model_name:>{width}} {f'{clients} x {per_client}':>12} {clients * per_client:>6} "
+                  f"{t['large'] * 1e3:>15.2f} {t['gradalign'] * 1e3:>13.2f} {path:>5} "
+                  f"{t['gradalign'] / t['large']:>5.2f}x {vmap:>11} {loop:>11} {rel_err:>8.1e}", flush=True)
+            if not rel_err <= REL_ERR_LIMIT:  # also catches nan
+                print(f"# WARNING: {model_name} {clients} x {per_client} on {device}: the fast path's update direction "
+                      f"differs from the vmap path's by rel err {rel_err:.1e} > {REL_ERR_LIMIT:g}", flush=True)
 
 
 if __name__ == "__main__":

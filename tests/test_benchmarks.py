@@ -1,0 +1,71 @@
+"""benchmarks/step_cost.py in-process on CPU: a row per (model, shape), a small rel err, clear argument errors."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
+_spec = importlib.util.spec_from_file_location("_step_cost", _path)
+step_cost = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(step_cost)
+
+TINY = ["--repeats", "1", "--warmup", "0", "--threads", "1", "--device", "cpu"]
+
+
+def _rows(out: str) -> list[list[str]]:
+    lines = [line for line in out.splitlines() if line.strip() and not line.startswith("#")]
+    assert lines[0].split()[:3] == ["model", "clients", "x"], lines[0]
+    return [line.split() for line in lines[1:]]
+
+
+def test_table_has_a_row_per_model_and_shape_with_small_rel_err(capsys):
+    step_cost.main(["--model", "mlp,cnn", "--shapes", "2x4", *TINY])
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    assert [(r[0], r[1], r[3]) for r in rows] == [("mlp", "2", "4"), ("cnn", "2", "4")]
+    for r in rows:
+        assert int(r[4]) == int(r[1]) * int(r[3])  # batch = clients * b
+        assert r[7] == "fast"
+        assert len(r) == 12  # vmap and loop ratios present
+        assert 0 <= float(r[-1]) < 1e-4, r
+    assert "WARNING" not in out
+
+
+def test_cifar_shaped_model_several_shapes_skipped_variants(capsys):
+    step_cost.main(["--model", "lenet", "--shapes", "2x2,3x1", "--no-loop", "--no-vmap", *TINY])
+    rows = _rows(capsys.readouterr().out)
+    assert [(r[0], r[1], r[3]) for r in rows] == [("lenet", "2", "2"), ("lenet", "3", "1")]
+    for r in rows:
+        assert r[-3:-1] == ["-", "-"]  # vmap and loop ratios skipped; rel err still checked
+        assert 0 <= float(r[-1]) < 1e-4, r
+
+
+def test_a_large_rel_err_prints_a_warning(capsys, monkeypatch):
+    monkeypatch.setattr(step_cost, "direction_rel_err", lambda *args, **kwargs: 0.5)
+    step_cost.main(["--model", "mlp", "--shapes", "2x2", "--no-loop", "--no-vmap", *TINY])
+    out = capsys.readouterr().out
+    assert float(_rows(out)[0][-1]) == 0.5
+    (warning,) = [line for line in out.splitlines() if "WARNING" in line]
+    assert "mlp 2 x 2" in warning and "5.0e-01" in warning
+
+
+def test_all_is_mlp_and_cnn():
+    assert step_cost.parse_models("all") == ("mlp", "cnn")
+    assert step_cost.parse_models("resnet18, mlp,all") == ("resnet18", "mlp", "cnn")
+    assert step_cost.parse_shapes("4x128,8X64") == ((4, 128), (8, 64))
+
+
+@pytest.mark.parametrize("argv, bad", [
+    (["--shapes", "3y4"], "'3y4'"),
+    (["--shapes", "4x128,0x8"], "'0x8'"),
+    (["--model", "mlp,vgg"], "'vgg'"),
+    (["--warmup", "-1"], "'-1'"),
+])
+def test_bad_arguments_exit_2_naming_the_value(argv, bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        step_cost.main(argv)
+    assert exc.value.code == 2
+    assert bad in capsys.readouterr().err
