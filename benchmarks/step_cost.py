@@ -165,6 +165,8 @@ def main(argv=None) -> None:
                         help="untimed steps per variant before timing (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its algorithms per shape (torch.backends.cudnn.benchmark = True)")
     parser.add_argument("--no-loop", action="store_true", help="skip the naive per-client loop (slow for many clients)")
     parser.add_argument("--no-vmap", action="store_true", help="skip the vmap path (GradAlign(fast_path=False))")
     args = parser.parse_args(argv)
@@ -174,9 +176,10 @@ def main(argv=None) -> None:
     info = provenance()
     print(f"# torch {info['torch']} on {info['hardware']}, device {device}, {torch.get_num_threads()} threads, "
           f"commit {info['git_commit'][:12]}")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if device.type == "cuda":
         print(f"# cuda: TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, "
-              f"cuDNN TF32 {torch.backends.cudnn.allow_tf32}")
+              f"cuDNN TF32 {torch.backends.cudnn.allow_tf32}, cuDNN benchmark {torch.backends.cudnn.benchmark}")
     print(f"# median of {args.repeats} interleaved repeats after {args.warmup} warm-up steps; ratio = time / "
           "large-batch SGD time at the same global batch")
     print(f"# rel err = ||fast - vmap|| / ||vmap|| of GradAlign's direction (beta={CHECK_BETA}) on this device "
