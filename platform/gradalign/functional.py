@@ -181,13 +181,12 @@ def gradient_moments(client_grads: Mapping[str, Tensor | FactoredGrads], out: Te
     Reads each per-client gradient twice (norms, then one [k, m] @ [m, n] product). `FactoredGrads` values (Linear
     weights kept as factors by the fast path) give their norms and weighted sums as small products instead.
     """
-    tensors = [t for t in client_grads.values() if isinstance(t, Tensor)]
     first = next(iter(client_grads.values()))
     m = first.shape[0]
     size = sum(math.prod(t.shape[1:]) for t in client_grads.values())
     rows_wanted = 2 if cosine else 1
     if out is None:
-        out = (tensors[0] if tensors else first.grads).new_empty(rows_wanted * size + 1)
+        out = (first if isinstance(first, Tensor) else first.grads).new_empty(rows_wanted * size + 1)
     sq = out.new_zeros(m)
     for t in client_grads.values():
         if m:
