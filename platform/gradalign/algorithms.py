@@ -206,7 +206,7 @@ class GradAlign(Algorithm):
             self.fallback_reason = fast_paths.unsupported_reason(model)
             self.path = "vmap" if self.fallback_reason else "fast"
         self._mean_loss: bool | None = None  # whether loss_fn is a mean over examples (checked on the first step)
-        self._buffer: Tensor | None = None
+        self._buffers: _FastBuffers | None = None
 
     def step(self, batch: RoundBatch) -> StepResult:
         inputs, targets = batch.inputs[:, 0], batch.targets[:, 0]
@@ -223,53 +223,87 @@ class GradAlign(Algorithm):
         return self._finish(sum_clients(aligned), batch, loss, alignment)
 
     def _fast_step(self, batch: RoundBatch, inputs: Tensor, targets: Tensor) -> StepResult:
-        size, beta, cosine = self.layout.size, self.config.beta, batch.diagnose
-        # The per-client gradients go straight from the backward pass into one buffer (kept between steps), where
-        # they become the displaced points in place: no [m, P] copies, no fresh [m, P] memory. Linear weights with
-        # few rows per client stay factors (fast_paths.FactoredGrads) and never take up their part of the buffer.
-        rows = self.layout.stacked(self._client_buffer(inputs.shape[0]), inputs.shape[0])
+        beta, cosine, m = self.config.beta, batch.diagnose, inputs.shape[0]
+        # All P-sized memory is kept from step to step (`_FastBuffers`): the per-client gradients go straight from
+        # the backward pass into their buffer, where they become the displaced points in place; ḡ and then
+        # x - beta ḡ are computed in place in the all-reduced moments; the direction's views are the .grad. Linear
+        # weights with few rows per client stay factors (fast_paths.FactoredGrads) and never fill their part.
+        buffers = self._fast_buffers(m)
+        params = buffers.params
         grads, loss_sum, mean_ok = fast_paths.client_gradients(self.model, self.loss_fn, inputs, targets,
-                                                               self._mean_loss, out=rows, factored=True)
+                                                               self._mean_loss, out=buffers.rows, factored=True,
+                                                               params=params)
         if self._mean_loss is None:
             self._mean_loss = mean_ok
+        size = self.layout.size
         moments = (2 if cosine else 1) * size + 1
-        packed = loss_sum.new_empty(moments + 1)
+        packed = buffers.moments[:moments + 1]
         gradient_moments(grads, out=packed[:-1], cosine=cosine)
         packed[-1] = loss_sum
         self.comm.sum_(packed)
         participants = batch.num_participants
-        mean_grad, alignment = alignment_from_moments(packed[:-1], participants, self.config.client_batch_size,
-                                                      cosine=cosine)
+        _, alignment = alignment_from_moments(packed[:-1], participants, self.config.client_batch_size, cosine=cosine,
+                                              in_place=True)
         loss = packed[-1].item() / participants
-        params, mean_grad = param_dict(self.model), self.layout.unflatten(mean_grad)
-        points = fast_paths.displaced_points(params, grads, mean_grad, beta)
-        local = packed.new_empty(size)
+        points = fast_paths.displaced_points(buffers.values, grads, buffers.mean, beta, overwrite=True)
         try:
             fast_paths.displaced_gradient_sum(self.model, self.loss_fn, points, inputs, targets, self._mean_loss,
-                                              out=self.layout.unflatten(local))
+                                              out=buffers.direction_views, params=params)
         except fast_paths.Unsupported as err:  # (the first evaluation passed: hardly ever) finish this step with vmap
             self.path, self.fallback_reason = "vmap", str(err)
-            factored = {n: g.materialize(rows[n]) for n, g in grads.items() if not isinstance(g, Tensor)}
-            displace_(params, factored, mean_grad, beta)
-            local = sum_clients(self.client_grads(rows, inputs, targets, per_client=True)[0])
-        return self._finish(local, batch, loss, alignment)
+            rows = buffers.rows
+            for n, point in points.items():
+                if isinstance(point, fast_paths.Factored):  # Z_i = shift + beta g_i, as [m, out, in] values
+                    torch.add(point.shift, point.grads.materialize(rows[n]), alpha=beta, out=rows[n])
+            return self._finish(sum_clients(self.client_grads(rows, inputs, targets, per_client=True)[0]), batch,
+                                loss, alignment)
+        return self._finish(buffers.direction, batch, loss, alignment)
 
-    def _client_buffer(self, clients: int) -> Tensor:
-        """Room for `clients` per-client gradients (clients * P values), reused from step to step."""
-        buffer = self._buffer
-        if buffer is None or buffer.numel() != clients * self.layout.size or buffer.dtype != self.dtype \
-                or buffer.device != self.device:
-            self._buffer = buffer = None  # (let the old one go first)
-            self._buffer = buffer = torch.empty(clients * self.layout.size, dtype=self.dtype, device=self.device)
-        return buffer
+    def _fast_buffers(self, clients: int) -> "_FastBuffers":
+        buffers = self._buffers
+        if buffers is None or buffers.clients != clients or buffers.dtype != self.dtype \
+                or buffers.device != self.device:
+            self._buffers = None  # (let the old ones go first)
+            self._buffers = buffers = _FastBuffers(self.model, self.layout, clients)
+        return buffers
 
     def _finish(self, local_sum: Tensor, batch: RoundBatch, loss: float, alignment: Alignment) -> StepResult:
         # local_sum is this step's own tensor: all-reduce and scale it in place, and hand the optimizer views of it
         direction = self.comm.sum_(local_sum).div_(batch.num_participants)
-        for p, g in zip(self.model.parameters(), self.layout.to_list(direction)):
-            p.grad = g
+        buffers = self._buffers
+        if buffers is not None and direction is buffers.direction:
+            for p, g in buffers.grads:
+                if p.grad is not g:
+                    p.grad = g
+        else:
+            for p, g in zip(self.model.parameters(), self.layout.to_list(direction)):
+                p.grad = g
         self.optimizer.step()
         return StepResult(loss, 1, alignment)
+
+
+class _FastBuffers:
+    """The fast step's memory, kept from step to step (no P-sized allocation per step).
+
+    `rows`: per-client gradients ([clients, ...] by name, each a contiguous block of one clients x P buffer), then
+    the displaced points; `moments`: room for the all-reduced moments (2P + 2 values), whose first P values become
+    ḡ and then x - beta ḡ (`mean`, by name); `direction`: the update direction, whose views (`grads`) are the
+    parameters' .grad. `params`: the model's parameters by name, as the optimizer holds them; `values`: detached
+    aliases of them (the same memory: they follow every update).
+    """
+
+    def __init__(self, model: nn.Module, layout: ParamLayout, clients: int):
+        self.params = dict(model.named_parameters())
+        self.values = {n: p.detach() for n, p in self.params.items()}
+        first = next(iter(self.params.values()))
+        self.clients, self.dtype, self.device = clients, first.dtype, first.device
+        size = layout.size
+        self.rows = layout.stacked(first.new_empty(clients * size), clients)
+        self.moments = first.new_empty(2 * size + 2)
+        self.mean = layout.unflatten(self.moments[:size])
+        self.direction = first.new_empty(size)
+        self.direction_views = layout.unflatten(self.direction)
+        self.grads = [(p, self.direction_views[n]) for n, p in self.params.items()]
 
 
 ALGORITHM_CLASSES: dict[str, type[Algorithm]] = {cls.name: cls for cls in (SGD, LargeBatchSGD, GradAlign)}

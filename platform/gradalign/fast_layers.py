@@ -1,11 +1,16 @@
-"""The per-client layers of the fast paths (see `fast_paths`): autograd Functions for Linear, Conv2d and GroupNorm.
+"""The per-client layers of the fast paths (see `fast_paths`): Linear, Conv2d and GroupNorm.
 
 Each layer is evaluated over the m*b examples of all clients (rows i*b .. (i+1)*b of a layer's input belong to
-client i), either at the shared parameters x with each client's weight gradient wanted separately (`...ClientGrads`),
-or with each client's own parameters Z_i and the weight gradients wanted summed over clients (`...Aligned`). The
-backward of every Function returns the input gradient as usual and writes its parameters' gradients straight into
-the evaluation's buffers (`Pass.store`). A scalar `anchor` leaf, the one tensor the gradient is taken with respect
-to, ties every layer into the backward pass.
+client i), either at the shared parameters x with each client's weight gradient wanted separately (pass 1), or
+with each client's own parameters Z_i and the weight gradients wanted summed over clients (pass 2).
+
+- Linear and GroupNorm run as ordinary autograd ops on detached parameter values (`linear_at_shared`,
+  `linear_displaced`, `linear_factored`, `group_norm_affine`), so the backward pass runs entirely in torch's engine.
+  Each call is a tap (`Pass.tap`): the backward pass is asked for the gradient at the layer's output, from which
+  the parameters' gradients are computed afterwards (per client, or summed) into the evaluation's buffers.
+- Conv2d runs as autograd Functions (`_Conv2dClientGrads`, `_Conv2dAligned`), whose backward writes the weight
+  gradients into the buffers (`Pass.store`) and returns the input gradient; a scalar `anchor` leaf, which the
+  backward pass is also asked for, ties them into it.
 
 A Linear weight whose per-client gradients g_i = delta_i^T x_i have few rows per client (`FACTOR_RATIO`) is never
 materialised as [m, out, in] matrices: it stays `FactoredGrads` (its sum, weighted sums and squared norms are small
@@ -15,26 +20,45 @@ products), and its displaced points Z_i = shift + beta g_i (`Factored`) are appl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.utils import _pair
+
+
+class Unsupported(RuntimeError):
+    """The model uses its parameters in a way the fast paths do not handle; use the vmap path instead."""
 
 
 class Pass:
     """One evaluation: the number of clients and, by parameter name, where its gradient goes.
 
-    `factored` (a dict, or None for no factoring) receives the `FactoredGrads` of the Linear weights in `once`
-    (used by one layer call only) that are cheaper kept as factors; their buffers in `dests` are left unwritten.
+    `factored` (a dict, or None for no factoring) receives the `FactoredGrads` of the Linear weights used by one
+    layer call only that are cheaper kept as factors; their buffers in `dests` are left unwritten. `taps` holds,
+    per Linear/GroupNorm call, where the backward pass leaves the gradient at its output and what turns that into
+    the parameters' gradients.
     """
 
     def __init__(self, clients: int, dests: dict[str, Tensor], factored: dict | None = None):
         self.m, self.dests, self.written = clients, dests, set()
         self.factored = factored
         self.uses: dict[str, int] = {}
-        self.once: frozenset[str] = frozenset()
+        self.taps: list[tuple[GradientEdge, Callable[[Tensor], None]]] = []
+        self.anchored: Tensor | None = None
+
+    def anchor(self, like: Tensor) -> Tensor:
+        """The scalar leaf that ties the autograd Functions (the convolutions) into the backward pass."""
+        if self.anchored is None:
+            self.anchored = like.new_zeros(()).requires_grad_()
+        return self.anchored
+
+    def tap(self, output: Tensor, finish: Callable[[Tensor], None]) -> None:
+        """Call `finish` with the gradient at `output` (its edge is taken now: later in-place ops don't matter)."""
+        self.taps.append((get_gradient_edge(output), finish))
 
     def store(self, name: str, compute) -> None:
         """dest = compute(dest) the first time (`compute(out)` may write into out), dest += compute(None) after."""
@@ -142,54 +166,6 @@ def _factor(x: Tensor, grad: Tensor, m: int) -> FactoredGrads:
     return FactoredGrads(xr, gr, gram, squared_norms, x._version)
 
 
-class _LinearClientGrads(Function):
-    """y = x W^T + bias at the shared W; backward: the input gradient as usual, the weight gradient per client."""
-
-    @staticmethod
-    def forward(ctx, x, anchor, weight, bias, run, wn, bn):
-        ctx.save_for_backward(x, weight)
-        ctx.run, ctx.names = run, (wn, bn)
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        run, (wn, bn) = ctx.run, ctx.names
-        gm = _clients(grad, run.m)
-        if run.factored is not None and wn in run.once and _factorable(gm.shape[1], *weight.shape):
-            run.factored[wn] = _factor(x, grad, run.m)  # all the displaced evaluation and the moments need
-            run.written.add(wn)
-        else:
-            run.store(wn, lambda out: _per_client_products(gm.transpose(1, 2), _clients(x, run.m), out))
-        if bn is not None:
-            run.store(bn, lambda out: _sum(gm, 1, out))
-        gx = grad.matmul(weight) if ctx.needs_input_grad[0] else None
-        return gx, None, None, None, None, None, None
-
-
-class _LinearAligned(Function):
-    """Client i's rows through its own W_i; the weight gradient, summed over clients, is one product over all rows."""
-
-    @staticmethod
-    def forward(ctx, x, anchor, weights, biases, run, wn, bn):
-        ctx.save_for_backward(x, weights)
-        ctx.run, ctx.names = run, (wn, bn)
-        xm, wt = _clients(x, run.m), weights.transpose(1, 2)
-        out = torch.baddbmm(biases.unsqueeze(1), xm, wt) if biases is not None else torch.bmm(xm, wt)
-        return out.reshape(*x.shape[:-1], weights.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weights = ctx.saved_tensors
-        run, (wn, bn) = ctx.run, ctx.names
-        g2 = _rows(grad)
-        run.store(wn, lambda out: _mm(g2.t(), _rows(x), out))
-        if bn is not None:
-            run.store(bn, lambda out: _sum(g2, 0, out))
-        gx = torch.bmm(_clients(grad, run.m), weights).reshape(x.shape) if ctx.needs_input_grad[0] else None
-        return gx, None, None, None, None, None, None
-
-
 @dataclass(frozen=True)
 class Factored:
     """Displaced Linear weights Z_i = shift + beta * g_i with g_i kept as factors, never materialised."""
@@ -200,42 +176,82 @@ class Factored:
     grads: FactoredGrads
 
 
-class _LinearFactoredAligned(Function):
+# -- Linear and GroupNorm: ordinary autograd ops; weight gradients from the gradient at the layer's output ---------
+
+def _unchanged(saved: Tensor, version: int, name: str) -> None:
+    if saved._version != version:
+        raise Unsupported(f"a tensor the layer holding {name!r} read was modified in place afterwards")
+
+
+def _graph_leaf(t: Tensor, other: Tensor) -> Tensor:
+    """`t` (detached parameter values) as a leaf that requires grad when `other` (the layer's input) does not, so
+    that the layer's output is a node of the graph (its gradient is never computed: only the output's is asked)."""
+    return t if other.requires_grad else t.detach().requires_grad_()
+
+
+def linear_at_shared(run: Pass, x: Tensor, weight: Tensor, bias: Tensor | None, wn: str, bn: str | None) -> Tensor:
+    """y = x W^T + bias at the shared W; the weight gradient per client, from x and the gradient at y."""
+    y = F.linear(x, _graph_leaf(weight, x), bias)
+    version = x._version
+
+    def finish(grad: Tensor) -> None:
+        _unchanged(x, version, wn)
+        m = run.m
+        gm = _clients(grad, m)
+        if run.factored is not None and run.uses[wn] == 1 and _factorable(gm.shape[1], *weight.shape):
+            run.factored[wn] = _factor(x, grad, m)  # all the displaced evaluation and the moments need
+            run.written.add(wn)
+        else:
+            run.store(wn, lambda out: _per_client_products(gm.transpose(1, 2), _clients(x, m), out))
+        if bn is not None:
+            run.store(bn, lambda out: _sum(gm, 1, out))
+
+    run.tap(y, finish)
+    return y
+
+
+def _summed_linear_grads(run: Pass, x: Tensor, version: int, wn: str, bn: str | None):
+    """The finish of a displaced Linear: sum_i delta_i^T x_i is one product over all rows, as in large-batch SGD."""
+    def finish(grad: Tensor) -> None:
+        _unchanged(x, version, wn)
+        g2 = _rows(grad)
+        run.store(wn, lambda out: _mm(g2.t(), _rows(x), out))
+        if bn is not None:
+            run.store(bn, lambda out: _sum(g2, 0, out))
+    return finish
+
+
+def linear_displaced(run: Pass, x: Tensor, weights: Tensor, biases: Tensor | None, wn: str, bn: str | None) -> Tensor:
+    """Client i's rows through its own W_i ([m, out, in]): batched products."""
+    xm, wt = _clients(x, run.m), _graph_leaf(weights, x).transpose(1, 2)
+    y = torch.baddbmm(biases.unsqueeze(1), xm, wt) if biases is not None else torch.bmm(xm, wt)
+    y = y.reshape(*x.shape[:-1], weights.shape[1])
+    run.tap(y, _summed_linear_grads(run, x, x._version, wn, bn))
+    return y
+
+
+def linear_factored(run: Pass, h: Tensor, z: "Factored", biases: Tensor | None, wn: str, bn: str | None) -> Tensor:
     """Client i's rows through Z_i = shift + beta delta_i^T x_i: y_i = h_i shift^T + beta (h_i x_i^T) delta_i.
 
     One product over all rows with the shared shift plus small per-client [r, r] products, instead of the [m, out,
-    in] matrices; backward: input gradient likewise, weight gradient summed over clients as for `_LinearAligned`.
+    in] matrices (the backward pass differentiates both through h as ordinary ops).
     """
-
-    @staticmethod
-    def forward(ctx, h, anchor, z, biases, run, wn, bn):
-        ctx.save_for_backward(h)
-        ctx.run, ctx.names, ctx.z = run, (wn, bn), z
-        m, out_features, g = run.m, z.shift.shape[0], z.grads
-        y = torch.mm(_rows(h), z.shift.t()).reshape(m, -1, out_features)
-        if z.beta:
-            y.baddbmm_(g.gram_with(_rows(h)), _clients(g.grads, m), alpha=z.beta)
+    m, out_features, g = run.m, z.shift.shape[0], z.grads
+    rows, shift = _rows(h), _graph_leaf(z.shift, h)
+    if z.beta:  # the small per-client part first (with the biases), then the big product added onto it in place
+        gram, deltas = g.gram_with(rows), _clients(g.grads, m)
         if biases is not None:
-            y += biases.unsqueeze(1)
-        return y.reshape(*h.shape[:-1], out_features)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (h,) = ctx.saved_tensors
-        run, (wn, bn), z = ctx.run, ctx.names, ctx.z
-        g2 = _rows(grad)
-        run.store(wn, lambda out: _mm(g2.t(), _rows(h), out))
-        if bn is not None:
-            run.store(bn, lambda out: _sum(g2, 0, out))
-        gh = None
-        if ctx.needs_input_grad[0]:
-            m, g = run.m, z.grads
-            gh = torch.mm(g2, z.shift).reshape(m, -1, z.shift.shape[1])
-            if z.beta:
-                gram = torch.bmm(_clients(grad, m), _clients(g.grads, m).transpose(1, 2))
-                gh.baddbmm_(gram, _clients(g.inputs, m), alpha=z.beta)
-            gh = gh.reshape(h.shape)
-        return gh, None, None, None, None, None, None
+            y = torch.baddbmm(biases.unsqueeze(1), gram, deltas, alpha=z.beta).view(-1, out_features)
+            y = y.addmm_(rows, shift.t())
+        else:
+            y = torch.bmm(gram, deltas).view(-1, out_features).addmm_(rows, shift.t(), beta=z.beta)
+    else:
+        y = torch.mm(rows, shift.t())
+        if biases is not None:
+            y = (y.view(m, -1, out_features) + biases.unsqueeze(1)).view(-1, out_features)
+    y = y.reshape(*h.shape[:-1], out_features)
+    run.tap(y, _summed_linear_grads(run, h, h._version, wn, bn))
+    return y
 
 
 def _to_grouped(t: Tensor, m: int) -> Tensor:
@@ -377,36 +393,30 @@ class _Conv2dAligned(Function):
         return gx, None, None, None, None, None, None, None, None
 
 
-class _GroupNormAffine(Function):
+def group_norm_affine(run: Pass, normalized: Tensor, scale: Tensor, shift: Tensor | None, wn: str,
+                      bn: str | None) -> Tensor:
     """out = normalized * scale + shift, per client ([m, C] scales: the Z_i) or shared ([C]: at x).
 
-    Backward: the input gradient, and the scale/shift gradients per client (shared values) or summed (per client).
+    The scale and shift gradients: per client for shared values, summed over clients for per-client ones.
     """
+    m, c = run.m, normalized.shape[1]
+    per_client = scale.dim() == 1  # shared values: gradients wanted per client, else summed
+    view = normalized.reshape(m, -1, c, normalized[0, 0].numel())
+    scale = _graph_leaf(scale, normalized).reshape(-1, 1, c, 1)
+    out = view * scale if shift is None else torch.addcmul(shift.reshape(-1, 1, c, 1), view, scale)
+    out = out.reshape(normalized.shape)
+    version = normalized._version
 
-    @staticmethod
-    def forward(ctx, normalized, anchor, scale, shift, run, wn, bn):
-        m, c = run.m, normalized.shape[1]
-        ctx.save_for_backward(normalized, scale)
-        ctx.run, ctx.names = run, (wn, bn)
-        view = normalized.reshape(m, -1, c, normalized[0, 0].numel())
-        out = view * scale.reshape(-1, 1, c, 1)
-        if shift is not None:
-            out += shift.reshape(-1, 1, c, 1)
-        return out.reshape(normalized.shape)
-
-    @staticmethod
-    def backward(ctx, grad):
-        normalized, scale = ctx.saved_tensors
-        run, (wn, bn) = ctx.run, ctx.names
-        m, c = run.m, normalized.shape[1]
-        per_client = scale.dim() == 1  # shared values: gradients wanted per client, else summed
-        g = grad.reshape(m, -1, c, normalized[0, 0].numel())
+    def finish(grad: Tensor) -> None:
+        _unchanged(normalized, version, wn)
+        g = grad.reshape(view.shape)
         dims = (1, 3) if per_client else (0, 1, 3)
-        run.store(wn, lambda out: _sum(g * normalized.reshape(g.shape), dims, out))
+        run.store(wn, lambda out: _sum(g * view, dims, out))
         if bn is not None:
             run.store(bn, lambda out: _sum(g, dims, out))
-        gx = (g * scale.reshape(-1, 1, c, 1)).reshape(grad.shape) if ctx.needs_input_grad[0] else None
-        return gx, None, None, None, None, None, None
+
+    run.tap(out, finish)
+    return out
 
 
 def _conv_args(x: Tensor, weight: Tensor, stride, padding, dilation):

@@ -44,8 +44,8 @@ from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
 from .fast_layers import (
-    Factored, FactoredGrads, Pass, _Conv2dAligned, _Conv2dClientGrads, _conv_args, _GroupNormAffine,
-    _LinearAligned, _LinearClientGrads, _LinearFactoredAligned,
+    Factored, FactoredGrads, Pass, Unsupported, _Conv2dAligned, _Conv2dClientGrads, _conv_args, group_norm_affine,
+    linear_at_shared, linear_displaced, linear_factored,
 )
 
 __all__ = [
@@ -55,10 +55,6 @@ __all__ = [
 
 SUPPORTED_MODULES = (nn.Linear, nn.Conv2d, nn.GroupNorm)
 """Module types whose parameters the fast paths handle (subclasses only if they keep the original forward)."""
-
-
-class Unsupported(RuntimeError):
-    """The model uses its parameters in a way the fast paths do not handle; use the vmap path instead."""
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -119,10 +115,10 @@ class _PerClient(TorchFunctionMode):
     """
 
     def __init__(self, params: Mapping[str, Tensor], examples: int, aligned: Mapping[str, Tensor] | None, run: Pass,
-                 anchor: Tensor):
+                 ):
         super().__init__()
         self.names = {id(p): n for n, p in params.items()}
-        self.n, self.aligned, self.run, self.anchor = examples, aligned, run, anchor
+        self.n, self.aligned, self.run = examples, aligned, run
         self.handlers = {F.linear: self._linear, F.conv2d: self._conv2d, F.group_norm: self._group_norm}
 
     def _name(self, t) -> str | None:
@@ -176,10 +172,10 @@ class _PerClient(TorchFunctionMode):
         if names is None:
             return F.linear(input, weight, bias)
         values = self._values(names[0], weight, names[1], bias)
-        if isinstance(values[0], Factored):
-            return _LinearFactoredAligned.apply(input, self.anchor, *values, self.run, *names)
-        fn = _LinearClientGrads if self.aligned is None else _LinearAligned
-        return fn.apply(input, self.anchor, *values, self.run, *names)
+        if self.aligned is None:
+            return linear_at_shared(self.run, input, *values, *names)
+        fn = linear_factored if isinstance(values[0], Factored) else linear_displaced
+        return fn(self.run, input, *values, *names)
 
     def _conv2d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         names = self._split(input, weight, bias, "convolution")
@@ -189,7 +185,7 @@ class _PerClient(TorchFunctionMode):
             raise Unsupported("the fast path needs batched (4-d) convolution inputs")
         input, conf = _conv_args(input, weight, stride, padding, dilation)
         fn = _Conv2dClientGrads if self.aligned is None else _Conv2dAligned
-        return fn.apply(input, self.anchor, *self._values(names[0], weight, names[1], bias), self.run, *names, conf,
+        return fn.apply(input, self.run.anchor(input), *self._values(names[0], weight, names[1], bias), self.run, *names, conf,
                         groups)
 
     def _group_norm(self, input, num_groups, weight=None, bias=None, eps=1e-5):
@@ -198,13 +194,14 @@ class _PerClient(TorchFunctionMode):
             return F.group_norm(input, num_groups, weight, bias, eps)
         scale, shift = self._values(names[0], weight, names[1], bias)
         normalized = F.group_norm(input, num_groups, None, None, eps)
-        return _GroupNormAffine.apply(normalized, self.anchor, scale, shift, self.run, *names)
+        return group_norm_affine(self.run, normalized, scale, shift, *names)
 
 
 def _evaluate(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor, aligned: Mapping[str, Tensor] | None,
-              mean_loss: bool | None, out: Mapping[str, Tensor] | None, factored: bool = False
+              mean_loss: bool | None, out: Mapping[str, Tensor] | None, factored: bool = False,
+              params: Mapping[str, Tensor] | None = None
               ) -> tuple[dict[str, Tensor | FactoredGrads], Tensor, bool | None]:
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) if params is None else params
     if not params:
         raise Unsupported("the model has no parameters")
     m, b = inputs.shape[:2]
@@ -212,17 +209,22 @@ def _evaluate(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor, aligne
     dests = {n: out[n] if n in out else p.new_empty(p.shape if aligned is not None else (m, *p.shape))
              for n, p in params.items()}
     run = Pass(m, dests, {} if factored else None)
-    anchor = inputs.new_zeros((), dtype=next(iter(params.values())).dtype).requires_grad_()
-    mode = _PerClient(params, m * b, aligned, run, anchor)
+    mode = _PerClient(params, m * b, aligned, run)
     with torch.enable_grad():
         with mode:
             output = model(inputs.reshape(m * b, *inputs.shape[2:]))
         if not isinstance(output, Tensor) or output.dim() == 0 or output.shape[0] != m * b:
             raise Unsupported("the model's output does not have the examples along its first dimension")
-        run.once = frozenset(n for n, uses in run.uses.items() if uses == 1)  # (a weight used twice: no factors)
         total, matches = _loss_sum(loss_fn, output, targets, m, b, mean_loss)
-        if total.requires_grad:  # the backward pass fills `dests`
-            torch.autograd.grad(total, anchor, allow_unused=True)
+        grads = ()
+        if total.requires_grad:  # the backward pass: the convolutions fill `dests`, the taps get their gradients
+            anchors = [run.anchored] if run.anchored is not None else []
+            grads = torch.autograd.grad(total, [*anchors, *(edge for edge, _ in run.taps)], allow_unused=True)
+            grads = grads[len(anchors):]
+    with torch.no_grad():  # (the saved layer inputs are nodes of the graph)
+        for (_, finish), grad in zip(run.taps, grads):
+            if grad is not None:  # (None: the layer's output did not reach the loss; its gradients stay 0)
+                finish(grad)
     for n, dest in dests.items():
         if n not in run.written:  # a parameter the forward did not use
             dest.zero_()
@@ -248,7 +250,8 @@ def _loss_sum(loss_fn, output: Tensor, targets: Tensor, m: int, b: int, mean_los
 
 
 def client_gradients(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor, mean_loss: bool | None = False,
-                     out: Mapping[str, Tensor] | None = None, factored: bool = False
+                     out: Mapping[str, Tensor] | None = None, factored: bool = False,
+                     params: Mapping[str, Tensor] | None = None
                      ) -> tuple[dict[str, Tensor | FactoredGrads], Tensor, bool | None]:
     """Each client's gradient at the model's parameters (by name, [m, ...]) and the sum of the client losses.
 
@@ -259,28 +262,32 @@ def client_gradients(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor,
     With `factored`, the Linear weights for which that is cheaper (`fast_layers.FACTOR_RATIO`) get `FactoredGrads`
     instead of [m, out, in] gradients (their `out` buffers are left as they were): `functional.gradient_moments`,
     `functional.sum_clients` and `displaced_points` take them as they are; `.materialize()` gives the tensor.
+    `params` may pass `dict(model.named_parameters())` in, to save looking them up on every call.
     Raises `Unsupported` when the model uses a parameter otherwise than through the supported layers.
     """
-    return _evaluate(model, loss_fn, inputs, targets, None, mean_loss, out, factored)
+    return _evaluate(model, loss_fn, inputs, targets, None, mean_loss, out, factored, params)
 
 
 def displaced_points(params: Mapping[str, Tensor], client_grads: Mapping[str, Tensor | FactoredGrads],
-                     mean_grad: Mapping[str, Tensor], beta: float) -> dict[str, Tensor | Factored]:
+                     mean_grad: Mapping[str, Tensor], beta: float, overwrite: bool = False
+                     ) -> dict[str, Tensor | Factored]:
     """Each client's Z_i = (x - beta ḡ) + beta g_i by name: written over `client_grads` ([m, ...], one pass), or
-    `Factored` for `FactoredGrads` (kept as factors: never [m, out, in] values)."""
+    `Factored` for `FactoredGrads` (kept as factors: never [m, out, in] values). With `overwrite`, the shared part
+    x - beta ḡ is also written over `mean_grad` (no new parameter-sized tensors at all)."""
     points: dict[str, Tensor | Factored] = {}
     for n, g in client_grads.items():
-        shift = torch.add(params[n], mean_grad[n], alpha=-beta)
+        mean = mean_grad[n]
+        shift = torch.add(params[n], mean, alpha=-beta, out=mean if overwrite else None)
         points[n] = Factored(shift, beta, g) if isinstance(g, FactoredGrads) else torch.add(shift, g, alpha=beta, out=g)
     return points
 
 
 def displaced_gradient_sum(model: nn.Module, loss_fn, displaced: Mapping[str, Tensor | Factored], inputs: Tensor,
-                           targets: Tensor, mean_loss: bool | None = False, out: Mapping[str, Tensor] | None = None
-                           ) -> tuple[dict[str, Tensor], Tensor, bool | None]:
+                           targets: Tensor, mean_loss: bool | None = False, out: Mapping[str, Tensor] | None = None,
+                           params: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], Tensor, bool | None]:
     """sum_i grad f_i(Z_i) by name (shaped like the parameters) and sum_i f_i(Z_i).
 
     `displaced` holds the per-client points Z_i by parameter name ([m, ...] or `Factored`); the model's own
-    parameter values are not used. `mean_loss`, `out` and `Unsupported` as for `client_gradients`.
+    parameter values are not used. `mean_loss`, `out`, `params` and `Unsupported` as for `client_gradients`.
     """
-    return _evaluate(model, loss_fn, inputs, targets, displaced, mean_loss, out)
+    return _evaluate(model, loss_fn, inputs, targets, displaced, mean_loss, out, params=params)

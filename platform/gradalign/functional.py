@@ -187,10 +187,12 @@ def gradient_moments(client_grads: Mapping[str, Tensor | FactoredGrads], out: Te
     rows_wanted = 2 if cosine else 1
     if out is None:
         out = (first if isinstance(first, Tensor) else first.grads).new_empty(rows_wanted * size + 1)
-    sq = out.new_zeros(m)
+    norms = [torch.linalg.vector_norm(t.reshape(m, -1), dim=1) for t in client_grads.values()
+             if isinstance(t, Tensor)] if m else []
+    sq = torch.stack(norms).square_().sum(0) if norms else out.new_zeros(m)
     for t in client_grads.values():
-        if m:
-            sq += t.squared_norms if not isinstance(t, Tensor) else torch.linalg.vector_norm(t.flatten(1), dim=1) ** 2
+        if not isinstance(t, Tensor):
+            sq += t.squared_norms
     weights = torch.ones_like(sq).unsqueeze(0)
     if cosine:
         weights = torch.cat([weights, sq.sqrt().clamp_min(torch.finfo(sq.dtype).tiny).reciprocal().unsqueeze(0)])
@@ -208,14 +210,15 @@ def gradient_moments(client_grads: Mapping[str, Tensor | FactoredGrads], out: Te
 
 
 def alignment_from_moments(moments: Tensor, num_clients: int, client_batch_size: int,
-                           cosine: bool = True) -> tuple[Tensor, Alignment]:
+                           cosine: bool = True, in_place: bool = False) -> tuple[Tensor, Alignment]:
     """(ḡ, diagnostics) from the all-reduced `gradient_moments` of `num_clients` clients of batch b each.
 
-    Without `cosine` (moments of length P + 1) the mean pairwise cosine is NaN; the rest is the same.
+    Without `cosine` (moments of length P + 1) the mean pairwise cosine is NaN; the rest is the same. With
+    `in_place`, ḡ is the first P values of `moments`, divided in place (no new P-sized tensor).
     """
     size = (moments.numel() - 1) // 2 if cosine else moments.numel() - 1
     m, b = num_clients, client_batch_size
-    mean_grad = moments[:size] / m
+    mean_grad = moments[:size].div_(m) if in_place else moments[:size] / m
     small_sq = moments[-1].item() / m          # mean_i |g_i|^2, batch size b
     big_sq = mean_grad.dot(mean_grad).item()    # |ḡ|^2, batch size m*b
     variance = max(small_sq - big_sq, 0.0)
