@@ -366,3 +366,60 @@ def test_steps_without_diagnostics_take_the_same_step():
             assert (got["grad_cosine"] == got["grad_cosine"]) is key[0]  # NaN exactly when not diagnosing
             for name in ("grad_variance", "grad_norm_sq", "gns_simple"):
                 assert got[name] == pytest.approx(want[name], rel=1e-9), (key, name)
+
+
+class _InPlaceOutputs(nn.Module):
+    """ReLU(inplace=True) straight on Linear and GroupNorm outputs: the gradient wanted is at the layer's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(4 * 8 * 8, 6)
+        self.out = nn.Linear(6, 10)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.act(self.norm(self.conv(x)))
+        return self.out(self.act(self.fc(h.flatten(1))))
+
+
+def test_layer_outputs_changed_in_place_keep_the_exact_numbers(kernels):
+    torch.manual_seed(5)
+    model = _InPlaceOutputs().double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, y = _data((1, 8, 8))
+    batches = list(zip(x, y))
+    for beta in BETAS:
+        _close(_flat(gradalign_gradient(model, F.cross_entropy, batches, beta)),
+               _loop_direction(model, F.cross_entropy, batches, beta))
+    grads, _, _ = fast_paths.client_gradients(model, F.cross_entropy, x, y)
+    expected, _ = client_gradients(make_grad_fn(model, F.cross_entropy), param_dict(model), x, y)
+    _close(flatten_rows(grads), flatten_rows(expected))
+
+
+class _InputChangedAfterUse(nn.Module):
+    """A Linear's input is changed in place after the layer read it (its saved input would be stale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc(x) * 1.0
+        y = self.out(h)
+        h.add_(1.0)
+        return y + h.sum(1, keepdim=True)
+
+
+def test_an_input_changed_after_the_layer_read_it_is_refused():
+    """Plain autograd refuses such a model too (the weight gradient needs the old input); the fast path says why."""
+    torch.manual_seed(6)
+    model = _InputChangedAfterUse().double()
+    x, y = _data((5,), classes=3)
+    with pytest.raises(fast_paths.Unsupported, match="out.weight"):
+        fast_paths.client_gradients(model, F.cross_entropy, x, y)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        F.cross_entropy(model(x[0]), y[0]).backward()

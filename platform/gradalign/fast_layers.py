@@ -57,8 +57,13 @@ class Pass:
         return self.anchored
 
     def tap(self, output: Tensor, finish: Callable[[Tensor], None]) -> None:
-        """Call `finish` with the gradient at `output` (its edge is taken now: later in-place ops don't matter)."""
-        self.taps.append((get_gradient_edge(output), finish))
+        """Call `finish` with the gradient at `output` (any shape holding its values in order).
+
+        The edge is taken now, at the tensor that holds the values (`output` may be a view of it: an in-place op on
+        a view replaces the view's own node), so that in-place ops of the model on the output don't matter.
+        """
+        holder = output if output._base is None else output._base
+        self.taps.append((get_gradient_edge(holder), finish))
 
     def store(self, name: str, compute) -> None:
         """dest = compute(dest) the first time (`compute(out)` may write into out), dest += compute(None) after."""

@@ -8,9 +8,9 @@ Here each is one forward and one backward pass of the module over the m*b exampl
 parameterised layers (`F.linear`, `F.conv2d`, `F.group_norm` called with the model's parameters, i.e. nn.Linear,
 nn.Conv2d, nn.GroupNorm) are evaluated per client (rows i*b .. (i+1)*b of a layer's input belong to client i):
 
-- per-client gradients (1): the forward is the ordinary one; in the backward the weight gradient of each layer is
-  one product per client (what vmap computes), written straight into the caller's buffer; nothing else is per
-  client.
+- per-client gradients (1): the forward and backward are the ordinary ones; from each layer's input and the gradient
+  at its output the weight gradient is one product per client (what vmap computes), written straight into the
+  caller's buffer; nothing else is per client.
 - summed displaced gradients (2): client i's rows go through the layer with its own weights Z_i (batched matrix
   products; convolutions per client or grouped), but since dZ_i/dx = I the weight gradient is accumulated directly
   onto the shared x: one ordinary product over all m*b examples, as in large-batch SGD. No [m, P] gradient exists.
@@ -18,8 +18,9 @@ nn.Conv2d, nn.GroupNorm) are evaluated per client (rows i*b .. (i+1)*b of a laye
   as [m, out, in] matrices: in (1) it stays `FactoredGrads` (sum_i g_i is one product, |g_i|^2 comes from two small
   Gram matrices), in (2) Z_i = shift + beta delta_i^T x_i is applied through the factors (`Factored`).
 
-The layers themselves (autograd Functions) are in `fast_layers`; this module holds the mode that swaps them in and
-the public functions.
+The layers themselves are in `fast_layers` (Linear and GroupNorm as ordinary autograd ops whose output gradients the
+backward pass hands back, Conv2d as autograd Functions); this module holds the mode that swaps them in and the
+public functions.
 
 All of it is exact (the same sums in another order). The layers are swapped in by a `TorchFunctionMode` active
 only during the forward pass, in this thread: the module, its parameters, their .grad and its hooks are not
