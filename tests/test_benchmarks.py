@@ -29,7 +29,8 @@ def test_table_has_a_row_per_model_and_shape_with_small_rel_err(capsys):
     for r in rows:
         assert int(r[4]) == int(r[1]) * int(r[3])  # batch = clients * b
         assert r[7] == "fast"
-        assert len(r) == 12  # vmap and loop ratios present
+        assert len(r) == 13  # ratio, best ratio, vmap and loop ratios present
+        assert float(r[8].rstrip("x")) > 0 and float(r[9].rstrip("x")) > 0
         assert 0 <= float(r[-1]) < 1e-4, r
     assert "WARNING" not in out
 

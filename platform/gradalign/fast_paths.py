@@ -186,8 +186,8 @@ class _PerClient(TorchFunctionMode):
             raise Unsupported("the fast path needs batched (4-d) convolution inputs")
         input, conf = _conv_args(input, weight, stride, padding, dilation)
         fn = _Conv2dClientGrads if self.aligned is None else _Conv2dAligned
-        return fn.apply(input, self.run.anchor(input), *self._values(names[0], weight, names[1], bias), self.run, *names, conf,
-                        groups)
+        values = self._values(names[0], weight, names[1], bias)
+        return fn.apply(input, self.run.anchor(input), *values, self.run, *names, conf, groups)
 
     def _group_norm(self, input, num_groups, weight=None, bias=None, eps=1e-5):
         names = self._split(input, weight, bias, "group norm")
