@@ -423,3 +423,20 @@ def test_an_input_changed_after_the_layer_read_it_is_refused():
         fast_paths.client_gradients(model, F.cross_entropy, x, y)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         F.cross_entropy(model(x[0]), y[0]).backward()
+
+
+def test_parameters_swapped_between_steps_are_seen():
+    """`p.data = ...` (e.g. nn.utils.vector_to_parameters) between steps: the fast step uses the new values."""
+    _, shape = _model("mlp")
+    x, y = _data(shape, clients=4, batch=3)
+    cfg = TrainConfig(algorithm="gradalign", batch_size=12, clients=4, lr=0.3, beta=0.2, dtype="float64")
+    models = []
+    for fast in (True, False):
+        model, _ = _model("mlp")
+        algo = ALGORITHM_CLASSES["gradalign"](model, F.cross_entropy, cfg, fast_path=fast)
+        batch = RoundBatch(list(range(4)), x.unsqueeze(1), y.unsqueeze(1), 4, False)
+        algo.step(batch)
+        nn.utils.vector_to_parameters(0.5 * flat_params(model), model.parameters())
+        algo.step(batch)
+        models.append(model)
+    _close(flat_params(models[0]), flat_params(models[1]))

@@ -245,7 +245,8 @@ class GradAlign(Algorithm):
         _, alignment = alignment_from_moments(packed[:-1], participants, self.config.client_batch_size, cosine=cosine,
                                               in_place=True)
         loss = packed[-1].item() / participants
-        points = fast_paths.displaced_points(buffers.values, grads, buffers.mean, beta, overwrite=True)
+        values = {n: p.detach() for n, p in params.items()}  # (taken now: `p.data = ...` may have swapped storage)
+        points = fast_paths.displaced_points(values, grads, buffers.mean, beta, overwrite=True)
         try:
             fast_paths.displaced_gradient_sum(self.model, self.loss_fn, points, inputs, targets, self._mean_loss,
                                               out=buffers.direction_views, params=params)
@@ -288,13 +289,11 @@ class _FastBuffers:
     `rows`: per-client gradients ([clients, ...] by name, each a contiguous block of one clients x P buffer), then
     the displaced points; `moments`: room for the all-reduced moments (2P + 2 values), whose first P values become
     ḡ and then x - beta ḡ (`mean`, by name); `direction`: the update direction, whose views (`grads`) are the
-    parameters' .grad. `params`: the model's parameters by name, as the optimizer holds them; `values`: detached
-    aliases of them (the same memory: they follow every update).
+    parameters' .grad. `params`: the model's parameters by name, as the optimizer holds them.
     """
 
     def __init__(self, model: nn.Module, layout: ParamLayout, clients: int):
         self.params = dict(model.named_parameters())
-        self.values = {n: p.detach() for n, p in self.params.items()}
         first = next(iter(self.params.values()))
         self.clients, self.dtype, self.device = clients, first.dtype, first.device
         size = layout.size
