@@ -115,8 +115,7 @@ class _PerClient(TorchFunctionMode):
     client's parameters Z_i ([m, ...] by name) and the gradient wanted is the sum over clients.
     """
 
-    def __init__(self, params: Mapping[str, Tensor], examples: int, aligned: Mapping[str, Tensor] | None, run: Pass,
-                 ):
+    def __init__(self, params: Mapping[str, Tensor], examples: int, aligned: Mapping[str, Tensor] | None, run: Pass):
         super().__init__()
         self.names = {id(p): n for n, p in params.items()}
         self.n, self.aligned, self.run = examples, aligned, run
