@@ -243,13 +243,21 @@ def linear_factored(run: Pass, h: Tensor, z: "Factored", biases: Tensor | None, 
     """
     m, out_features, g = run.m, z.shift.shape[0], z.grads
     rows, shift = _rows(h), _graph_leaf(z.shift, h)
-    if z.beta:  # the small per-client part first (with the biases), then the big product added onto it in place
+    if z.beta:  # the small per-client part first (with the biases), then the big product added onto it
         gram, deltas = g.gram_with(rows), _clients(g.grads, m)
-        if biases is not None:
-            y = torch.baddbmm(biases.unsqueeze(1), gram, deltas, alpha=z.beta).view(-1, out_features)
-            y = y.addmm_(rows, shift.t())
-        else:
-            y = torch.bmm(gram, deltas).view(-1, out_features).addmm_(rows, shift.t(), beta=z.beta)
+        if gram.requires_grad:  # (a layer inside the network: its input, hence the Gram matrix, is differentiated)
+            small = torch.baddbmm(biases.unsqueeze(1), gram, deltas, alpha=z.beta) if biases is not None else \
+                torch.bmm(gram, deltas).mul_(z.beta)
+            y = torch.addmm(small.view(-1, out_features), rows, shift.t())
+        else:  # the per-client part written into a 2-d tensor whose own (not a view's) in-place product autograd
+            y = rows.new_empty(rows.shape[0], out_features)  # records: no copy forward, none backward
+            small = y.view(m, -1, out_features)
+            if biases is not None:
+                torch.baddbmm(biases.unsqueeze(1), gram, deltas, alpha=z.beta, out=small)
+                y.addmm_(rows, shift.t())
+            else:
+                torch.bmm(gram, deltas, out=small)
+                y.addmm_(rows, shift.t(), beta=z.beta)
     else:
         y = torch.mm(rows, shift.t())
         if biases is not None:

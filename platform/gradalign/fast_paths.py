@@ -119,7 +119,6 @@ class _PerClient(TorchFunctionMode):
         super().__init__()
         self.names = {id(p): n for n, p in params.items()}
         self.n, self.aligned, self.run = examples, aligned, run
-        self.handlers = {F.linear: self._linear, F.conv2d: self._conv2d, F.group_norm: self._group_norm}
 
     def _name(self, t) -> str | None:
         return self.names.get(id(t)) if isinstance(t, Tensor) else None
@@ -127,9 +126,9 @@ class _PerClient(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
-        handler = self.handlers.get(func)
+        handler = _HANDLERS.get(func)
         if handler is not None:
-            return handler(*args, **kwargs)
+            return handler(self, *args, **kwargs)
         names = self.names  # (ids of live objects are unique: only the parameters themselves match)
         for a in (*args, *kwargs.values()) if kwargs else args:
             if id(a) in names or (type(a) in (list, tuple) and any(id(t) in names for t in a)):
@@ -197,6 +196,11 @@ class _PerClient(TorchFunctionMode):
         return group_norm_affine(self.run, normalized, scale, shift, *names)
 
 
+_HANDLERS = {F.linear: _PerClient._linear, F.conv2d: _PerClient._conv2d, F.group_norm: _PerClient._group_norm}
+"""The layers `_PerClient` evaluates per client (unbound: a mode holding its own bound methods would be a reference
+cycle, which keeps a step's graph and activations alive until Python's garbage collector runs)."""
+
+
 def _evaluate(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor, aligned: Mapping[str, Tensor] | None,
               mean_loss: bool | None, out: Mapping[str, Tensor] | None, factored: bool = False,
               params: Mapping[str, Tensor] | None = None
@@ -209,22 +213,24 @@ def _evaluate(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor, aligne
     dests = {n: out[n] if n in out else p.new_empty(p.shape if aligned is not None else (m, *p.shape))
              for n, p in params.items()}
     run = Pass(m, dests, {} if factored else None)
-    mode = _PerClient(params, m * b, aligned, run)
-    with torch.enable_grad():
-        with mode:
-            output = model(inputs.reshape(m * b, *inputs.shape[2:]))
-        if not isinstance(output, Tensor) or output.dim() == 0 or output.shape[0] != m * b:
-            raise Unsupported("the model's output does not have the examples along its first dimension")
-        total, matches = _loss_sum(loss_fn, output, targets, m, b, mean_loss)
-        grads = ()
-        if total.requires_grad:  # the backward pass: the convolutions fill `dests`, the taps get their gradients
-            anchors = [run.anchored] if run.anchored is not None else []
-            grads = torch.autograd.grad(total, [*anchors, *(edge for edge, _ in run.taps)], allow_unused=True)
-            grads = grads[len(anchors):]
-    with torch.no_grad():  # (the saved layer inputs are nodes of the graph)
-        for (_, finish), grad in zip(run.taps, grads):
-            if grad is not None:  # (None: the layer's output did not reach the loss; its gradients stay 0)
-                finish(grad)
+    try:
+        with torch.enable_grad():
+            with _PerClient(params, m * b, aligned, run):
+                output = model(inputs.reshape(m * b, *inputs.shape[2:]))
+            if not isinstance(output, Tensor) or output.dim() == 0 or output.shape[0] != m * b:
+                raise Unsupported("the model's output does not have the examples along its first dimension")
+            total, matches = _loss_sum(loss_fn, output, targets, m, b, mean_loss)
+            grads = ()
+            if total.requires_grad:  # the backward pass: the convolutions fill `dests`, the taps get their gradients
+                anchors = [run.anchored] if run.anchored is not None else []
+                grads = torch.autograd.grad(total, [*anchors, *(edge for edge, _ in run.taps)], allow_unused=True)
+                grads = grads[len(anchors):]
+        with torch.no_grad():  # (the saved layer inputs are nodes of the graph)
+            for (_, finish), grad in zip(run.taps, grads):
+                if grad is not None:  # (None: the layer's output did not reach the loss; its gradients stay 0)
+                    finish(grad)
+    finally:  # the taps' closures refer to `run`: without this the cycle keeps the graph alive until gc
+        run.taps.clear()
     for n, dest in dests.items():
         if n not in run.written:  # a parameter the forward did not use
             dest.zero_()
