@@ -331,19 +331,23 @@ def test_factored_gradients_equal_the_dense_ones(monkeypatch):
         _close(f.squared_norms, d.flatten(1).pow(2).sum(1))
 
 
-def test_the_first_layer_reuses_its_input_gram_matrix(monkeypatch):
-    """The displaced pass sees the very input of the first pass at the first Linear: its Gram matrix is reused."""
+def test_the_first_layer_reuses_its_input_gram_product(monkeypatch):
+    """The displaced pass sees the very input of the first pass at the first Linear: the per-client product
+    h_i g_i^T = (x_i x_i^T) delta_i made in the first pass is reused, and it is the dense one."""
     monkeypatch.setattr(fast_layers, "FACTOR_RATIO", 1e9)
     model, shape = _model("mlp")
     x, y = _data(shape)
     grads, _, _ = fast_paths.client_gradients(model, F.cross_entropy, x, y, factored=True)
     first = grads["1.weight"]  # (model[0] is the Flatten)
     same_input = x.reshape(x.shape[0] * x.shape[1], -1)
-    assert first.gram_with(same_input) is first.input_gram
-    assert first.gram_with(same_input.clone()) is not first.input_gram  # other memory: computed afresh
-    _close(first.gram_with(same_input.clone()), first.input_gram)
-    x.mul_(1.0)  # written in place: the saved Gram matrix may be stale, so it is not reused
-    assert first.gram_with(x.reshape(same_input.shape)) is not first.input_gram
+    dense = torch.bmm(x.reshape(x.shape[0], x.shape[1], -1), first.materialize().transpose(1, 2))
+    _close(first.gram_grads, dense.reshape(first.gram_grads.shape))
+    assert first.gram_grads_with(same_input) is first.gram_grads
+    other = first.gram_grads_with(same_input.clone())  # other memory: computed afresh
+    assert other is not first.gram_grads
+    _close(other, first.gram_grads)
+    x.mul_(1.0)  # written in place: the saved product may be stale, so it is not reused
+    assert first.gram_grads_with(x.reshape(same_input.shape)) is not first.gram_grads
 
 
 def test_steps_without_diagnostics_take_the_same_step():

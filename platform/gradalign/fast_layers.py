@@ -126,12 +126,13 @@ class FactoredGrads:
     """The layer's input at x, all clients' rows [m*r, in] (client i's rows are the i-th block of r)."""
     grads: Tensor
     """The gradient of the summed loss at the layer's output, [m*r, out]."""
-    input_gram: Tensor
-    """inputs_i inputs_i^T per client, [m, r, r]."""
+    gram_grads: Tensor
+    """(inputs_i inputs_i^T) grads_i per client, rows [m*r, out]: the per-client part of the displaced layer's
+    output at this very input (`Factored`), and what the squared norms are made of."""
     squared_norms: Tensor
-    """|g_i|^2 = sum((inputs_i inputs_i^T) * (grads_i grads_i^T)), [m]."""
+    """|g_i|^2 = <grads_i, (inputs_i inputs_i^T) grads_i>, [m]."""
     input_version: int
-    """The input's version counter when it was saved (a later pass may reuse `input_gram` for the same input)."""
+    """The input's version counter when it was saved (a later pass may reuse `gram_grads` for the same input)."""
 
     @property
     def clients(self) -> int:
@@ -153,22 +154,26 @@ class FactoredGrads:
         m = self.clients
         return _per_client_products(_clients(self.grads, m).transpose(1, 2), _clients(self.inputs, m), out)
 
-    def gram_with(self, h: Tensor) -> Tensor:
-        """h_i inputs_i^T per client ([m, r, r]); the saved Gram matrix when h is the very input it was made of."""
+    def gram_grads_with(self, h: Tensor) -> Tensor:
+        """h_i g_i^T = (h_i inputs_i^T) grads_i per client (rows [m*r, out]): the saved `gram_grads` when h is the
+        very input they were made of (same memory, unmodified), else computed (differentiably in h)."""
         x = self.inputs
         if (h.data_ptr() == x.data_ptr() and h.shape == x.shape and h.stride() == x.stride()
                 and h.dtype == x.dtype and h.device == x.device and h._version == self.input_version):
-            return self.input_gram
+            return self.gram_grads
         m = self.clients
-        return torch.bmm(_clients(h, m), _clients(x, m).transpose(1, 2))
+        gram = torch.bmm(_clients(h, m), _clients(x, m).transpose(1, 2))
+        return torch.bmm(gram, _clients(self.grads, m)).view(self.grads.shape)
 
 
 def _factor(x: Tensor, grad: Tensor, m: int) -> FactoredGrads:
+    """The factors, the product (x_i x_i^T) delta_i that the displaced pass needs (its Gram matrix costs r^2 in per
+    client, far less than g_i itself), and from that product |g_i|^2 = <delta_i, (x_i x_i^T) delta_i>."""
     xr, gr = _rows(x).detach(), _rows(grad).detach()  # (saved activations still require grad)
     xm, gm = _clients(xr, m), _clients(gr, m)
-    gram = torch.bmm(xm, xm.transpose(1, 2))
-    squared_norms = (gram * torch.bmm(gm, gm.transpose(1, 2))).sum((1, 2))
-    return FactoredGrads(xr, gr, gram, squared_norms, x._version)
+    gram_grads = torch.bmm(torch.bmm(xm, xm.transpose(1, 2)), gm)
+    squared_norms = torch.linalg.vecdot(gram_grads.view(m, -1), gm.reshape(m, -1))  # (a [1, n] @ [n, 1] bmm: 5x slower)
+    return FactoredGrads(xr, gr, gram_grads.view(gr.shape), squared_norms, x._version)
 
 
 @dataclass(frozen=True)
@@ -244,20 +249,20 @@ def linear_factored(run: Pass, h: Tensor, z: "Factored", biases: Tensor | None, 
     m, out_features, g = run.m, z.shift.shape[0], z.grads
     rows, shift = _rows(h), _graph_leaf(z.shift, h)
     if z.beta:  # the small per-client part first (with the biases), then the big product added onto it
-        gram, deltas = g.gram_with(rows), _clients(g.grads, m)
-        if gram.requires_grad:  # (a layer inside the network: its input, hence the Gram matrix, is differentiated)
-            small = torch.baddbmm(biases.unsqueeze(1), gram, deltas, alpha=z.beta) if biases is not None else \
-                torch.bmm(gram, deltas).mul_(z.beta)
-            y = torch.addmm(small.view(-1, out_features), rows, shift.t())
+        per_client = g.gram_grads_with(rows)  # [m*r, out], saved by pass 1 when h is the very input x
+        if per_client.requires_grad:  # (a layer inside the network: its input is differentiated through it too)
+            small = per_client * z.beta
+            if biases is not None:
+                small = (small.view(m, -1, out_features) + biases.unsqueeze(1)).view(small.shape)
+            y = torch.addmm(small, rows, shift.t())
         else:  # the per-client part written into a 2-d tensor whose own (not a view's) in-place product autograd
             y = rows.new_empty(rows.shape[0], out_features)  # records: no copy forward, none backward
-            small = y.view(m, -1, out_features)
             if biases is not None:
-                torch.baddbmm(biases.unsqueeze(1), gram, deltas, alpha=z.beta, out=small)
-                y.addmm_(rows, shift.t())
+                torch.add(biases.unsqueeze(1), per_client.view(m, -1, out_features), alpha=z.beta,
+                          out=y.view(m, -1, out_features))
             else:
-                torch.bmm(gram, deltas, out=small)
-                y.addmm_(rows, shift.t(), beta=z.beta)
+                torch.mul(per_client, z.beta, out=y)
+            y.addmm_(rows, shift.t())
     else:
         y = torch.mm(rows, shift.t())
         if biases is not None:
