@@ -472,3 +472,22 @@ def test_a_step_frees_its_tensors_when_it_returns(name, kernels):
         gc.enable()
     assert algo.path == "fast"
     assert left == []
+
+
+def test_a_model_converted_between_steps_gets_new_buffers():
+    """model.double() between steps changes the parameters' dtype in place: the fast step's kept buffers follow."""
+    _, shape = _model("mlp")
+    x, y = _data(shape, clients=4, batch=3)
+    cfg = TrainConfig(algorithm="gradalign", batch_size=12, clients=4, lr=0.3, beta=0.2)
+    results = []
+    for fast in (True, False):
+        model, _ = _model("mlp")
+        model.float()
+        algo = ALGORITHM_CLASSES["gradalign"](model, F.cross_entropy, cfg, fast_path=fast)
+        algo.step(RoundBatch(list(range(4)), x.float().unsqueeze(1), y.unsqueeze(1), 4, False))
+        model.double()
+        algo.step(RoundBatch(list(range(4)), x.unsqueeze(1), y.unsqueeze(1), 4, False))
+        assert algo.path == ("fast" if fast else "vmap")
+        results.append(flat_params(model))
+    assert results[0].dtype == torch.float64
+    _close(results[0], results[1], rtol=1e-6)  # (the first step ran in float32)

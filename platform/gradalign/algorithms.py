@@ -262,8 +262,8 @@ class GradAlign(Algorithm):
 
     def _fast_buffers(self, clients: int) -> "_FastBuffers":
         buffers = self._buffers
-        if buffers is None or buffers.clients != clients or buffers.dtype != self.dtype \
-                or buffers.device != self.device:
+        if buffers is None or buffers.clients != clients or buffers.first.dtype != buffers.dtype \
+                or buffers.first.device != buffers.device:
             self._buffers = None  # (let the old ones go first)
             self._buffers = buffers = _FastBuffers(self.model, self.layout, clients)
         return buffers
@@ -294,7 +294,7 @@ class _FastBuffers:
 
     def __init__(self, model: nn.Module, layout: ParamLayout, clients: int):
         self.params = dict(model.named_parameters())
-        first = next(iter(self.params.values()))
+        self.first = first = next(iter(self.params.values()))  # (model.to(...) changes its dtype/device in place)
         self.clients, self.dtype, self.device = clients, first.dtype, first.device
         size = layout.size
         self.rows = layout.stacked(first.new_empty(clients * size), clients)
