@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradalign import TrainConfig, fast_layers, fast_paths, gradalign_gradient
+from gradalign import TrainConfig, fast_convs, fast_layers, fast_paths, gradalign_gradient
 from gradalign.algorithms import ALGORITHM_CLASSES, RoundBatch
 from gradalign.functional import (
     ParamLayout, client_gradients, flat_params, flatten_rows, make_grad_fn, param_dict,
@@ -67,7 +67,7 @@ def kernels(request, monkeypatch):
     as [m, out, in] matrices or through their factors; 'default' keeps the size-based choices."""
     if request.param != "default":
         dense = request.param == "grouped-dense"
-        monkeypatch.setattr(fast_layers, "CONV_LOOP_MIN_EXAMPLES", 10**9 if dense else 1)
+        monkeypatch.setattr(fast_convs, "CONV_LOOP_MIN_EXAMPLES", 10**9 if dense else 1)
         monkeypatch.setattr(fast_layers, "FACTOR_RATIO", 0.0 if dense else 1e9)
     return request.param
 

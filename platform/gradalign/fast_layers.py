@@ -1,4 +1,4 @@
-"""The per-client layers of the fast paths (see `fast_paths`): Linear, Conv2d and GroupNorm.
+"""The per-client layers of the fast paths (see `fast_paths`): Linear and GroupNorm (Conv2d: `fast_convs`).
 
 Each layer is evaluated over the m*b examples of all clients (rows i*b .. (i+1)*b of a layer's input belong to
 client i), either at the shared parameters x with each client's weight gradient wanted separately (pass 1), or
@@ -8,9 +8,9 @@ with each client's own parameters Z_i and the weight gradients wanted summed ove
   `linear_displaced`, `linear_factored`, `group_norm_affine`), so the backward pass runs entirely in torch's engine.
   Each call is a tap (`Pass.tap`): the backward pass is asked for the gradient at the layer's output, from which
   the parameters' gradients are computed afterwards (per client, or summed) into the evaluation's buffers.
-- Conv2d runs as autograd Functions (`_Conv2dClientGrads`, `_Conv2dAligned`), whose backward writes the weight
-  gradients into the buffers (`Pass.store`) and returns the input gradient; a scalar `anchor` leaf, which the
-  backward pass is also asked for, ties them into it.
+- Conv2d runs as autograd Functions (`fast_convs`), whose backward writes the weight gradients into the buffers
+  (`Pass.store`) and returns the input gradient; a scalar `anchor` leaf, which the backward pass is also asked for,
+  ties them into it.
 
 A Linear weight whose per-client gradients g_i = delta_i^T x_i have few rows per client (`FACTOR_RATIO`) is never
 materialised as [m, out, in] matrices: it stays `FactoredGrads` (its sum, weighted sums and squared norms are small
@@ -25,9 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd import Function
 from torch.autograd.graph import GradientEdge, get_gradient_edge
-from torch.nn.modules.utils import _pair
 
 
 class Unsupported(RuntimeError):
@@ -272,145 +270,6 @@ def linear_factored(run: Pass, h: Tensor, z: "Factored", biases: Tensor | None, 
     return y
 
 
-def _to_grouped(t: Tensor, m: int) -> Tensor:
-    """[m*b, C, H, W] -> [b, m*C, H, W]: the clients side by side along the channels (for a grouped convolution)."""
-    if m == 1:
-        return t
-    n, c = t.shape[:2]
-    return t.reshape(m, n // m, c, *t.shape[2:]).transpose(0, 1).reshape(n // m, m * c, *t.shape[2:])
-
-
-def _from_grouped(t: Tensor, m: int) -> Tensor:
-    if m == 1:
-        return t
-    b, mc = t.shape[:2]
-    return t.reshape(b, m, mc // m, *t.shape[2:]).transpose(0, 1).reshape(m * b, mc // m, *t.shape[2:])
-
-
-def _conv_backward(grad, x, weight, conf, groups, mask):
-    stride, padding, dilation = conf
-    return torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False, [0, 0],
-                                               groups, mask)
-
-
-CONV_LOOP_MIN_EXAMPLES = 8
-"""On CPU, with at least this many examples per client, the convolutions of both evaluations run as one ordinary
-convolution per client (contiguous slices of the batch, no copies; with oneDNN on one core also faster than one
-convolution over all m*b examples). Otherwise (fewer examples, or an accelerator, where few big kernels win) the
-per-client ones are grouped convolutions over all clients at once and the shared-weight ones plain convolutions."""
-
-
-def _loop(x: Tensor, m: int) -> bool:
-    return x.device.type == "cpu" and m > 1 and x.shape[0] // m >= CONV_LOOP_MIN_EXAMPLES
-
-
-def _client_rows(n: int, m: int) -> list[slice]:
-    b = n // m
-    return [slice(i * b, (i + 1) * b) for i in range(m)]
-
-
-def _conv_forward_per_client(x, weight_of, bias_of, conf, groups, m):
-    out = None
-    for i, rows in enumerate(_client_rows(x.shape[0], m)):
-        y = F.conv2d(x[rows], weight_of(i), bias_of(i), *conf, groups)
-        if out is None:
-            out = y.new_empty(x.shape[0], *y.shape[1:])
-        out[rows] = y
-    return out
-
-
-def _conv_input_grad_per_client(grad, x, weight_of, conf, groups, m):
-    gx = torch.empty_like(x)
-    for i, rows in enumerate(_client_rows(x.shape[0], m)):
-        gx[rows] = _conv_backward(grad[rows], x[rows], weight_of(i), conf, groups, (True, False, False))[0]
-    return gx
-
-
-class _Conv2dClientGrads(Function):
-    """The convolution at the shared weights; backward: the weight gradient per client."""
-
-    @staticmethod
-    def forward(ctx, x, anchor, weight, bias, run, wn, bn, conf, groups):
-        ctx.save_for_backward(x, weight)
-        ctx.run, ctx.names, ctx.conf, ctx.groups = run, (wn, bn), conf, groups
-        if _loop(x, run.m):
-            return _conv_forward_per_client(x, lambda i: weight, lambda i: bias, conf, groups, run.m)
-        return F.conv2d(x, weight, bias, *conf, groups)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        run, (wn, bn), conf, groups = ctx.run, ctx.names, ctx.conf, ctx.groups
-        m, loop = run.m, _loop(x, run.m)
-
-        def weight_grads(out):
-            if loop:  # one weight gradient per client, each from its own rows
-                out = out if out is not None else weight.new_empty(m, *weight.shape)
-                for i, rows in enumerate(_client_rows(x.shape[0], m)):
-                    out[i] = _conv_backward(grad[rows], x[rows], weight, conf, groups, (False, True, False))[1]
-                return out
-            # one grouped convolution backward, group i = client i (as vmap's batching rule)
-            shape = (m * weight.shape[0], *weight.shape[1:])
-            gw = _conv_backward(_to_grouped(grad, m), _to_grouped(x, m), weight.new_empty(1).expand(shape), conf,
-                                m * groups, (False, True, False))[1]
-            return gw.reshape(m, *weight.shape)
-
-        run.store(wn, weight_grads)
-        if bn is not None:
-            run.store(bn, lambda out: _sum(grad.reshape(m, -1, *grad.shape[1:]), (1, 3, 4), out))
-        gx = None
-        if ctx.needs_input_grad[0] and loop:
-            gx = _conv_input_grad_per_client(grad, x, lambda i: weight, conf, groups, m)
-        elif ctx.needs_input_grad[0]:
-            gx = _conv_backward(grad, x, weight, conf, groups, (True, False, False))[0]
-        return gx, None, None, None, None, None, None, None, None
-
-
-class _Conv2dAligned(Function):
-    """Client i's examples convolved with its own W_i; the weight gradient summed over clients."""
-
-    @staticmethod
-    def forward(ctx, x, anchor, weights, biases, run, wn, bn, conf, groups):
-        ctx.save_for_backward(x, weights)
-        ctx.run, ctx.names, ctx.conf, ctx.groups = run, (wn, bn), conf, groups
-        m = run.m
-        if _loop(x, m):
-            return _conv_forward_per_client(x, lambda i: weights[i], lambda i: None if biases is None else biases[i],
-                                            conf, groups, m)
-        w = weights.reshape(-1, *weights.shape[2:])
-        b = biases.reshape(-1) if biases is not None else None
-        return _from_grouped(F.conv2d(_to_grouped(x, m), w, b, *conf, m * groups), m)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weights = ctx.saved_tensors
-        run, (wn, bn), conf, groups = ctx.run, ctx.names, ctx.conf, ctx.groups
-        m, loop = run.m, _loop(x, run.m)
-        shape_only = x.new_empty(1).expand(weights.shape[1:])
-
-        def weight_grad(out):
-            if not loop:
-                return _conv_backward(grad, x, shape_only, conf, groups, (False, True, False))[1]
-            total = None
-            for rows in _client_rows(x.shape[0], m):
-                g = _conv_backward(grad[rows], x[rows], shape_only, conf, groups, (False, True, False))[1]
-                total = g if total is None else total.add_(g)
-            return total
-
-        run.store(wn, weight_grad)
-        if bn is not None:
-            run.store(bn, lambda out: _sum(grad, (0, 2, 3), out))
-        gx = None
-        if ctx.needs_input_grad[0] and loop:
-            gx = _conv_input_grad_per_client(grad, x, lambda i: weights[i], conf, groups, m)
-        elif ctx.needs_input_grad[0]:
-            shape = (x.shape[0] // m, m * x.shape[1], *x.shape[2:])
-            gx = _conv_backward(_to_grouped(grad, m), x.new_empty(1).expand(shape),
-                                weights.reshape(-1, *weights.shape[2:]), conf, m * groups, (True, False, False))[0]
-            gx = _from_grouped(gx, m)
-        return gx, None, None, None, None, None, None, None, None
-
-
 def group_norm_affine(run: Pass, normalized: Tensor, scale: Tensor, shift: Tensor | None, wn: str,
                       bn: str | None) -> Tensor:
     """out = normalized * scale + shift, per client ([m, C] scales: the Z_i) or shared ([C]: at x).
@@ -435,21 +294,3 @@ def group_norm_affine(run: Pass, normalized: Tensor, scale: Tensor, shift: Tenso
 
     run.tap(out, finish)
     return out
-
-
-def _conv_args(x: Tensor, weight: Tensor, stride, padding, dilation):
-    """F.conv2d's arguments as int pairs; string padding made explicit (an asymmetric 'same' pads x itself)."""
-    stride, dilation = _pair(stride), _pair(dilation)
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0, 0)
-        else:  # 'same': d*(k-1) in all per dimension, the odd one on the right/bottom (as torch does)
-            th, tw = (d * (k - 1) for d, k in zip(dilation, weight.shape[2:]))
-            if th % 2 or tw % 2:
-                x = F.pad(x, [tw // 2, tw - tw // 2, th // 2, th - th // 2])
-                padding = (0, 0)
-            else:
-                padding = (th // 2, tw // 2)
-    return x, (stride, _pair(padding), dilation)
-
-

@@ -15,12 +15,13 @@ nn.Conv2d, nn.GroupNorm) are evaluated per client (rows i*b .. (i+1)*b of a laye
   products; convolutions per client or grouped), but since dZ_i/dx = I the weight gradient is accumulated directly
   onto the shared x: one ordinary product over all m*b examples, as in large-batch SGD. No [m, P] gradient exists.
 - a Linear weight whose per-client gradients g_i = delta_i^T x_i have few rows per client is never materialised
-  as [m, out, in] matrices: in (1) it stays `FactoredGrads` (sum_i g_i is one product, |g_i|^2 comes from two small
-  Gram matrices), in (2) Z_i = shift + beta delta_i^T x_i is applied through the factors (`Factored`).
+  as [m, out, in] matrices: in (1) it stays `FactoredGrads` (sum_i g_i is one product, |g_i|^2 comes from the
+  small products (x_i x_i^T) delta_i), in (2) Z_i = shift + beta delta_i^T x_i is applied through the factors
+  (`Factored`; at the first layer, whose input is the same in both passes, those products are reused).
 
 The layers themselves are in `fast_layers` (Linear and GroupNorm as ordinary autograd ops whose output gradients the
-backward pass hands back, Conv2d as autograd Functions); this module holds the mode that swaps them in and the
-public functions.
+backward pass hands back) and `fast_convs` (Conv2d as autograd Functions); this module holds the mode that swaps
+them in and the public functions.
 
 All of it is exact (the same sums in another order). The layers are swapped in by a `TorchFunctionMode` active
 only during the forward pass, in this thread: the module, its parameters, their .grad and its hooks are not
@@ -44,9 +45,9 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
+from .fast_convs import _Conv2dAligned, _Conv2dClientGrads, _conv_args
 from .fast_layers import (
-    Factored, FactoredGrads, Pass, Unsupported, _Conv2dAligned, _Conv2dClientGrads, _conv_args, group_norm_affine,
-    linear_at_shared, linear_displaced, linear_factored,
+    Factored, FactoredGrads, Pass, Unsupported, group_norm_affine, linear_at_shared, linear_displaced, linear_factored,
 )
 
 __all__ = [
