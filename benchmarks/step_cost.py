@@ -14,7 +14,10 @@ torch.func.vmap path it replaces (GradAlign(fast_path=False)), `loop` GradAlign 
 (config vmap=False). On cuda every timed step ends with torch.cuda.synchronize().
 
 `best` is the ratio of the fastest repeats (other load on the machine only ever adds time, so on a shared or noisy
-machine it is the steadier estimate of the intrinsic cost; the median is the typical one).
+machine it is the steadier estimate of the intrinsic cost; the median is the typical one). `paired` is the median of
+the per-repeat ratios (each GradAlign step over the large-batch step timed right before it, so slow drifts of the
+machine cancel) and `95% CI` a distribution-free confidence interval for it (order statistics of the paired ratios;
+'-' with fewer than 6 repeats): a target is met with confidence only if the whole interval lies below it.
 
 `rel err` checks the numbers before timing, on the same device, model and data: ||fast - vmap|| / ||vmap|| for
 GradAlign's update direction (gradalign.gradalign_gradient with beta=0.1, fast_path=True against fast_path=False).
@@ -26,6 +29,7 @@ other algorithms). Above 1e-3 a WARNING line follows the row. The timed steps ke
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -143,6 +147,28 @@ def direction_rel_err(model_name: str, clients: int, per_client: int, device: to
     return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
 
 
+def median_ci(values, level: float = 0.95) -> tuple[float, float, float]:
+    """(median, low, high): a distribution-free confidence interval for the median of `values`.
+
+    The bounds are order statistics x_(j) and x_(n+1-j), with the largest j for which P(Binomial(n, 1/2) < j) stays
+    within (1 - level) / 2, so the interval covers the true median with probability >= level for any continuous
+    distribution; (median, nan, nan) when n is too small for that.
+    """
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("median_ci needs at least one value")
+    alpha, j, below = (1.0 - level) / 2, 0, 0.0  # below = P(B < j + 1) as j grows
+    while j < n // 2:
+        below += math.comb(n, j) / 2 ** n
+        if below > alpha:
+            break
+        j += 1
+    if j == 0:
+        return statistics.median(xs), math.nan, math.nan
+    return statistics.median(xs), xs[j - 1], xs[n - j]
+
+
 def time_side_by_side(steps: dict, repeats: int, warmup: int = 3) -> dict[str, list[float]]:
     for fn in steps.values():
         for _ in range(warmup):
@@ -184,12 +210,14 @@ def main(argv=None) -> None:
         print(f"# cuda: TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, "
               f"cuDNN TF32 {torch.backends.cudnn.allow_tf32}, cuDNN benchmark {torch.backends.cudnn.benchmark}")
     print(f"# median of {args.repeats} interleaved repeats after {args.warmup} warm-up steps; ratio = time / "
-          "large-batch SGD time at the same global batch; best = the same for the fastest repeat of each")
+          "large-batch SGD time at the same global batch; best = the same for the fastest repeat of each; paired = "
+          "median of the per-repeat ratios, 95% CI its distribution-free confidence interval")
     print(f"# rel err = ||fast - vmap|| / ||vmap|| of GradAlign's direction (beta={CHECK_BETA}) on this device "
           "and data, checked before timing")
     width = max(5, *(len(m) for m in args.model))
     print(f"{'model':>{width}} {'clients x b':>12} {'batch':>6} {'large-batch ms':>15} {'gradalign ms':>13} "
-          f"{'path':>5} {'ratio':>6} {'best':>6} {'vmap ratio':>11} {'loop ratio':>11} {'rel err':>8}")
+          f"{'path':>5} {'ratio':>6} {'best':>6} {'paired':>6} {'95% CI':>9} {'vmap ratio':>11} {'loop ratio':>11} "
+          f"{'rel err':>8}")
     for model_name in args.model:
         for clients, per_client in args.shapes:
             rel_err = direction_rel_err(model_name, clients, per_client, device)
@@ -204,12 +232,15 @@ def main(argv=None) -> None:
             times = time_side_by_side(steps, args.repeats, args.warmup)
             t = {name: statistics.median(ts) for name, ts in times.items()}
             best = min(times["gradalign"]) / min(times["large"])
+            paired, low, high = median_ci([g / lb for g, lb in zip(times["gradalign"], times["large"])])
+            ci = f"{low:.2f}-{high:.2f}" if math.isfinite(low) else "-"
             path = steps["gradalign"].algorithm.path  # after the steps: a fallback would show here
             vmap = f"{t['vmap'] / t['large']:.2f}x" if "vmap" in t else "-"
             loop = f"{t['loop'] / t['large']:.2f}x" if "loop" in t else "-"
             print(f"{model_name:>{width}} {f'{clients} x {per_client}':>12} {clients * per_client:>6} "
                   f"{t['large'] * 1e3:>15.2f} {t['gradalign'] * 1e3:>13.2f} {path:>5} "
-                  f"{t['gradalign'] / t['large']:>5.2f}x {best:>5.2f}x {vmap:>11} {loop:>11} {rel_err:>8.1e}",
+                  f"{t['gradalign'] / t['large']:>5.2f}x {best:>5.2f}x {paired:>5.2f}x {ci:>9} {vmap:>11} {loop:>11} "
+                  f"{rel_err:>8.1e}",
                   flush=True)
             if not rel_err <= REL_ERR_LIMIT:  # also catches nan
                 print(f"# WARNING: {model_name} {clients} x {per_client} on {device}: the fast path's update direction "

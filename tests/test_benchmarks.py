@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,9 @@ def test_table_has_a_row_per_model_and_shape_with_small_rel_err(capsys):
     for r in rows:
         assert int(r[4]) == int(r[1]) * int(r[3])  # batch = clients * b
         assert r[7] == "fast"
-        assert len(r) == 13  # ratio, best ratio, vmap and loop ratios present
-        assert float(r[8].rstrip("x")) > 0 and float(r[9].rstrip("x")) > 0
+        assert len(r) == 15  # ratio, best, paired ratio, its CI ('-': one repeat), vmap and loop ratios present
+        assert float(r[8].rstrip("x")) > 0 and float(r[9].rstrip("x")) > 0 and float(r[10].rstrip("x")) > 0
+        assert r[11] == "-"
         assert 0 <= float(r[-1]) < 1e-4, r
     assert "WARNING" not in out
 
@@ -51,6 +53,22 @@ def test_a_large_rel_err_prints_a_warning(capsys, monkeypatch):
     assert float(_rows(out)[0][-1]) == 0.5
     (warning,) = [line for line in out.splitlines() if "WARNING" in line]
     assert "mlp 2 x 2" in warning and "5.0e-01" in warning
+
+
+def test_enough_repeats_give_a_confidence_interval_around_the_paired_ratio(capsys):
+    step_cost.main(["--model", "mlp", "--shapes", "2x2", "--no-loop", "--no-vmap", *TINY, "--repeats", "6"])
+    (row,) = _rows(capsys.readouterr().out)
+    paired = float(row[10].rstrip("x"))
+    low, high = (float(v) for v in row[11].split("-"))
+    assert 0 < low <= paired <= high
+
+
+def test_median_ci_takes_the_order_statistics_of_the_binomial():
+    assert step_cost.median_ci([float(v) for v in range(10, 0, -1)]) == (5.5, 2.0, 9.0)  # 2nd and 9th of 10: 97.9%
+    assert step_cost.median_ci([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]) == (3.5, 1.0, 6.0)  # n = 6: min and max, 96.9%
+    assert step_cost.median_ci([float(v) for v in range(1, 41)]) == (20.5, 14.0, 27.0)  # P(B(40, 1/2) <= 13) = 0.019
+    median, low, high = step_cost.median_ci([3.0, 1.0, 2.0, 5.0, 4.0])  # n = 5: even min-max covers only 93.8%
+    assert median == 3.0 and math.isnan(low) and math.isnan(high)
 
 
 def test_all_is_mlp_and_cnn():
