@@ -35,6 +35,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 from gradalign import TrainConfig, gradalign_gradient
 from gradalign.algorithms import ALGORITHM_CLASSES, RoundBatch, build_algorithm
 from gradalign.models import build_model
@@ -127,6 +129,55 @@ def make_step(model_name: str, algorithm: str, clients: int, per_client: int, vm
     return step
 
 
+PRODUCT_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward"})
+"""The aten ops (and their in-place / out= forms) that do a step's matrix products and convolutions."""
+
+
+class _ProductRecorder(TorchDispatchMode):
+    """Keeps every product op dispatched while active, with (detached) references to its arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket.__name__.rstrip("_") in PRODUCT_OPS:
+            self.calls.append((func, *tree_map(_detached, (args, kwargs))))
+        return func(*args, **kwargs)
+
+
+def _detached(value):
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def record_products(step) -> list:
+    """The matrix products and convolutions of one call of `step`: (op, args, kwargs) in the order they ran.
+
+    The arguments are the step's own tensors, kept alive (replaying writes into the outputs of in-place and out=
+    calls again: the values change, the work does not).
+    """
+    with _ProductRecorder() as recorder:
+        step()
+    return recorder.calls
+
+
+def replay(calls: list, device: torch.device) -> None:
+    """Run recorded calls again, back to back (no autograd); on cuda, wait for them."""
+    with torch.no_grad():
+        for func, args, kwargs in calls:
+            func(*args, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def floor_ratio(steps: dict, repeats: int, device: torch.device) -> float:
+    """Median time of the recorded products of a `gradalign` step over those of a `large` step (interleaved)."""
+    calls = {name: record_products(steps[name]) for name in ("large", "gradalign")}
+    times = time_side_by_side({name: (lambda c=c: replay(c, device)) for name, c in calls.items()}, repeats, 1)
+    return statistics.median(times["gradalign"]) / statistics.median(times["large"])
+
+
 def direction_rel_err(model_name: str, clients: int, per_client: int, device: torch.device,
                       beta: float = CHECK_BETA) -> float:
     """||fast - vmap|| / ||vmap|| of GradAlign's update direction on the benchmark's model and data."""
@@ -198,6 +249,8 @@ def main(argv=None) -> None:
                         help="let cuDNN time its algorithms per shape (torch.backends.cudnn.benchmark = True)")
     parser.add_argument("--no-loop", action="store_true", help="skip the naive per-client loop (slow for many clients)")
     parser.add_argument("--no-vmap", action="store_true", help="skip the vmap path (GradAlign(fast_path=False))")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the products-only ratio (it records one step's product arguments)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -211,12 +264,13 @@ def main(argv=None) -> None:
               f"cuDNN TF32 {torch.backends.cudnn.allow_tf32}, cuDNN benchmark {torch.backends.cudnn.benchmark}")
     print(f"# median of {args.repeats} interleaved repeats after {args.warmup} warm-up steps; ratio = time / "
           "large-batch SGD time at the same global batch; best = the same for the fastest repeat of each; paired = "
-          "median of the per-repeat ratios, 95% CI its distribution-free confidence interval")
+          "median of the per-repeat ratios, 95% CI its distribution-free confidence interval; floor = the ratio of the "
+          "matrix products and convolutions alone (recorded from one step of each, replayed)")
     print(f"# rel err = ||fast - vmap|| / ||vmap|| of GradAlign's direction (beta={CHECK_BETA}) on this device "
           "and data, checked before timing")
     width = max(5, *(len(m) for m in args.model))
     print(f"{'model':>{width}} {'clients x b':>12} {'batch':>6} {'large-batch ms':>15} {'gradalign ms':>13} "
-          f"{'path':>5} {'ratio':>6} {'best':>6} {'paired':>6} {'95% CI':>9} {'vmap ratio':>11} {'loop ratio':>11} "
+          f"{'path':>5} {'ratio':>6} {'best':>6} {'paired':>6} {'95% CI':>9} {'floor':>6} {'vmap ratio':>11} {'loop ratio':>11} "
           f"{'rel err':>8}")
     for model_name in args.model:
         for clients, per_client in args.shapes:
@@ -234,12 +288,13 @@ def main(argv=None) -> None:
             best = min(times["gradalign"]) / min(times["large"])
             paired, low, high = median_ci([g / lb for g, lb in zip(times["gradalign"], times["large"])])
             ci = f"{low:.2f}-{high:.2f}" if math.isfinite(low) else "-"
+            floor = "-" if args.no_floor else f"{floor_ratio(steps, args.repeats, device):.2f}x"
             path = steps["gradalign"].algorithm.path  # after the steps: a fallback would show here
             vmap = f"{t['vmap'] / t['large']:.2f}x" if "vmap" in t else "-"
             loop = f"{t['loop'] / t['large']:.2f}x" if "loop" in t else "-"
             print(f"{model_name:>{width}} {f'{clients} x {per_client}':>12} {clients * per_client:>6} "
                   f"{t['large'] * 1e3:>15.2f} {t['gradalign'] * 1e3:>13.2f} {path:>5} "
-                  f"{t['gradalign'] / t['large']:>5.2f}x {best:>5.2f}x {paired:>5.2f}x {ci:>9} {vmap:>11} {loop:>11} "
+                  f"{t['gradalign'] / t['large']:>5.2f}x {best:>5.2f}x {paired:>5.2f}x {ci:>9} {floor:>6} {vmap:>11} {loop:>11} "
                   f"{rel_err:>8.1e}",
                   flush=True)
             if not rel_err <= REL_ERR_LIMIT:  # also catches nan

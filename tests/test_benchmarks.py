@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 _path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
 _spec = importlib.util.spec_from_file_location("_step_cost", _path)
@@ -30,19 +31,20 @@ def test_table_has_a_row_per_model_and_shape_with_small_rel_err(capsys):
     for r in rows:
         assert int(r[4]) == int(r[1]) * int(r[3])  # batch = clients * b
         assert r[7] == "fast"
-        assert len(r) == 15  # ratio, best, paired ratio, its CI ('-': one repeat), vmap and loop ratios present
+        assert len(r) == 16  # ratio, best, paired ratio, its CI ('-': one repeat), floor, vmap and loop ratios
         assert float(r[8].rstrip("x")) > 0 and float(r[9].rstrip("x")) > 0 and float(r[10].rstrip("x")) > 0
         assert r[11] == "-"
+        assert float(r[12].rstrip("x")) > 0
         assert 0 <= float(r[-1]) < 1e-4, r
     assert "WARNING" not in out
 
 
 def test_cifar_shaped_model_several_shapes_skipped_variants(capsys):
-    step_cost.main(["--model", "lenet", "--shapes", "2x2,3x1", "--no-loop", "--no-vmap", *TINY])
+    step_cost.main(["--model", "lenet", "--shapes", "2x2,3x1", "--no-loop", "--no-vmap", "--no-floor", *TINY])
     rows = _rows(capsys.readouterr().out)
     assert [(r[0], r[1], r[3]) for r in rows] == [("lenet", "2", "2"), ("lenet", "3", "1")]
     for r in rows:
-        assert r[-3:-1] == ["-", "-"]  # vmap and loop ratios skipped; rel err still checked
+        assert r[-4:-1] == ["-", "-", "-"]  # floor, vmap and loop ratios skipped; rel err still checked
         assert 0 <= float(r[-1]) < 1e-4, r
 
 
@@ -61,6 +63,37 @@ def test_enough_repeats_give_a_confidence_interval_around_the_paired_ratio(capsy
     paired = float(row[10].rstrip("x"))
     low, high = (float(v) for v in row[11].split("-"))
     assert 0 < low <= paired <= high
+
+
+def test_the_floor_records_a_large_batch_steps_products_forward_and_backward():
+    cpu = torch.device("cpu")
+    step = step_cost.make_step("mlp", "large_batch_sgd", 2, 4, True, cpu)
+    step()
+    calls = step_cost.record_products(step)
+    names = [func.overloadpacket.__name__ for func, _, _ in calls]
+    assert names == ["addmm"] * 3 + ["mm"] * 5  # three layers forward; backward: 3 weight and 2 input gradients
+    assert [tuple(args[1].shape) for _, args, _ in calls[:3]] == [(8, 784), (8, 200), (8, 200)]  # all 2 x 4 rows
+
+
+def test_a_gradalign_step_records_at_least_twice_the_products_and_replays_them_without_side_effects():
+    cpu = torch.device("cpu")
+    steps = {name: step_cost.make_step("mlp", name, 2, 4, True, cpu) for name in ("large_batch_sgd", "gradalign")}
+    for step in steps.values():
+        step()
+    calls = {name: step_cost.record_products(step) for name, step in steps.items()}
+    assert len(calls["gradalign"]) >= 2 * len(calls["large_batch_sgd"])
+    model = steps["gradalign"].algorithm.model
+    before = [p.detach().clone() for p in model.parameters()]
+    step_cost.replay(calls["gradalign"], cpu)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert step_cost.floor_ratio({"large": steps["large_batch_sgd"], "gradalign": steps["gradalign"]}, 2, cpu) > 0
+
+
+def test_the_floor_records_convolutions_and_their_backward():
+    step = step_cost.make_step("cnn", "large_batch_sgd", 2, 2, True, torch.device("cpu"))
+    step()
+    names = [func.overloadpacket.__name__ for func, _, _ in step_cost.record_products(step)]
+    assert names.count("convolution") == 2 and names.count("convolution_backward") == 2, names
 
 
 def test_median_ci_takes_the_order_statistics_of_the_binomial():
