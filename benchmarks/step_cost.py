@@ -270,8 +270,8 @@ def main(argv=None) -> None:
           "and data, checked before timing")
     width = max(5, *(len(m) for m in args.model))
     print(f"{'model':>{width}} {'clients x b':>12} {'batch':>6} {'large-batch ms':>15} {'gradalign ms':>13} "
-          f"{'path':>5} {'ratio':>6} {'best':>6} {'paired':>6} {'95% CI':>9} {'floor':>6} {'vmap ratio':>11} {'loop ratio':>11} "
-          f"{'rel err':>8}")
+          f"{'path':>5} {'ratio':>6} {'best':>6} {'paired':>6} {'95% CI':>9} {'floor':>6} {'vmap ratio':>11} "
+          f"{'loop ratio':>11} {'rel err':>8}")
     for model_name in args.model:
         for clients, per_client in args.shapes:
             rel_err = direction_rel_err(model_name, clients, per_client, device)
@@ -294,8 +294,8 @@ def main(argv=None) -> None:
             loop = f"{t['loop'] / t['large']:.2f}x" if "loop" in t else "-"
             print(f"{model_name:>{width}} {f'{clients} x {per_client}':>12} {clients * per_client:>6} "
                   f"{t['large'] * 1e3:>15.2f} {t['gradalign'] * 1e3:>13.2f} {path:>5} "
-                  f"{t['gradalign'] / t['large']:>5.2f}x {best:>5.2f}x {paired:>5.2f}x {ci:>9} {floor:>6} {vmap:>11} {loop:>11} "
-                  f"{rel_err:>8.1e}",
+                  f"{t['gradalign'] / t['large']:>5.2f}x {best:>5.2f}x {paired:>5.2f}x {ci:>9} {floor:>6} {vmap:>11} "
+                  f"{loop:>11} {rel_err:>8.1e}",
                   flush=True)
             if not rel_err <= REL_ERR_LIMIT:  # also catches nan
                 print(f"# WARNING: {model_name} {clients} x {per_client} on {device}: the fast path's update direction "
