@@ -38,7 +38,12 @@ def build_report(out: Path, history: pd.DataFrame, *, target: float, x: str, tit
     cells = summarize_cells(history, target, group=group)
     save_table(cells, out / "cells")
     tuned = history[history["phase"] == "tune"]
-    warnings = edge_warnings(best_trials(tuned, group=group, reduce="last"), search_ranges, label=group) if len(tuned) else []
+    # the configurations the study chose are those its seed runs ran (ties in the tuning score may be broken
+    # differently by best_trials); without seed runs, the best tuning trials
+    chosen = history[history["phase"] == "seed"]
+    chosen = chosen if len(chosen) else tuned
+    warnings = edge_warnings(best_trials(chosen, group=group, reduce="last"), search_ranges, label=group) \
+        if len(chosen) else []
     warnings += _divergence_warnings(history)
     sig = compare(history, by or x, target, comparisons, reference)
     summary = {

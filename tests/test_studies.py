@@ -1,12 +1,18 @@
 """The study scripts: bad axes are refused before anything starts; a tiny study runs end to end, resumes, and
 its report can be rebuilt without training."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from studies import batch_scaling, federated
+from studies import batch_scaling, federated, reporting
+
+_spec = importlib.util.spec_from_file_location("_synthetic_study", Path(__file__).with_name("test_analysis.py"))
+_synthetic = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_synthetic)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -104,3 +110,19 @@ def test_federated_end_to_end(tmp_path, ray_cluster):
     summary = json.loads((out / "summary.json").read_text())
     assert any(k.startswith("fedga - fedavg") for k in summary["summary"])
     assert "fig-rounds" in (out / "report.html").read_text()
+
+
+def test_the_report_warns_about_the_configurations_its_seed_runs_used(tmp_path):
+    history = _synthetic.synthetic_history(seeds=2, epochs=5)
+    chosen = (history["phase"] == "seed") & (history["algorithm"] == "gradalign") & (history["batch_size"] == 256)
+    history.loc[chosen, "beta"] = 1e-4  # as when a tie in the tuning score went to another trial than best_trials'
+    ranges = {"gradalign": {"lr": (1e-3, 10.0), "beta": (1e-4, 1.0)}, "large_batch_sgd": {"lr": (1e-3, 10.0)}}
+
+    def beta_warnings(frame, out):
+        reporting.build_report(out, frame, target=_synthetic.TARGET, x="batch_size", title="t", command="c",
+                               budget={}, search_ranges=ranges)
+        return [w for w in json.loads((out / "summary.json").read_text())["warnings"] if w.startswith("beta")]
+
+    assert beta_warnings(history, tmp_path / "seeded") == [
+        "beta=0.0001 is at the lower edge of [0.0001, 1] for gradalign@B=256: widen the range"]
+    assert beta_warnings(history[history["phase"] == "tune"], tmp_path / "tuned") == []  # no seeds: the tuned best
