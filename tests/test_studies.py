@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from studies import batch_scaling, federated, reporting
+from studies import cells as study_cells
 
 _spec = importlib.util.spec_from_file_location("_synthetic_study", Path(__file__).with_name("test_analysis.py"))
 _synthetic = importlib.util.module_from_spec(_spec)
@@ -126,3 +127,13 @@ def test_the_report_warns_about_the_configurations_its_seed_runs_used(tmp_path):
     assert beta_warnings(history, tmp_path / "seeded") == [
         "beta=0.0001 is at the lower edge of [0.0001, 1] for gradalign@B=256: widen the range"]
     assert beta_warnings(history[history["phase"] == "tune"], tmp_path / "tuned") == []  # no seeds: the tuned best
+
+
+def test_the_best_configuration_of_tied_trials_does_not_depend_on_the_row_order():
+    rows = [{"trial_id": tid, "epoch": epoch, "status": "completed", "test_accuracy": acc if epoch == 2 else 0.5,
+             "algorithm": "gradalign", "lr": lr, "beta": beta}
+            for tid, acc, lr, beta in (("c3", 0.98, 0.1, 1e-5), ("a1", 0.98, 0.2, 1e-3), ("b2", 0.97, 0.3, 0.1))
+            for epoch in (1, 2)]
+    tuned = pd.DataFrame(rows)
+    chosen = {study_cells.best_config(tuned.sample(frac=1.0, random_state=k), "test_accuracy")["lr"] for k in range(10)}
+    assert chosen == {0.2}  # a1 and c3 tie at 0.98: the smaller trial id
