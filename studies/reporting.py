@@ -38,10 +38,11 @@ def build_report(out: Path, history: pd.DataFrame, *, target: float, x: str, tit
     cells = summarize_cells(history, target, group=group)
     save_table(cells, out / "cells")
     tuned = history[history["phase"] == "tune"]
-    # the configurations the study chose are those its seed runs ran (ties in the tuning score may be broken
-    # differently by best_trials); without seed runs, the best tuning trials
-    chosen = history[history["phase"] == "seed"]
-    chosen = chosen if len(chosen) else tuned
+    # the configuration a cell chose is the one its seed runs ran (best_trials may break a tie in the tuning score
+    # otherwise); for a cell without seed runs yet, its best tuning trial
+    seeded = history[history["phase"] == "seed"]
+    unseeded = ~tuned.set_index(list(group)).index.isin(seeded.set_index(list(group)).index)
+    chosen = pd.concat([seeded, tuned[unseeded]])
     warnings = edge_warnings(best_trials(chosen, group=group, reduce="last"), search_ranges, label=group) \
         if len(chosen) else []
     warnings += _divergence_warnings(history)

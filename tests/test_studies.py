@@ -127,6 +127,12 @@ def test_the_report_warns_about_the_configurations_its_seed_runs_used(tmp_path):
     assert beta_warnings(history, tmp_path / "seeded") == [
         "beta=0.0001 is at the lower edge of [0.0001, 1] for gradalign@B=256: widen the range"]
     assert beta_warnings(history[history["phase"] == "tune"], tmp_path / "tuned") == []  # no seeds: the tuned best
+    cell = (history["algorithm"] == "gradalign") & (history["batch_size"] == 512)  # a cell whose seeds never ran
+    partial = history[~(cell & (history["phase"] == "seed"))].copy()
+    partial.loc[cell, "beta"] = 1.2e-4
+    assert beta_warnings(partial, tmp_path / "partial") == [
+        "beta=0.0001 is at the lower edge of [0.0001, 1] for gradalign@B=256: widen the range",
+        "beta=0.00012 is at the lower edge of [0.0001, 1] for gradalign@B=512: widen the range"]
 
 
 def test_the_best_configuration_of_tied_trials_does_not_depend_on_the_row_order():
