@@ -172,12 +172,16 @@ def _cell_of_trials(grid: tune.ResultGrid) -> dict[str, str]:
 
 
 def best_config(tuned: pd.DataFrame, objective: str) -> dict[str, Any]:
-    """The TrainConfig of the trial with the best final-epoch objective (non-diverged trials first; a tie goes to the
-    smallest trial id, so the choice does not depend on the order of the rows)."""
+    """The TrainConfig of the trial with the best final-epoch objective (non-diverged trials first).
+
+    A tie (common with test accuracy on a small test set) goes to the lower final test loss, then to the smallest
+    trial id: the same trial results give the same choice, whatever the order of the rows.
+    """
     last = tuned.sort_values("epoch", kind="stable").groupby("trial_id").tail(1)
     healthy = last[last["status"] != "diverged"]
     pool = healthy if len(healthy) else last
-    row = pool.sort_values([objective, "trial_id"], ascending=[False, True], kind="stable").iloc[0]
+    keys = [objective, *(["test_loss"] if "test_loss" in pool and objective != "test_loss" else []), "trial_id"]
+    row = pool.sort_values(keys, ascending=[False, *[True] * (len(keys) - 1)], kind="stable").iloc[0]
     fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "extras"]
     return {k: _plain(row[k]) for k in fields if k in row and not _missing(row[k])}
 

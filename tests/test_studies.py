@@ -135,11 +135,12 @@ def test_the_report_warns_about_the_configurations_its_seed_runs_used(tmp_path):
         "beta=0.00012 is at the lower edge of [0.0001, 1] for gradalign@B=512: widen the range"]
 
 
-def test_the_best_configuration_of_tied_trials_does_not_depend_on_the_row_order():
-    rows = [{"trial_id": tid, "epoch": epoch, "status": "completed", "test_accuracy": acc if epoch == 2 else 0.5,
-             "algorithm": "gradalign", "lr": lr, "beta": beta}
-            for tid, acc, lr, beta in (("c3", 0.98, 0.1, 1e-5), ("a1", 0.98, 0.2, 1e-3), ("b2", 0.97, 0.3, 0.1))
-            for epoch in (1, 2)]
-    tuned = pd.DataFrame(rows)
+def test_a_tie_in_the_objective_goes_to_the_lower_test_loss_then_the_smaller_trial_id_whatever_the_row_order():
+    trials = (("c3", 0.98, 0.30, 0.1), ("a1", 0.98, 0.31, 0.2), ("d4", 0.98, 0.30, 0.3), ("b2", 0.97, 0.10, 0.4))
+    tuned = pd.DataFrame([{"trial_id": tid, "epoch": epoch, "status": "completed", "algorithm": "gradalign",
+                           "test_accuracy": acc if epoch == 2 else 0.5, "test_loss": loss if epoch == 2 else 1.0,
+                           "lr": lr} for tid, acc, loss, lr in trials for epoch in (1, 2)])
     chosen = {study_cells.best_config(tuned.sample(frac=1.0, random_state=k), "test_accuracy")["lr"] for k in range(10)}
-    assert chosen == {0.2}  # a1 and c3 tie at 0.98: the smaller trial id
+    assert chosen == {0.1}  # c3, a1, d4 tie at 0.98; c3 and d4 at test loss 0.30; c3 < d4
+    without_loss = tuned.drop(columns="test_loss")
+    assert study_cells.best_config(without_loss, "test_accuracy")["lr"] == 0.2  # a1: the smallest of the three ids
