@@ -329,6 +329,23 @@ def test_factored_gradients_equal_the_dense_ones(monkeypatch):
         _close(f.weighted_sum(), d.sum(0))
         _close(f.weighted_sum(w), (d * w.reshape(-1, 1, 1)).sum(0))
         _close(f.squared_norms, d.flatten(1).pow(2).sum(1))
+        _close(f.squared_norm_sum(), d.pow(2).sum())
+
+
+def test_scales_folded_into_the_evaluations_give_the_divided_results():
+    """mean_scale (ḡ given as a sum) and grad_scale (the seed of the backward pass) equal dividing afterwards."""
+    model, shape = _model("mlp")
+    x, y = _data(shape, clients=4, batch=3)
+    params = param_dict(model)
+    grads, _, _ = fast_paths.client_gradients(model, F.cross_entropy, x, y, factored=True)
+    grad_sum = {n: g.sum(0) if isinstance(g, torch.Tensor) else g.weighted_sum() for n, g in grads.items()}
+    divided = fast_paths.displaced_points(params, grads, {n: s / 4 for n, s in grad_sum.items()}, 0.3)
+    folded = fast_paths.displaced_points(params, grads, grad_sum, 0.3, mean_scale=0.25)
+    want, want_loss, _ = fast_paths.displaced_gradient_sum(model, F.cross_entropy, divided, x, y)
+    got, got_loss, _ = fast_paths.displaced_gradient_sum(model, F.cross_entropy, folded, x, y, grad_scale=0.25)
+    assert got_loss.item() == pytest.approx(want_loss.item(), rel=1e-12)  # the loss itself is not scaled
+    for n in want:
+        _close(got[n], want[n] / 4)
 
 
 def test_the_first_layer_reuses_its_input_gram_product(monkeypatch):

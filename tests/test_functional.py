@@ -131,3 +131,7 @@ def test_moments_without_cosine_are_half_the_size_and_give_the_rest():
     assert al_short.grad_cosine != al_short.grad_cosine  # NaN: not computed
     for key in ("grad_variance", "grad_norm_sq", "gns_trace", "gns_grad_sq"):
         assert getattr(al_short, key) == pytest.approx(getattr(al_full, key), rel=1e-12), key
+    grad_sum, al_sum = alignment_from_moments(short.clone(), 5, 4, cosine=False, in_place=True, divide=False)
+    torch.testing.assert_close(grad_sum, g.sum(0))  # left as the sum, for a caller that folds in 1/m
+    for key in ("grad_variance", "grad_norm_sq", "gns_trace", "gns_grad_sq"):
+        assert getattr(al_sum, key) == pytest.approx(getattr(al_full, key), rel=1e-12), key

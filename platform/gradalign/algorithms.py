@@ -243,13 +243,14 @@ class GradAlign(Algorithm):
         self.comm.sum_(packed)
         participants = batch.num_participants
         _, alignment = alignment_from_moments(packed[:-1], participants, self.config.client_batch_size, cosine=cosine,
-                                              in_place=True)
+                                              divide=False)  # (1/m folded into the next two uses: no P-sized pass)
         loss = packed[-1].item() / participants
         values = {n: p.detach() for n, p in params.items()}  # (taken now: `p.data = ...` may have swapped storage)
-        points = fast_paths.displaced_points(values, grads, buffers.mean, beta, overwrite=True)
+        points = fast_paths.displaced_points(values, grads, buffers.mean, beta, overwrite=True,
+                                             mean_scale=1 / participants)
         try:
             fast_paths.displaced_gradient_sum(self.model, self.loss_fn, points, inputs, targets, self._mean_loss,
-                                              out=buffers.direction_views, params=params)
+                                              out=buffers.direction_views, params=params, grad_scale=1 / participants)
         except fast_paths.Unsupported as err:  # (the first evaluation passed: hardly ever) finish this step with vmap
             self.path, self.fallback_reason = "vmap", str(err)
             rows = buffers.rows
@@ -258,7 +259,7 @@ class GradAlign(Algorithm):
                     torch.add(point.shift, point.grads.materialize(rows[n]), alpha=beta, out=rows[n])
             return self._finish(sum_clients(self.client_grads(rows, inputs, targets, per_client=True)[0]), batch,
                                 loss, alignment)
-        return self._finish(buffers.direction, batch, loss, alignment)
+        return self._finish(buffers.direction, batch, loss, alignment, scaled=True)
 
     def _fast_buffers(self, clients: int) -> "_FastBuffers":
         buffers = self._buffers
@@ -268,9 +269,13 @@ class GradAlign(Algorithm):
             self._buffers = buffers = _FastBuffers(self.model, self.layout, clients)
         return buffers
 
-    def _finish(self, local_sum: Tensor, batch: RoundBatch, loss: float, alignment: Alignment) -> StepResult:
-        # local_sum is this step's own tensor: all-reduce and scale it in place, and hand the optimizer views of it
-        direction = self.comm.sum_(local_sum).div_(batch.num_participants)
+    def _finish(self, local_sum: Tensor, batch: RoundBatch, loss: float, alignment: Alignment,
+                scaled: bool = False) -> StepResult:
+        # local_sum is this step's own tensor: all-reduce and scale it in place (unless `scaled`: already divided by
+        # the number of participants), and hand the optimizer views of it
+        direction = self.comm.sum_(local_sum)
+        if not scaled:
+            direction.div_(batch.num_participants)
         buffers = self._buffers
         if buffers is not None and direction is buffers.direction:
             for p, g in buffers.grads:

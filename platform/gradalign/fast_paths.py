@@ -204,7 +204,7 @@ cycle, which keeps a step's graph and activations alive until Python's garbage c
 
 def _evaluate(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor, aligned: Mapping[str, Tensor] | None,
               mean_loss: bool | None, out: Mapping[str, Tensor] | None, factored: bool = False,
-              params: Mapping[str, Tensor] | None = None
+              params: Mapping[str, Tensor] | None = None, grad_scale: float = 1.0
               ) -> tuple[dict[str, Tensor | FactoredGrads], Tensor, bool | None]:
     params = dict(model.named_parameters()) if params is None else params
     if not params:
@@ -224,7 +224,9 @@ def _evaluate(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor, aligne
             grads = ()
             if total.requires_grad:  # the backward pass: the convolutions fill `dests`, the taps get their gradients
                 anchors = [run.anchored] if run.anchored is not None else []
-                grads = torch.autograd.grad(total, [*anchors, *(edge for edge, _ in run.taps)], allow_unused=True)
+                seed = None if grad_scale == 1 else torch.full_like(total, grad_scale)
+                grads = torch.autograd.grad(total, [*anchors, *(edge for edge, _ in run.taps)], seed,
+                                            allow_unused=True)
                 grads = grads[len(anchors):]
         with torch.no_grad():  # (the saved layer inputs are nodes of the graph)
             for (_, finish), grad in zip(run.taps, grads):
@@ -276,25 +278,29 @@ def client_gradients(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor,
 
 
 def displaced_points(params: Mapping[str, Tensor], client_grads: Mapping[str, Tensor | FactoredGrads],
-                     mean_grad: Mapping[str, Tensor], beta: float, overwrite: bool = False
+                     mean_grad: Mapping[str, Tensor], beta: float, overwrite: bool = False, mean_scale: float = 1.0
                      ) -> dict[str, Tensor | Factored]:
     """Each client's Z_i = (x - beta ḡ) + beta g_i by name: written over `client_grads` ([m, ...], one pass), or
     `Factored` for `FactoredGrads` (kept as factors: never [m, out, in] values). With `overwrite`, the shared part
-    x - beta ḡ is also written over `mean_grad` (no new parameter-sized tensors at all)."""
+    x - beta ḡ is also written over `mean_grad` (no new parameter-sized tensors at all). ḡ is `mean_scale *
+    mean_grad` (e.g. the sum over m clients with 1/m: no separate pass to divide it)."""
     points: dict[str, Tensor | Factored] = {}
     for n, g in client_grads.items():
         mean = mean_grad[n]
-        shift = torch.add(params[n], mean, alpha=-beta, out=mean if overwrite else None)
+        shift = torch.add(params[n], mean, alpha=-beta * mean_scale, out=mean if overwrite else None)
         points[n] = Factored(shift, beta, g) if isinstance(g, FactoredGrads) else torch.add(shift, g, alpha=beta, out=g)
     return points
 
 
 def displaced_gradient_sum(model: nn.Module, loss_fn, displaced: Mapping[str, Tensor | Factored], inputs: Tensor,
                            targets: Tensor, mean_loss: bool | None = False, out: Mapping[str, Tensor] | None = None,
-                           params: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], Tensor, bool | None]:
-    """sum_i grad f_i(Z_i) by name (shaped like the parameters) and sum_i f_i(Z_i).
+                           params: Mapping[str, Tensor] | None = None, grad_scale: float = 1.0
+                           ) -> tuple[dict[str, Tensor], Tensor, bool | None]:
+    """grad_scale * sum_i grad f_i(Z_i) by name (shaped like the parameters) and sum_i f_i(Z_i).
 
     `displaced` holds the per-client points Z_i by parameter name ([m, ...] or `Factored`); the model's own
-    parameter values are not used. `mean_loss`, `out`, `params` and `Unsupported` as for `client_gradients`.
+    parameter values are not used. `grad_scale` (e.g. 1/m for the mean) seeds the backward pass: it costs nothing,
+    where dividing the result is one more pass over P values. `mean_loss`, `out`, `params` and `Unsupported` as
+    for `client_gradients`.
     """
-    return _evaluate(model, loss_fn, inputs, targets, displaced, mean_loss, out, params=params)
+    return _evaluate(model, loss_fn, inputs, targets, displaced, mean_loss, out, params=params, grad_scale=grad_scale)

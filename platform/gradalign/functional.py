@@ -187,15 +187,20 @@ def gradient_moments(client_grads: Mapping[str, Tensor | FactoredGrads], out: Te
     rows_wanted = 2 if cosine else 1
     if out is None:
         out = (first if isinstance(first, Tensor) else first.grads).new_empty(rows_wanted * size + 1)
-    norms = [torch.linalg.vector_norm(t.reshape(m, -1), dim=1) for t in client_grads.values()
-             if isinstance(t, Tensor)] if m else []
-    sq = torch.stack(norms).square_().sum(0) if norms else out.new_zeros(m)
-    for t in client_grads.values():
-        if not isinstance(t, Tensor):
-            sq += t.squared_norms
-    weights = torch.ones_like(sq).unsqueeze(0)
-    if cosine:
+    weights = out.new_ones(1, m)
+    if cosine:  # the per-client squared norms, for the weights 1/|g_i|
+        norms = [torch.linalg.vector_norm(t.reshape(m, -1), dim=1) for t in client_grads.values()
+                 if isinstance(t, Tensor)] if m else []
+        sq = torch.stack(norms).square_().sum(0) if norms else out.new_zeros(m)
+        for t in client_grads.values():
+            if not isinstance(t, Tensor):
+                sq += t.squared_norms
         weights = torch.cat([weights, sq.sqrt().clamp_min(torch.finfo(sq.dtype).tiny).reciprocal().unsqueeze(0)])
+        sq_sum = sq.sum()
+    else:  # only their sum: one dot product per parameter
+        sq_sum = out.new_zeros(())
+        for t in client_grads.values():
+            sq_sum += torch.dot(flat := t.reshape(-1), flat) if isinstance(t, Tensor) else t.squared_norm_sum()
     rows, offset = out[:rows_wanted * size].view(rows_wanted, size), 0  # [sum_i g_i; sum_i g_i/|g_i|], in place
     for t in client_grads.values():
         n = math.prod(t.shape[1:])
@@ -205,22 +210,26 @@ def gradient_moments(client_grads: Mapping[str, Tensor | FactoredGrads], out: Te
             for j in range(rows_wanted):
                 t.weighted_sum(weights[j] if j else None, out=rows[j, offset:offset + n].view(t.shape[1:]))
         offset += n
-    out[-1] = sq.sum()
+    out[-1] = sq_sum
     return out
 
 
 def alignment_from_moments(moments: Tensor, num_clients: int, client_batch_size: int,
-                           cosine: bool = True, in_place: bool = False) -> tuple[Tensor, Alignment]:
+                           cosine: bool = True, in_place: bool = False, divide: bool = True) -> tuple[Tensor, Alignment]:
     """(ḡ, diagnostics) from the all-reduced `gradient_moments` of `num_clients` clients of batch b each.
 
     Without `cosine` (moments of length P + 1) the mean pairwise cosine is NaN; the rest is the same. With
-    `in_place`, ḡ is the first P values of `moments`, divided in place (no new P-sized tensor).
+    `in_place`, ḡ is the first P values of `moments`, divided in place (no new P-sized tensor). Without `divide`,
+    the first result is those values as they are, sum_i g_i = m ḡ (for a caller that folds 1/m into its next use).
     """
     size = (moments.numel() - 1) // 2 if cosine else moments.numel() - 1
     m, b = num_clients, client_batch_size
-    mean_grad = moments[:size].div_(m) if in_place else moments[:size] / m
+    grad_sum = moments[:size]
+    mean_grad = grad_sum if not divide else grad_sum.div_(m) if in_place else grad_sum / m
     small_sq = moments[-1].item() / m          # mean_i |g_i|^2, batch size b
     big_sq = mean_grad.dot(mean_grad).item()    # |ḡ|^2, batch size m*b
+    if not divide:
+        big_sq /= m * m
     variance = max(small_sq - big_sq, 0.0)
     nan = float("nan")
     cos = nan
@@ -263,9 +272,11 @@ def gradalign_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[tupl
     if fast_path and isinstance(inputs, Tensor) and fast_paths.unsupported_reason(model) is None:
         try:
             grads, _, _ = fast_paths.client_gradients(model, loss_fn, inputs, targets, factored=True)
-            displaced = fast_paths.displaced_points(params, grads, layout.unflatten(sum_clients(grads) / m), beta)
-            aligned, _, _ = fast_paths.displaced_gradient_sum(model, loss_fn, displaced, inputs, targets)
-            return [aligned[n] / m for n in layout.names]
+            displaced = fast_paths.displaced_points(params, grads, layout.unflatten(sum_clients(grads)), beta,
+                                                    mean_scale=1 / m)
+            aligned, _, _ = fast_paths.displaced_gradient_sum(model, loss_fn, displaced, inputs, targets,
+                                                              grad_scale=1 / m)
+            return [aligned[n] for n in layout.names]
         except fast_paths.Unsupported:
             pass  # the model uses a parameter outside the supported layers: the generic path below
     grads, _ = client_gradients(grad_fn, params, inputs, targets)
