@@ -38,8 +38,8 @@ def build_report(out: Path, history: pd.DataFrame, *, target: float, x: str, tit
     cells = summarize_cells(history, target, group=group)
     save_table(cells, out / "cells")
     tuned = history[history["phase"] == "tune"]
-    # the configuration a cell chose is the one its seed runs ran (best_trials may break a tie in the tuning score
-    # otherwise); for a cell without seed runs yet, its best tuning trial
+    # the configuration a cell chose is the one its seed runs ran; for a cell without seed runs yet, its best tuning
+    # trial (best_trials picks it by the study's own rule, studies.cells.best_config)
     seeded = history[history["phase"] == "seed"]
     unseeded = ~tuned.set_index(list(group)).index.isin(seeded.set_index(list(group)).index)
     chosen = pd.concat([seeded, tuned[unseeded]])

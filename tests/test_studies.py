@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from gradalign.analysis import best_trials
 from studies import batch_scaling, federated, reporting
 from studies import cells as study_cells
 
@@ -144,3 +145,20 @@ def test_a_tie_in_the_objective_goes_to_the_lower_test_loss_then_the_smaller_tri
     assert chosen == {0.1}  # c3, a1, d4 tie at 0.98; c3 and d4 at test loss 0.30; c3 < d4
     without_loss = tuned.drop(columns="test_loss")
     assert study_cells.best_config(without_loss, "test_accuracy")["lr"] == 0.2  # a1: the smallest of the three ids
+
+
+def test_the_report_picks_the_trial_the_study_chose_whatever_the_row_order():
+    """analysis.best_trials (a partial study's warnings) follows best_config: healthy trials first, then the final
+    objective, the lower final test loss, the smaller trial id."""
+    trials = (("c3", 0.98, 0.30, 0.1, "completed"), ("a1", 0.98, 0.31, 0.2, "completed"),
+              ("d4", 0.98, 0.30, 0.3, "completed"), ("b2", 0.97, 0.10, 0.4, "completed"),
+              ("a0", 0.99, 0.05, 0.5, "diverged"))
+    tuned = pd.DataFrame([{"trial_id": tid, "epoch": epoch, "status": status, "algorithm": "gradalign",
+                           "test_accuracy": acc if epoch == 2 else 0.5, "test_loss": loss if epoch == 2 else 1.0,
+                           "lr": lr} for tid, acc, loss, lr, status in trials for epoch in (1, 2)])
+    for k in range(10):
+        rows = tuned.sample(frac=1.0, random_state=k)
+        picked = best_trials(rows, group=["algorithm"], reduce="last")
+        assert picked["lr"].tolist() == [study_cells.best_config(rows, "test_accuracy")["lr"]] == [0.1], k
+    without_loss = tuned.drop(columns="test_loss").sample(frac=1.0, random_state=0)
+    assert best_trials(without_loss, group=["algorithm"], reduce="last")["lr"].tolist() == [0.2]  # a1

@@ -130,23 +130,37 @@ def trial_table(history: pd.DataFrame, target: float | None = None, phase: str |
     return out[[*keys, *config, *_TRIAL_METRICS]]
 
 
+def _last_value(values: pd.Series):
+    return values.iloc[-1]
+
+
 def best_trials(history: pd.DataFrame, metric: str = "test_accuracy", group: Sequence[str] = DEFAULT_GROUP,
                 mode: str = "max", reduce: str = "max", phase: str | None = None) -> pd.DataFrame:
     """Per cell, the trial whose `metric` (reduced over epochs by 'max', 'min' or 'last') is best under `mode`.
 
+    The same rule as a study's choice (`studies.cells.best_config`): trials that did not diverge first; a tie in
+    the score goes to the lower final test loss, then to the smallest trial id, whatever the order of the rows.
     Returns the trial_table row of that trial plus a `score` column. A cell whose trials all have NaN scores
-    (e.g. all diverged) still gets a row (its first trial, score NaN), so its configuration can be inspected.
+    (e.g. all diverged) still gets a row (score NaN), so its configuration can be inspected.
     """
     if mode not in ("max", "min") or reduce not in ("max", "min", "last"):
         raise ValueError(f"mode must be 'max'/'min' and reduce 'max'/'min'/'last', got {mode!r}, {reduce!r}")
     history = _select_phase(history, phase)
     _require(history, [*group, metric])
     keys = _trial_keys(history)
-    ordered = history.sort_values("epoch").groupby(keys, sort=False, dropna=False)[metric]
-    score = ordered.agg(lambda s: s.iloc[-1]) if reduce == "last" else ordered.agg(reduce)
-    trials = trial_table(history, carry=group).merge(score.rename("score").reset_index(), on=keys, how="left")
-    trials = trials.sort_values("score", ascending=(mode == "min"), na_position="last", kind="stable")
-    return trials.drop_duplicates(list(group)).sort_values(list(group)).reset_index(drop=True)
+    by_trial = history.sort_values("epoch", kind="stable").groupby(keys, sort=False, dropna=False)
+    last = _last_value  # (the final epoch's value, NaN included: groupby's "last" would skip NaN)
+    score = by_trial[metric].agg(last if reduce == "last" else reduce).rename("score")
+    extra = [score]
+    if "test_loss" in history.columns and metric != "test_loss":
+        extra.append(by_trial["test_loss"].agg(last).rename("_tie_loss"))
+    trials = trial_table(history, carry=group).merge(pd.concat(extra, axis=1).reset_index(), on=keys, how="left")
+    trials["_diverged"] = trials["status"].eq("diverged")
+    order = ["_diverged", "score", *(["_tie_loss"] if "_tie_loss" in trials else []), "trial_id"]
+    trials = trials.sort_values(order, ascending=[True, mode == "min", *[True] * (len(order) - 2)],
+                                na_position="last", kind="stable")
+    best = trials.drop_duplicates(list(group)).drop(columns=["_diverged", "_tie_loss"], errors="ignore")
+    return best.sort_values(list(group)).reset_index(drop=True)
 
 
 def summarize_cells(history: pd.DataFrame, target: float, group: Sequence[str] = DEFAULT_GROUP,
