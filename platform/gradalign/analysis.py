@@ -131,6 +131,7 @@ def trial_table(history: pd.DataFrame, target: float | None = None, phase: str |
 
 
 def _last_value(values: pd.Series):
+    """The final epoch's value, NaN included (groupby's "last" skips NaN)."""
     return values.iloc[-1]
 
 
@@ -149,11 +150,10 @@ def best_trials(history: pd.DataFrame, metric: str = "test_accuracy", group: Seq
     _require(history, [*group, metric])
     keys = _trial_keys(history)
     by_trial = history.sort_values("epoch", kind="stable").groupby(keys, sort=False, dropna=False)
-    last = _last_value  # (the final epoch's value, NaN included: groupby's "last" would skip NaN)
-    score = by_trial[metric].agg(last if reduce == "last" else reduce).rename("score")
+    score = by_trial[metric].agg(_last_value if reduce == "last" else reduce).rename("score")
     extra = [score]
     if "test_loss" in history.columns and metric != "test_loss":
-        extra.append(by_trial["test_loss"].agg(last).rename("_tie_loss"))
+        extra.append(by_trial["test_loss"].agg(_last_value).rename("_tie_loss"))
     trials = trial_table(history, carry=group).merge(pd.concat(extra, axis=1).reset_index(), on=keys, how="left")
     trials["_diverged"] = trials["status"].eq("diverged")
     order = ["_diverged", "score", *(["_tie_loss"] if "_tie_loss" in trials else []), "trial_id"]

@@ -225,11 +225,12 @@ def alignment_from_moments(moments: Tensor, num_clients: int, client_batch_size:
     size = (moments.numel() - 1) // 2 if cosine else moments.numel() - 1
     m, b = num_clients, client_batch_size
     grad_sum = moments[:size]
-    mean_grad = grad_sum if not divide else grad_sum.div_(m) if in_place else grad_sum / m
-    small_sq = moments[-1].item() / m          # mean_i |g_i|^2, batch size b
-    big_sq = mean_grad.dot(mean_grad).item()    # |ḡ|^2, batch size m*b
+    small_sq = moments[-1].item() / m                      # mean_i |g_i|^2, batch size b
+    big_sq = grad_sum.dot(grad_sum).item() / (m * m)       # |ḡ|^2, batch size m*b
     if not divide:
-        big_sq /= m * m
+        mean_grad = grad_sum
+    else:
+        mean_grad = grad_sum.div_(m) if in_place else grad_sum / m
     variance = max(small_sq - big_sq, 0.0)
     nan = float("nan")
     cos = nan
