@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import pandas as pd
 from ray import tune
 
+from gradalign.analysis import rank_trials
 from gradalign.config import ALIGNING_ALGORITHMS, ConfigError, TrainConfig
 from gradalign.ray_adapter import (
     OptunaMirror, SearchSpace, StudySettings, TrialExecution, connect, make_scheduler, make_searcher,
@@ -178,10 +179,7 @@ def best_config(tuned: pd.DataFrame, objective: str) -> dict[str, Any]:
     trial id: the same trial results give the same choice, whatever the order of the rows.
     """
     last = tuned.sort_values("epoch", kind="stable").groupby("trial_id").tail(1)
-    healthy = last[last["status"] != "diverged"]
-    pool = healthy if len(healthy) else last
-    keys = [objective, *(["test_loss"] if "test_loss" in pool and objective != "test_loss" else []), "trial_id"]
-    row = pool.sort_values(keys, ascending=[False, *[True] * (len(keys) - 1)], kind="stable").iloc[0]
+    row = rank_trials(last, objective).iloc[0]
     fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "extras"]
     return {k: _plain(row[k]) for k in fields if k in row and not _missing(row[k])}
 

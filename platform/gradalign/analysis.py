@@ -27,8 +27,9 @@ import pandas as pd
 from scipy import optimize, stats
 
 __all__ = [
-    "DEFAULT_GROUP", "steps_to_target", "trial_table", "best_trials", "summarize_cells", "fit_critical_batch",
-    "fit_critical_batches", "noise_scale_from_history", "significance", "pareto_front", "edge_warnings",
+    "DEFAULT_GROUP", "steps_to_target", "trial_table", "rank_trials", "best_trials", "summarize_cells",
+    "fit_critical_batch", "fit_critical_batches", "noise_scale_from_history", "significance", "pareto_front",
+    "edge_warnings",
 ]
 
 DEFAULT_GROUP = ("algorithm", "batch_size")
@@ -130,6 +131,18 @@ def trial_table(history: pd.DataFrame, target: float | None = None, phase: str |
     return out[[*keys, *config, *_TRIAL_METRICS]]
 
 
+def rank_trials(trials: pd.DataFrame, score: str, mode: str = "max") -> pd.DataFrame:
+    """`trials` (one row per trial) best first, by the rule every choice of a best trial here follows: trials that
+    did not diverge first, then `score` under `mode` (NaN last); a tie goes to the lower `test_loss` (when there is
+    such a column: the final test loss), then to the smallest `trial_id`. The same rows give the same order, whatever
+    order they come in."""
+    ranked = trials.assign(_diverged=trials["status"].eq("diverged") if "status" in trials else False)
+    keys = ["_diverged", score, *(["test_loss"] if "test_loss" in ranked and score != "test_loss" else []), "trial_id"]
+    ranked = ranked.sort_values(keys, ascending=[True, mode == "min", *[True] * (len(keys) - 2)], na_position="last",
+                                kind="stable")
+    return ranked.drop(columns="_diverged")
+
+
 def _last_value(values: pd.Series):
     """The final epoch's value, NaN included (groupby's "last" skips NaN)."""
     return values.iloc[-1]
@@ -139,8 +152,8 @@ def best_trials(history: pd.DataFrame, metric: str = "test_accuracy", group: Seq
                 mode: str = "max", reduce: str = "max", phase: str | None = None) -> pd.DataFrame:
     """Per cell, the trial whose `metric` (reduced over epochs by 'max', 'min' or 'last') is best under `mode`.
 
-    The same rule as a study's choice (`studies.cells.best_config`): trials that did not diverge first; a tie in
-    the score goes to the lower final test loss, then to the smallest trial id, whatever the order of the rows.
+    The order is `rank_trials`' (as for a study's choice, `studies.cells.best_config`): trials that did not diverge
+    first; a tie in the score goes to the lower final test loss, then to the smallest trial id.
     Returns the trial_table row of that trial plus a `score` column. A cell whose trials all have NaN scores
     (e.g. all diverged) still gets a row (score NaN), so its configuration can be inspected.
     """
@@ -152,14 +165,13 @@ def best_trials(history: pd.DataFrame, metric: str = "test_accuracy", group: Seq
     by_trial = history.sort_values("epoch", kind="stable").groupby(keys, sort=False, dropna=False)
     score = by_trial[metric].agg(_last_value if reduce == "last" else reduce).rename("score")
     extra = [score]
-    if "test_loss" in history.columns and metric != "test_loss":
-        extra.append(by_trial["test_loss"].agg(_last_value).rename("_tie_loss"))
+    tie_loss = "test_loss" in history.columns and metric != "test_loss"
+    if tie_loss:  # (trial_table has no test loss column: the final one is added for the ranking only)
+        extra.append(by_trial["test_loss"].agg(_last_value).rename("test_loss"))
     trials = trial_table(history, carry=group).merge(pd.concat(extra, axis=1).reset_index(), on=keys, how="left")
-    trials["_diverged"] = trials["status"].eq("diverged")
-    order = ["_diverged", "score", *(["_tie_loss"] if "_tie_loss" in trials else []), "trial_id"]
-    trials = trials.sort_values(order, ascending=[True, mode == "min", *[True] * (len(order) - 2)],
-                                na_position="last", kind="stable")
-    best = trials.drop_duplicates(list(group)).drop(columns=["_diverged", "_tie_loss"], errors="ignore")
+    best = rank_trials(trials, "score", mode).drop_duplicates(list(group))
+    if tie_loss:
+        best = best.drop(columns="test_loss")
     return best.sort_values(list(group)).reset_index(drop=True)
 
 
