@@ -10,9 +10,13 @@ The method of Shallue et al. (2018) and Google's tuning playbook:
 - scientific: global batch size B (the parallelism) x algorithm. Small-batch SGD at batch b is the reference;
   large-batch SGD and GradAlign at B split B into B/b micro-batches (GradAlign's clients) of that same b, so
   GradAlign emulates the reference's implicit regularisation at any parallelism;
-- nuisance, re-tuned in every cell with Ray Tune + Optuna (TPE): step size, β (GradAlign), momentum;
-- fixed: dataset, model, the micro-batch b, and the budget (epochs, i.e. training examples seen);
-- the best configuration of each cell is re-run with several seeds; results are mean ± std with n.
+- nuisance, re-tuned in every cell with Ray Tune + Optuna (TPE) on the validation split: step size, β, momentum;
+- fixed: dataset, model, the micro-batch b, and the budget: the same number of training examples for every cell
+  (--epochs x training-set size, rounded up to a multiple of every batch size), or the same number of steps
+  (--budget-steps);
+- the best configuration of each cell is re-run with seeds disjoint from the tuning seeds; the test metrics of
+  those runs are the result (mean, 95% CI, n); steps to the target are read off the validation accuracy on a
+  log-spaced evaluation schedule.
 """
 
 from __future__ import annotations
@@ -26,10 +30,15 @@ from pathlib import Path
 import pandas as pd
 
 from gradalign.config import ALGORITHMS, DATASETS, MODELS, ConfigError
+from gradalign.analysis import fit_critical_batches
 from gradalign.ray_adapter import Range, SearchSpace
+from gradalign.report import noise_by_algorithm
+from gradalign.verdict import protocol_sentence, scaling_facts, scaling_sentences
 from studies.cells import Cell, save_table
 from studies.reporting import build_report
-from studies.study_cli import add_common_arguments, apply_defaults, describe_study, range_arg, run_study_script
+from studies.study_cli import (
+    add_common_arguments, apply_defaults, check_common, describe_study, range_arg, run_study_script, split_sizes,
+)
 
 SMOKE = dict(batch_sizes=[32, 128], epochs=3, trials_per_cell=2, seeds=2, target=0.5)
 
@@ -50,8 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("fixed parameters and budget")
     g.add_argument("--dataset", default="digits", choices=DATASETS)
     g.add_argument("--model", default="mlp", choices=MODELS)
-    g.add_argument("--epochs", type=int, default=30, help="budget per run in epochs (= examples seen / training set)")
-    g.add_argument("--target", type=float, default=0.9, help="target test accuracy for steps-to-target, in (0, 1]")
+    g.add_argument("--epochs", type=float, default=30,
+                   help="budget: every run sees EPOCHS x (training-set size) examples, rounded up to a multiple of "
+                   "every batch size so that every cell sees exactly the same number")
+    g.add_argument("--budget-steps", type=int, default=None,
+                   help="budget in steps instead: every run takes this many updates (large batches then see more "
+                   "examples)")
+    g.add_argument("--target", type=float, default=0.9,
+                   help="target validation accuracy for steps-to-target, in (0, 1]")
+    g.add_argument("--tolerance", type=float, default=0.01,
+                   help="the verdict says up to which B each algorithm stays within this much test accuracy of the "
+                   "small-batch reference (default 0.01: one percentage point)")
     g = p.add_argument_group("nuisance parameters, re-tuned in every cell")
     g.add_argument("--lr-range", type=range_arg, default=(0.01, 3.0), metavar="LOW,HIGH",
                    help="step-size search range (log-uniform)")
@@ -79,11 +97,37 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("target", args.target, "target accuracy must lie in (0, 1]")
     if any(w < 1 for w in args.workers):
         raise ConfigError("workers", args.workers, "every value must be >= 1")
+    if not args.epochs > 0 or math.isinf(args.epochs):
+        raise ConfigError("epochs", args.epochs, "must be a positive number")
+    if args.budget_steps is not None and args.budget_steps < 1:
+        raise ConfigError("budget_steps", args.budget_steps, "must be a positive integer")
+    check_common(args)
+    resolve_budget(args)
+
+
+def resolve_budget(args: argparse.Namespace) -> None:
+    """The budget every cell gets, in examples (default) or steps; sets args.budget_examples / budget_steps /
+    budget_epochs and a sentence for the report."""
+    batches = [args.micro_batch, *args.batch_sizes] if "sgd" in args.algorithms else list(args.batch_sizes)
+    n_train = split_sizes(args)["train"]
+    if args.budget_steps is not None:
+        args.budget_examples = None
+        args.budget_epochs = args.budget_steps * max(batches) / n_train
+        args.budget_text = (f"{args.budget_steps} steps per run (B x {args.budget_steps} examples at batch size B; "
+                            f"training split: {n_train} examples)")
+        return
+    unit = math.lcm(*batches)
+    args.budget_examples = unit * math.ceil(args.epochs * n_train / unit)
+    args.budget_epochs = args.budget_examples / n_train
+    args.budget_text = (f"{args.budget_examples} training examples per run in every cell ({args.budget_epochs:.3g} "
+                        f"epochs of the {n_train}-example training split; {args.budget_examples // max(batches)} "
+                        f"steps at B={max(batches)}, {args.budget_examples // min(batches)} at b={min(batches)})")
 
 
 def plan_cells(args: argparse.Namespace) -> tuple[Cell, ...]:
-    fixed = dict(dataset=args.dataset, model=args.model, epochs=args.epochs, data_dir=str(Path(args.data_dir).resolve()),
-                 download=args.download, seed=0)
+    fixed = dict(dataset=args.dataset, model=args.model, budget_examples=args.budget_examples,
+                 budget_steps=args.budget_steps, val_fraction=args.val_fraction, eval_points=args.eval_points,
+                 data_dir=str(Path(args.data_dir).resolve()), download=args.download, seed=0)
     ranges = dict(lr=Range(*args.lr_range, log=True),
                   momentum=Range(*args.momentum_range) if args.momentum_range else None)
     cells = []
@@ -105,8 +149,24 @@ def plan_cells(args: argparse.Namespace) -> tuple[Cell, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = apply_defaults(build_parser().parse_args(argv))
-    describe = describe_study("batch-scaling", args, f"{args.epochs} epochs of {args.dataset}/{args.model}")
+    describe = describe_study("batch-scaling", args, f"{args.dataset}/{args.model}")
     return run_study_script(args, argv, plan_cells, validate, report, describe)
+
+
+def verdict(args: argparse.Namespace):
+    """The report's opening sentences: protocol, where each algorithm leaves the reference, B_crit, GradAlign's
+    difference from large-batch SGD where it matters."""
+    def sentences(history: pd.DataFrame, cells: pd.DataFrame, sig: pd.DataFrame) -> list[str]:
+        scaled = cells[cells["algorithm"] != "sgd"]
+        fits = fit_critical_batches(scaled) if len(scaled) else {}
+        facts = scaling_facts(cells, sig, fits, noise_by_algorithm(history), reference="sgd",
+                              tolerance=args.tolerance)
+        ref = facts["reference"]
+        test_size = getattr(args, "split_sizes", {}).get("test")
+        protocol = protocol_sentence(args.trials_per_cell, args.seeds, getattr(args, "budget_text", "see below"),
+                                     test_size, ref["acc"] if ref else None, args.tuning_seeds)
+        return [protocol, *scaling_sentences(facts, target=args.target)]
+    return sentences
 
 
 def report(out: Path, args: argparse.Namespace, command: str, history: pd.DataFrame) -> int:
@@ -118,12 +178,17 @@ def report(out: Path, args: argparse.Namespace, command: str, history: pd.DataFr
             search_ranges[algorithm]["beta"] = tuple(args.beta_range)
         if args.momentum_range:
             search_ranges[algorithm]["momentum"] = tuple(args.momentum_range)
-    budget = {"budget": f"{args.epochs} epochs per run (examples = epochs x training-set size)",
-              "counted in": "examples; steps = parameter updates (small-batch SGD: one per micro-batch)",
-              "tuning trials per cell": args.trials_per_cell, "seeds per best configuration": args.seeds,
-              "micro-batch b": args.micro_batch, "target accuracy": args.target}
+    budget = {"budget": getattr(args, "budget_text", f"{args.epochs} epochs per run"),
+              "counted in": "examples seen and steps (parameter updates; small-batch SGD: one per micro-batch)",
+              "tuning": f"{args.trials_per_cell} trials per cell, scored by validation accuracy at the end of the "
+                        f"budget" + (f" (mean of {args.tuning_seeds} seeds)" if args.tuning_seeds > 1 else ""),
+              "final runs": f"{args.seeds} seeds per cell's best configuration, disjoint from the tuning seeds; "
+                            "their test accuracy is reported",
+              "validation split": f"{args.val_fraction:g} of the training data (stratified, the same for every seed)",
+              "micro-batch b": args.micro_batch,
+              "target": f"validation accuracy {args.target} (steps to it interpolated between evaluations)"}
     path = build_report(out, history, target=args.target, x="batch_size", title="GradAlign batch-scaling study",
-                        command=command, budget=budget, search_ranges=search_ranges)
+                        command=command, budget=budget, search_ranges=search_ranges, verdict=verdict(args))
     print(f"report: {path}\ntables: {out}/history.parquet, {out}/cells.parquet (and .csv), summary: {out}/summary.json")
     return 0
 

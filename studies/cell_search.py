@@ -34,8 +34,10 @@ class _PickledState:
 class CellSearch(_PickledState, Searcher):
     """Routes each new trial to the cell with the fewest trials so far, and each result back to its cell's searcher."""
 
-    def __init__(self, searchers: Mapping[str, Searcher], budget: Mapping[str, int], metric: str, mode: str):
+    def __init__(self, searchers: Mapping[str, Searcher], budget: Mapping[str, int], metric: str, mode: str,
+                 extra: Mapping[str, Any] | None = None):
         super().__init__(metric=metric, mode=mode)
+        self.extra = dict(extra or {})  # config entries every trial gets (e.g. the seeds it trains)
         self.searchers = dict(searchers)
         self.budget = dict(budget)
         self.issued = {cell: 0 for cell in self.searchers}
@@ -54,7 +56,7 @@ class CellSearch(_PickledState, Searcher):
                 continue
             self.issued[cell] += 1
             self.owner[trial_id] = cell
-            return {**config, CELL: cell}
+            return {**config, **self.extra, CELL: cell}
         return None  # every open cell is waiting for results: Tune asks again later
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:

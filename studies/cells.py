@@ -1,8 +1,9 @@
 """The machinery every scaling study shares: cells x per-cell tuning x seeds, each step saved as it finishes.
 
 A *cell* is one setting of the scientific parameters (e.g. algorithm x batch size). In each cell the nuisance
-parameters (step size, β, momentum, ...) are re-tuned with Ray Tune + Optuna, then the best configuration is re-run
-with several seeds. Every finished phase of every cell is written to `<out>/cells/<cell>/{tune,seeds}.parquet`
+parameters (step size, β, momentum, ...) are re-tuned with Ray Tune + Optuna on the validation split, then the best
+configuration is re-run with seeds of its own (disjoint from the tuning seeds), whose test metrics are the result.
+Every finished phase of every cell is written to `<out>/cells/<cell>/{tune,seeds}.parquet`
 before the next starts, so an interrupted study resumes where it stopped and nothing computed is lost.
 """
 
@@ -19,10 +20,10 @@ from typing import Any, Callable, Mapping, Sequence
 import pandas as pd
 from ray import tune
 
-from gradalign.analysis import rank_trials
+from gradalign.analysis import COUNTER, rank_trials
 from gradalign.config import ALIGNING_ALGORITHMS, ConfigError, TrainConfig
 from gradalign.ray_adapter import (
-    OptunaMirror, SearchSpace, StudySettings, TrialExecution, connect, make_scheduler, make_searcher,
+    GROUP_SEEDS, OptunaMirror, SearchSpace, StudySettings, TrialExecution, connect, make_scheduler, make_searcher,
     plan_concurrency, results_table,
 )
 from studies.cell_search import CELL, CellMirror, CellScheduler, CellSearch, FixedConfigs
@@ -54,9 +55,14 @@ class StudyPlan:
     """Local folder for tables, report and per-cell state."""
     cells: tuple[Cell, ...]
     trials_per_cell: int = 8
-    seeds: tuple[int, ...] = (0, 1, 2)
-    objective: str = "test_accuracy"
-    """Maximised by the tuning (final reported epoch)."""
+    seeds: tuple[int, ...] = (1000, 1001, 1002)
+    """Seeds of the final runs of each cell's best configuration: disjoint from `tuning_seeds`."""
+    tuning_seeds: tuple[int, ...] = (0,)
+    """Seeds every tuning trial trains with (several: their mean is its score, a `SeedGroup`)."""
+    objective: str = "val_accuracy"
+    """Maximised by the tuning (at a trial's last evaluation): a validation metric, never a test one."""
+    budget_epochs: float = 1.0
+    """The run's budget in epochs' worth of examples (where ASHA puts its rungs)."""
     storage: str | None = None
     """Ray storage for Tune/Train state (absolute path or URI, shared by all nodes); default: out_dir."""
     cpus_per_worker: float = 1.0
@@ -77,6 +83,13 @@ class StudyPlan:
             raise ConfigError("trials_per_cell", self.trials_per_cell, "must be >= 1")
         if not self.seeds:
             raise ConfigError("seeds", self.seeds, "need at least one seed")
+        if not self.tuning_seeds:
+            raise ConfigError("tuning_seeds", self.tuning_seeds, "need at least one tuning seed")
+        if set(self.seeds) & set(self.tuning_seeds):
+            raise ConfigError("seeds", self.seeds, f"must be disjoint from the tuning seeds {self.tuning_seeds}: a "
+                              "final run must not repeat a tuning trial")
+        if self.objective.startswith("test_"):
+            raise ConfigError("objective", self.objective, "tuning must not read the test split: use a val_ metric")
         for cell in self.cells:  # every corner of every cell is a valid TrainConfig: refuse bad input before Ray
             cell.space.validate()
 
@@ -90,7 +103,7 @@ def run_plan(plan: StudyPlan, address: str | None = None, log: Log = print) -> p
     for cell in plan.cells:
         best[cell.key] = best_config(tuned[cell.key], plan.objective)
         log(f"  {cell.key}: best of {tuned[cell.key]['trial_id'].nunique()} trials: {_short(best[cell.key])}")
-    log(f"re-running each cell's best configuration with seeds {list(plan.seeds)} "
+    log(f"re-running each cell's best configuration with seeds {list(plan.seeds)} (tuning used {list(plan.tuning_seeds)}) "
         f"({time.perf_counter() - started:.0f} s into the study)")
     seeded = run_phase(plan, "seed", address, log, best=best)
     history = pd.concat([t for c in plan.cells for t in (tuned[c.key], seeded[c.key])], ignore_index=True)
@@ -136,9 +149,10 @@ def _run_experiment(plan: StudyPlan, phase: str, cells: Sequence[Cell], address:
             settings = {c.key: StudySettings(name=c.key, storage_path=str(plan.out_dir.resolve()),
                                              num_samples=plan.trials_per_cell, objectives=((plan.objective, "max"),),
                                              seed=plan.sampler_seed + index[c.key], asha=plan.asha) for c in cells}
+            group = {GROUP_SEEDS: list(plan.tuning_seeds)} if len(plan.tuning_seeds) > 1 else {}
             search = CellSearch({c.key: make_searcher(c.space, settings[c.key]) for c in cells},
-                                {c.key: plan.trials_per_cell for c in cells}, plan.objective, "max")
-            scheduler = CellScheduler({c.key: make_scheduler(settings[c.key], int(c.space.fixed.get("epochs", 1)))
+                                {c.key: plan.trials_per_cell for c in cells}, plan.objective, "max", extra=group)
+            scheduler = CellScheduler({c.key: make_scheduler(settings[c.key], plan.budget_epochs)
                                        for c in cells}) if plan.asha else None
             optuna_db = f"sqlite:///{plan.out_dir.resolve() / 'optuna.db'}"
             mirror = CellMirror({c.key: OptunaMirror(optuna_db, c.key, c.space, ((plan.objective, "max"),))
@@ -173,15 +187,16 @@ def _cell_of_trials(grid: tune.ResultGrid) -> dict[str, str]:
 
 
 def best_config(tuned: pd.DataFrame, objective: str) -> dict[str, Any]:
-    """The TrainConfig of the trial with the best final-epoch objective (non-diverged trials first).
+    """The TrainConfig of the trial with the best objective at its last evaluation (non-diverged trials first).
 
-    A tie (common with test accuracy on a small test set) goes to the lower final test loss, then to the smallest
-    trial id: the same trial results give the same choice, whatever the order of the rows.
+    A tie (common with accuracy on a small split) goes to the lower final validation loss, then to the smallest
+    trial id: the same trial results give the same choice, whatever the order of the rows. The test split is
+    never read. The seed is left out: the seed runs set their own.
     """
-    last = tuned.sort_values("epoch", kind="stable").groupby("trial_id").tail(1)
+    last = tuned.sort_values(COUNTER, kind="stable").groupby("trial_id").tail(1)
     row = rank_trials(last, objective).iloc[0]
     fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "extras"]
-    return {k: _plain(row[k]) for k in fields if k in row and not _missing(row[k])}
+    return {k: _plain(row[k]) for k in fields if k in row and k != "seed" and not _missing(row[k])}
 
 
 def tag(table: pd.DataFrame, plan: StudyPlan, cell: Cell, phase: str) -> pd.DataFrame:
@@ -233,10 +248,11 @@ class TrialLine(tune.Callback):
         params = {k: trial.config.get(k) for k in ("lr", "beta", "momentum", "mu", "seed") if k in trial.config}
         if trial.config.get("algorithm") not in ALIGNING_ALGORITHMS:
             params.pop("beta", None)
-        acc = result.get("test_accuracy", float("nan"))
+        val, test = result.get("val_accuracy", float("nan")), result.get("test_accuracy", float("nan"))
         cell = trial.config.get(CELL, "")
-        print(f"{self.prefix} #{self.count} {cell}: {_short(params)} -> acc {acc:.3f} after {result.get('epoch', 0)} epochs "
-              f"({result.get('status', how)})", flush=True)
+        print(f"{self.prefix} #{self.count} {cell}: {_short(params)} -> val acc {val:.3f} (test {test:.3f}) after "
+              f"{result.get('epochs', 0):.3g} epochs, {result.get('steps', 0)} steps ({result.get('status', how)})",
+              flush=True)
 
 
 def _load(path: Path) -> pd.DataFrame | None:

@@ -14,13 +14,13 @@ from ray import tune
 
 from gradalign.ray_adapter import final_status
 
-SHOWN_METRICS = ("test_accuracy", "test_loss", "train_loss")
+SHOWN_METRICS = ("val_accuracy", "val_loss", "test_accuracy", "train_loss")
 
 
 class ProgressPrinter(tune.Callback):
     """One console line per trial result and one per finished trial (instead of Tune's status tables)."""
 
-    def __init__(self, num_samples: int, params: Sequence[str], epochs: int | None = None):
+    def __init__(self, num_samples: int, params: Sequence[str], epochs: float | None = None):
         self.num_samples = num_samples
         self.params = tuple(params)
         self.epochs = epochs
@@ -38,9 +38,10 @@ class ProgressPrinter(tune.Callback):
               f"trial {trial.trial_id} {text}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        epoch = f"epoch {result.get('epoch')}" + (f"/{self.epochs}" if self.epochs else "")
+        done = f"{result.get('epochs', 0):.3g}" + (f"/{self.epochs:g}" if self.epochs else "")
+        epoch = f"epochs {done} step {result.get('steps')}"
         metrics = " ".join(f"{k}={_fmt(result[k])}" for k in SHOWN_METRICS if k in result)
-        self._line(trial, f"{epoch:<10} {metrics} {result.get('status', '')}  [{format_params(trial.config, self.params)}]")
+        self._line(trial, f"{epoch:<24} {metrics} {result.get('status', '')}  [{format_params(trial.config, self.params)}]")
 
     def _count(self, trials, trial) -> None:
         self.finished = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
@@ -48,7 +49,8 @@ class ProgressPrinter(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._count(trials, trial)
         last = trial.last_result or {}
-        self._line(trial, f"finished: {final_status(last)} after epoch {last.get('epoch', '?')}")
+        self._line(trial, f"finished: {final_status(last)} after {last.get('epochs', float('nan')):.3g} epochs, "
+                          f"{last.get('steps', '?')} steps")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._count(trials, trial)
@@ -66,12 +68,12 @@ def _fmt(value: Any) -> str:
 
 
 def final_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """The last reported epoch of every trial."""
-    return table.sort_values(["trial_id", "epoch"]).groupby("trial_id", as_index=False).tail(1)
+    """The last reported evaluation of every trial."""
+    return table.sort_values(["trial_id", "evaluation"]).groupby("trial_id", as_index=False).tail(1)
 
 
 def best_row(table: pd.DataFrame, metric: str, mode: str) -> pd.Series:
-    """The trial whose last epoch is best on `metric` (diverged trials carry penalty values, so never win)."""
+    """The trial whose last evaluation is best on `metric` (diverged trials carry penalty values, so never win)."""
     last = final_rows(table)
     last = last[last[metric].map(lambda v: isinstance(v, (int, float)) and math.isfinite(v))]
     if last.empty:

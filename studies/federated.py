@@ -8,12 +8,17 @@
 - scientific: data heterogeneity (Dirichlet alpha over labels, or one class per client), the fraction of clients
   per round (participation) and the local steps K; algorithms FedAvg, FedProx, SCAFFOLD, FedGA, with GradAlign
   (K = 1, all clients) and large-batch SGD as references;
-- nuisance, re-tuned in every cell with Ray Tune + Optuna: client step size, β (FedGA, GradAlign), μ (FedProx),
-  optionally the server step size;
-- budget: communication rounds (each run lasts --rounds rounds, evaluated every --eval-every rounds);
+- nuisance, re-tuned in every cell with Ray Tune + Optuna on the validation split: client step size, β (FedGA,
+  GradAlign), μ (FedProx), optionally the server step size;
+- budget: communications (all-reduces), the same for every algorithm: --communications C gives FedAvg, FedProx and
+  SCAFFOLD C rounds and FedGA and GradAlign, which communicate twice per round, C/2 rounds. The report shows rounds,
+  communications and the numbers sent (SCAFFOLD sends 2P per client and round);
+- the best configuration of each cell is re-run with seeds disjoint from the tuning seeds; their test accuracy is
+  the result (mean, 95% CI, n);
 - clients are data, not processes: each trial (or Ray Train worker) simulates its share of the clients.
-The heterogeneity axis of the figures is measured, not nominal: the mean total-variation distance between each
-client's label distribution and the global one (0 = iid, near 1 = disjoint labels).
+The heterogeneity axis of the figures is measured on every run's own client split, not nominal: the mean
+total-variation distance between each client's label distribution and the global one (0 = iid, near 1 = disjoint
+labels), mean over the seeds.
 """
 
 from __future__ import annotations
@@ -26,17 +31,18 @@ from pathlib import Path
 import pandas as pd
 
 from gradalign import figures as F
-from gradalign.config import DATASETS, FEDERATED_ALGORITHMS, MODELS, ConfigError
-from gradalign.data import load_dataset
-from gradalign.partition import describe_partition, partition
+from gradalign.algorithms import communications_per_update
+from gradalign.config import DATASETS, FEDERATED_ALGORITHMS, MODELS, ConfigError, TrainConfig
 from gradalign.ray_adapter import Range, SearchSpace
 from studies.cells import Cell, save_table
 from studies.reporting import build_report
-from studies.study_cli import add_common_arguments, apply_defaults, describe_study, range_arg, run_study_script
+from studies.study_cli import (
+    add_common_arguments, apply_defaults, check_common, describe_study, range_arg, run_study_script, split_sizes,
+)
 
-SMOKE = dict(splits=["dirichlet:0.1"], rounds=6, eval_every=3, trials_per_cell=2, seeds=2, target=0.5,
+SMOKE = dict(splits=["dirichlet:0.1"], communications=8, trials_per_cell=2, seeds=2, target=0.5,
              algorithms=["fedavg", "fedga"], references=["gradalign"])
-PAPER = dict(splits=["one_class"], clients=10, participation=[0.5], local_steps=[5], rounds=100, eval_every=10,
+PAPER = dict(splits=["one_class"], clients=10, participation=[0.5], local_steps=[5], communications=200,
              algorithms=["fedavg", "scaffold", "fedga"], references=[], seeds=5, trials_per_cell=8)
 REFERENCES = ("gradalign", "large_batch_sgd")
 
@@ -57,11 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="mlp", choices=MODELS)
     g.add_argument("--clients", type=int, default=10, help="number of clients")
     g.add_argument("--client-batch", type=int, default=16, help="examples per client per local step")
-    g.add_argument("--rounds", type=int, default=40, help="budget: communication rounds per run")
-    g.add_argument("--eval-every", type=int, default=5, help="evaluate (and report) every this many rounds")
-    g.add_argument("--target", type=float, default=0.8, help="target test accuracy for rounds-to-target, in (0, 1]")
+    g.add_argument("--communications", type=int, default=80,
+                   help="budget: all-reduces per run, the same for every algorithm (FedAvg: one per round, FedGA and "
+                   "GradAlign: two), so a multiple of 2")
+    g.add_argument("--target", type=float, default=0.8,
+                   help="target validation accuracy for communications-to-target, in (0, 1]")
     g.add_argument("--preset", choices=("paper",), help="'paper': one class per client, 10 clients, half of them "
-                   "per round, K=5, FedAvg vs SCAFFOLD vs FedGA with 5 seeds (the paper's setting on digits)")
+                   "per round, K=5, FedAvg vs SCAFFOLD vs FedGA with 5 seeds, 200 communications (the paper's "
+                   "setting, scaled down)")
     g = p.add_argument_group("nuisance parameters, re-tuned in every cell")
     g.add_argument("--lr-range", type=range_arg, default=(0.01, 1.0), metavar="LOW,HIGH", help="client step size (log)")
     g.add_argument("--beta-range", type=range_arg, default=(1e-5, 1.0), metavar="LOW,HIGH", help="β of FedGA (log)")
@@ -103,36 +112,34 @@ def validate(args: argparse.Namespace) -> None:
     for k in args.local_steps:
         if k < 1:
             raise ConfigError("local_steps", k, "K (local steps) must be >= 1")
-    if args.rounds < 1 or args.eval_every < 1 or args.rounds % args.eval_every:
-        raise ConfigError("rounds", args.rounds, f"must be a positive multiple of --eval-every={args.eval_every}")
+    if args.communications < 2 or args.communications % 2:
+        raise ConfigError("communications", args.communications,
+                          "must be a positive even number (FedGA and GradAlign communicate twice per round)")
     if not 0 < args.target <= 1:
         raise ConfigError("target", args.target, "target accuracy must lie in (0, 1]")
-
-
-def heterogeneity(args: argparse.Namespace, scheme: str, alpha: float) -> float:
-    """Measured label heterogeneity of a split: mean TV distance of client label mixes from the global one."""
-    data = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download, num_clients=args.clients)
-    labels = data.y_train.numpy()
-    parts = partition(labels, args.clients, scheme, alpha=alpha if scheme == "dirichlet" else 0.5, seed=0)
-    return round(float(describe_partition(labels, parts, data.num_classes)["label_tv"]), 4)
+    check_common(args)
+    n_train = split_sizes(args, clients=args.clients)["train"]
+    args.budget_epochs = args.communications * args.clients * args.client_batch * max(args.local_steps) / n_train
 
 
 def plan_cells(args: argparse.Namespace) -> tuple[Cell, ...]:
     base = dict(dataset=args.dataset, model=args.model, clients=args.clients, seed=0, download=args.download,
-                batch_size=args.clients * args.client_batch, epochs=args.rounds // args.eval_every,
-                rounds_per_epoch=args.eval_every, data_dir=str(Path(args.data_dir).resolve()))
+                batch_size=args.clients * args.client_batch, val_fraction=args.val_fraction,
+                eval_points=args.eval_points, data_dir=str(Path(args.data_dir).resolve()))
     lr = Range(*args.lr_range, log=True)
     cells = []
     for text in args.splits:
         scheme, alpha = parse_split(text)
         split = dict(partition=scheme, **({"alpha": alpha} if scheme == "dirichlet" else {}))
-        coords = dict(split=text, heterogeneity=heterogeneity(args, scheme, alpha), alpha=alpha)
+        coords = dict(split=text, alpha=alpha)
         settings = [(a, p, k) for a in args.algorithms for p in args.participation for k in args.local_steps]
         settings += [(a, 1.0, 1) for a in args.references]
         for algorithm, p, k in settings:
             fixed = {**base, **split, "algorithm": algorithm}
             if algorithm in FEDERATED_ALGORITHMS:
                 fixed.update(participation=p, local_steps=k)
+            per_round = communications_per_update(TrainConfig.from_dict(fixed))
+            fixed["budget_steps"] = args.communications // per_round
             space = SearchSpace(
                 fixed=fixed, lr=lr,
                 beta=Range(*args.beta_range, log=True) if algorithm in ("fedga", "gradalign") else None,
@@ -149,19 +156,19 @@ def plan_cells(args: argparse.Namespace) -> tuple[Cell, ...]:
 
 def federated_figures(history: pd.DataFrame, cells: pd.DataFrame) -> list:
     return [
-        ("fig-accuracy", "Final test accuracy vs measured label heterogeneity (mean ± std over seeds).",
-         F.accuracy_vs_x(cells, x="heterogeneity", log_x=False)),
-        ("fig-rounds", "Test accuracy over communication rounds (mean over seeds), per heterogeneity.",
-         F.alignment_over_training(history, x="rounds", metrics=("test_accuracy",), color="heterogeneity",
-                                   title="Test accuracy vs communication rounds")),
+        ("fig-accuracy", "Final test accuracy vs the label heterogeneity measured on the seeds' own client splits "
+         "(mean ± std over seeds).", F.accuracy_vs_x(cells, x="label_tv_mean", log_x=False)),
+        ("fig-communications", "Validation accuracy over communications (mean over seeds), per client split.",
+         F.alignment_over_training(history, x="communications", metrics=("val_accuracy",), color="split",
+                                   title="Validation accuracy vs communications")),
         ("fig-alignment", "Client drift: V = mean_i ||g_i - g||^2 and the mean pairwise cosine of client gradients.",
-         F.alignment_over_training(history, x="rounds", color="heterogeneity",
-                                   title="Alignment of client gradients over rounds")),
-        ("fig-pareto-communication", "Cells not dominated in (rounds to target, accuracy).",
-         F.pareto_figure(cells, x="steps_to_target_mean", y="acc_mean", maximize_x=False,
-                         title="Pareto frontier: accuracy vs communication rounds to target")),
+         F.alignment_over_training(history, x="communications", color="split",
+                                   title="Alignment of client gradients over communications")),
+        ("fig-pareto-communication", "Cells not dominated in (communications to the validation target, test accuracy).",
+         F.pareto_figure(cells, x="communications_to_target_mean", y="acc_mean", maximize_x=False,
+                         title="Pareto frontier: accuracy vs communications to target")),
         ("fig-hyperparameters", "The client lr, β and μ chosen in each cell.",
-         F.hyperparameters_vs_x(cells, x="heterogeneity", params=("lr", "beta", "mu", "server_lr"))),
+         F.hyperparameters_vs_x(cells, x="label_tv_mean", params=("lr", "beta", "mu", "server_lr"))),
     ]
 
 
@@ -175,15 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.name == "federated":
             args.name = "federated-paper"
     args = apply_defaults(args)
-    describe = describe_study("federated", args,
-                              f"{args.rounds} rounds of {args.dataset}/{args.model} over {args.clients} clients")
+    describe = describe_study("federated", args, f"{args.communications} communications per run of "
+                              f"{args.dataset}/{args.model} over {args.clients} clients")
     return run_study_script(args, argv, plan_cells, validate, report, describe)
 
 
 def report(out: Path, args: argparse.Namespace, command: str, history: pd.DataFrame) -> int:
     save_table(history, out / "history")
-    # Communication is the budget: the analysis counts rounds where the batch-scaling study counts steps.
-    analysed = history.assign(steps=history["rounds"])
     ranges = {}  # per algorithm: only what was searched for it
     for algorithm in set(history["algorithm"]):
         ranges[algorithm] = {"lr": tuple(args.lr_range)}
@@ -193,12 +198,18 @@ def report(out: Path, args: argparse.Namespace, command: str, history: pd.DataFr
             ranges[algorithm]["mu"] = tuple(args.mu_range)
         if args.server_lr_range and algorithm in FEDERATED_ALGORITHMS:
             ranges[algorithm]["server_lr"] = tuple(args.server_lr_range)
-    budget = {"budget": f"{args.rounds} communication rounds per run, evaluated every {args.eval_every}",
-              "counted in": "communication rounds ('steps to target' in the tables = rounds to target)",
+    budget = {"budget": f"{args.communications} communications (all-reduces) per run: FedAvg, FedProx, SCAFFOLD and "
+                        f"large-batch SGD {args.communications} rounds, FedGA and GradAlign {args.communications // 2}",
+              "counted in": "communications, messages (one per participating client and communication) and values "
+                            "sent; rounds shown too",
               "clients": args.clients, "examples per client per local step": args.client_batch,
-              "tuning trials per cell": args.trials_per_cell, "seeds per best configuration": args.seeds,
-              "target accuracy": args.target}
-    path = build_report(out, analysed, target=args.target, x="heterogeneity", by="setting",
+              "tuning": f"{args.trials_per_cell} trials per cell, scored by validation accuracy at the end of the "
+                        f"budget" + (f" (mean of {args.tuning_seeds} seeds)" if args.tuning_seeds > 1 else ""),
+              "final runs": f"{args.seeds} seeds per cell's best configuration, disjoint from the tuning seeds; "
+                            "their test accuracy is reported",
+              "validation split": f"{args.val_fraction:g} of the training data (stratified, the same for every seed)",
+              "target": f"validation accuracy {args.target} (communications to it interpolated between evaluations)"}
+    path = build_report(out, history, target=args.target, x="split", by="setting", cost="communications_to_target",
                         extra_axes=("setting", "participation", "local_steps"),
                         title="GradAlign federated study: heterogeneity and participation", command=command,
                         budget=budget, search_ranges=ranges, reference=None,

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
-from gradalign.analysis import best_trials, edge_warnings, summarize_cells
+from gradalign.analysis import COUNTER, best_trials, collapsed_seeds, edge_warnings, summarize_cells, trial_table
 from gradalign.provenance import provenance
 from gradalign.report import significance_tables, write_report
 from studies.cells import save_table
@@ -27,12 +27,17 @@ def build_report(out: Path, history: pd.DataFrame, *, target: float, x: str, tit
                  budget: Mapping[str, Any], search_ranges: Mapping[str, tuple], extra_axes: Sequence[str] = (),
                  comparisons: Sequence[tuple[str, str]] = (("gradalign", "large_batch_sgd"),),
                  reference: str | None = "sgd", notes: Mapping[str, Any] | None = None, by: str | None = None,
-                 figures: Callable[[pd.DataFrame, pd.DataFrame], list] | None = None) -> Path:
+                 figures: Callable[[pd.DataFrame, pd.DataFrame], list] | None = None,
+                 cost: str = "steps_to_target", num_classes: int | None = None,
+                 verdict: Callable[[pd.DataFrame, pd.DataFrame, pd.DataFrame], list[str]] | None = None) -> Path:
     """Write cells.{parquet,csv}, summary.json and report.html into `out`; returns the report's path.
 
     `comparisons` are tested at each value of `x`; every algorithm is also tested against `reference` (the
     small-batch SGD cell, which sits at one batch size only), to give the gap to the reference at each x.
-    Significance is computed per value of `by` (default `x`); `figures(history, cells)` replaces the default figures.
+    Significance is computed per value of `by` (default `x`) on the final test accuracy and on `cost` (to the
+    target); `figures(history, cells)` replaces the default figures. Seed runs that collapsed (far below their
+    cell's others, or at chance for `num_classes`) are warned about. `verdict(history, cells, significance)` gives
+    the plain sentences that open the report (and summary.json's "verdict"); they are printed too.
     """
     group = scientific_group(history, x, extra_axes)
     cells = summarize_cells(history, target, group=group)
@@ -46,7 +51,8 @@ def build_report(out: Path, history: pd.DataFrame, *, target: float, x: str, tit
     warnings = edge_warnings(best_trials(chosen, group=group, reduce="last"), search_ranges, label=group) \
         if len(chosen) else []
     warnings += _divergence_warnings(history)
-    sig = compare(history, by or x, target, comparisons, reference)
+    warnings += _collapse_warnings(history, group, num_classes)
+    sig = compare(history, by or x, target, comparisons, reference, cost)
     summary = {
         "target accuracy": target,
         "cells with seed runs": int(len(cells)),
@@ -56,18 +62,24 @@ def build_report(out: Path, history: pd.DataFrame, *, target: float, x: str, tit
         **(notes or {}),
     }
     prov = {"command": command, **provenance()}
+    sentences = verdict(history, cells, sig) if verdict is not None and len(cells) else []
     path = write_report(out / "report.html", history, cells, summary, warnings, prov, budget, title=title, x=x,
-                        significance_table=sig, figures=figures(history, cells) if figures else None)
-    record = {"title": title, "summary": summary, "warnings": warnings, "budget": dict(budget), "provenance": prov,
-              "significance": sig.to_dict(orient="records"), "cells": cells.to_dict(orient="records")}
+                        significance_table=sig, figures=figures(history, cells) if figures else None,
+                        verdict=sentences)
+    record = {"title": title, "verdict": sentences, "summary": summary, "warnings": warnings, "budget": dict(budget),
+              "provenance": prov, "significance": sig.to_dict(orient="records"),
+              "cells": cells.to_dict(orient="records")}
     (out / "summary.json").write_text(json.dumps(_strict(record), indent=2, default=str))
+    if sentences:
+        print("\nverdict:\n" + "\n".join(f"- {s}" for s in sentences))
     return path
 
 
 def compare(history: pd.DataFrame, x: str, target: float, comparisons: Sequence[tuple[str, str]],
-            reference: str | None) -> pd.DataFrame:
-    """Welch tests over seeds: each pair in `comparisons` per value of x, and every algorithm vs the reference."""
-    parts = [significance_tables(history, by=x, target=target, comparisons=comparisons)]
+            reference: str | None, cost: str = "steps_to_target") -> pd.DataFrame:
+    """Welch comparisons over seeds: each pair in `comparisons` per value of x, and every algorithm vs the
+    reference."""
+    parts = [significance_tables(history, by=x, target=target, comparisons=comparisons, cost=cost)]
     seeds = history[history["phase"] == "seed"]
     if reference and reference in set(seeds["algorithm"]):
         ref = seeds[seeds["algorithm"] == reference]
@@ -78,26 +90,29 @@ def compare(history: pd.DataFrame, x: str, target: float, comparisons: Sequence[
         if copies:
             paired = pd.concat([others, *copies], ignore_index=True)
             pairs = [(a, reference) for a in sorted(others["algorithm"].unique())]
-            parts.append(significance_tables(paired, by=x, target=target, comparisons=pairs))
+            parts.append(significance_tables(paired, by=x, target=target, comparisons=pairs, cost=cost))
     parts = [p for p in parts if not p.empty]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 def headline(cells: pd.DataFrame, sig: pd.DataFrame, x: str) -> dict[str, str]:
-    """One line per compared value of x: the accuracy difference, its p-value and n (never one lucky run)."""
+    """One line per compared value of x: the test-accuracy difference, its 95% CI, p-value and n (never one lucky
+    run)."""
     out = {}
     if sig.empty:
         return out
     acc = sig[sig["metric"] == "acc_final"]
     for row in acc.itertuples():
         value = getattr(row, x) if hasattr(row, x) else row[1]
+        ci = (f", 95% CI [{row.ci_low:+.4f}, {row.ci_high:+.4f}], Welch p={row.p_value:.3g}"
+              if math.isfinite(row.p_value) else "")
         out[f"{row.a} - {row.b} at {x}={value}"] = (
-            f"{row.diff:+.4f} accuracy (n={row.n_a} vs {row.n_b}, Welch p={row.p_value:.3g}: {row.verdict})")
+            f"{row.diff:+.4f} test accuracy (n={row.n_a} vs {row.n_b}{ci}: {row.verdict})")
     return out
 
 
 def _divergence_warnings(history: pd.DataFrame) -> list[str]:
-    last = history.sort_values("epoch").groupby(["phase", "cell", "trial_id"]).tail(1)
+    last = history.sort_values(COUNTER).groupby(["phase", "cell", "trial_id"]).tail(1)
     out = []
     for (phase, cell), part in last.groupby(["phase", "cell"]):
         diverged = int((part["status"] == "diverged").sum())
@@ -105,6 +120,17 @@ def _divergence_warnings(history: pd.DataFrame) -> list[str]:
             out.append(f"{cell}: {diverged} of {len(part)} seed runs of the best configuration diverged")
         elif phase == "tune" and diverged == len(part):
             out.append(f"{cell}: every tuning trial diverged: lower the step-size range")
+    return out
+
+
+def _collapse_warnings(history: pd.DataFrame, group: Sequence[str], num_classes: int | None) -> list[str]:
+    trials = trial_table(history, phase="seed", carry=group)
+    out = []
+    for row in collapsed_seeds(trials, group, num_classes).itertuples():
+        others = trials[(trials["cell"] == row.cell) & (trials["trial_id"] != row.trial_id)]["acc_final"]
+        out.append(f"{row.cell}: the seed-{int(row.seed)} run collapsed to {row.acc_final:.3f} test accuracy (the "
+                   f"cell's other seeds: {', '.join(f'{v:.3f}' for v in others)}) without diverging: the chosen "
+                   "configuration sits at the edge of stability (try --tuning-seeds 2 or a narrower lr range)")
     return out
 
 

@@ -10,6 +10,9 @@ from pathlib import Path
 
 from gradalign.config import ConfigError
 
+SEED_BASE = 1000
+"""The final runs' seeds are SEED_BASE, SEED_BASE + 1, ...; tuning trials use 0, 1, ...: never the same run."""
+
 
 def range_arg(text: str) -> tuple[float, float] | None:
     """'LOW,HIGH' -> (low, high); 'none' -> None. Emptiness (low >= high) is refused by the search space."""
@@ -23,9 +26,19 @@ def range_arg(text: str) -> tuple[float, float] | None:
 
 
 def add_common_arguments(p: argparse.ArgumentParser, default_name: str, smoke: dict) -> None:
-    g = p.add_argument_group("tuning and seeds")
+    g = p.add_argument_group("tuning and seeds (tuning reads the validation split; the seed runs report the test split)")
     g.add_argument("--trials-per-cell", type=int, default=8, help="Optuna (TPE) trials per cell")
-    g.add_argument("--seeds", type=int, default=3, help="seeds the best configuration of each cell is re-run with")
+    g.add_argument("--tuning-seeds", type=int, default=1,
+                   help="seeds each tuning trial trains side by side, scored by their mean (robust to a configuration "
+                   "at the edge of stability; costs that many runs per trial). Tuning seeds are 0, 1, ...")
+    g.add_argument("--seeds", type=int, default=3,
+                   help=f"seeds the best configuration of each cell is re-run with ({SEED_BASE}, {SEED_BASE + 1}, ...: "
+                   "disjoint from the tuning seeds, so no final run repeats a tuning trial)")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of the training data held out for validation (stratified; the same split for "
+                   "every seed)")
+    g.add_argument("--eval-points", type=int, default=40,
+                   help="evaluations per run, log-spaced in steps (resolves steps to target early and late)")
     g.add_argument("--asha", action="store_true", help="stop unpromising tuning trials early (ASHA on epochs)")
     g.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (cell i uses seed + i)")
     g = p.add_argument_group("where it runs")
@@ -62,7 +75,8 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def common_settings(args: argparse.Namespace) -> dict:
-    return dict(trials_per_cell=args.trials_per_cell, seeds=tuple(range(args.seeds)), storage=args.storage,
+    return dict(trials_per_cell=args.trials_per_cell, seeds=tuple(SEED_BASE + i for i in range(args.seeds)),
+                tuning_seeds=tuple(range(args.tuning_seeds)), storage=args.storage,
                 cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, asha=args.asha,
                 max_concurrent=args.max_concurrent, sampler_seed=args.sampler_seed)
 
@@ -82,8 +96,9 @@ def run_study_script(args: argparse.Namespace, argv: list[str] | None, plan_cell
         return report(out, args, command, load_history(out))
     try:
         validate(args)
-        plan = StudyPlan(name=args.name, out_dir=out, cells=plan_cells(args), **common_settings(args))
-    except (ConfigError, ValueError) as err:
+        plan = StudyPlan(name=args.name, out_dir=out, cells=plan_cells(args), budget_epochs=args.budget_epochs,
+                         **common_settings(args))
+    except (ConfigError, ValueError, FileNotFoundError) as err:  # (a dataset that is not there)
         return fail(err)
     print(f"{describe(plan)}; output in {out}", flush=True)
     started = time.perf_counter()
@@ -94,6 +109,28 @@ def run_study_script(args: argparse.Namespace, argv: list[str] | None, plan_cell
         return fail(err)
     print(f"all cells finished in {time.perf_counter() - started:.0f} s", flush=True)
     return report(out, args, command, history)
+
+
+def split_sizes(args: argparse.Namespace, clients: int | None = None) -> dict[str, int]:
+    """Examples in the train / val / test splits of `args.dataset` (the training split is what one epoch is).
+    Loads the dataset in the driver, so a missing one is refused before Ray starts; records the sizes in `args`."""
+    from gradalign.data import load_dataset
+    from gradalign.splits import with_validation
+
+    data = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download, num_clients=clients)
+    split = with_validation(data, args.val_fraction, 0)
+    args.split_sizes = {"train": len(split.y_train), "val": len(split.y_val), "test": len(split.y_test)}
+    return args.split_sizes
+
+
+def check_common(args: argparse.Namespace) -> None:
+    """Refuse bad values of the shared options (by name) before anything starts."""
+    for name in ("trials_per_cell", "seeds", "tuning_seeds", "eval_points"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ConfigError(name, value, "must be >= 1")
+    if not 0 < args.val_fraction < 1:
+        raise ConfigError("val_fraction", args.val_fraction, "must lie in (0, 1): tuning needs a validation split")
 
 
 def describe_study(kind: str, args: argparse.Namespace, budget: str):

@@ -7,9 +7,11 @@
 
 What varies: lr (log-uniform), beta (GradAlign/FedGA, log-uniform), the batch size (categorical), and optionally
 momentum, weight decay, local steps K and server step size (federated) and mu (FedProx). Everything else is fixed (--set FIELD=VALUE for
-any TrainConfig field). The budget is --epochs passes over the training data per trial, --trials trials.
+any TrainConfig field). The budget is --epochs passes' worth of training examples per trial (or --budget-steps
+updates), --trials trials. Trials are scored on the validation split (--metric, default val_accuracy, at the end of
+the budget); the test split is only reported.
 
-Writes into OUT/NAME/: results.parquet and results.csv (a row per trial per epoch: configuration, metrics, status,
+Writes into OUT/NAME/: results.parquet and results.csv (a row per trial per evaluation: configuration, metrics, status,
 provenance), optuna.db (the Optuna study: `optuna-dashboard sqlite:///OUT/NAME/optuna.db`), figures/*.html
 (optimization history, parameter importances, lr x beta contour), tune/ (Ray Tune's experiment, for resuming),
 train/, state/ and history/ (trial checkpoints and metric histories) and study.json (what a resume must match).
@@ -27,7 +29,7 @@ import optuna
 
 from gradalign.config import ALGORITHMS, ALIGNING_ALGORITHMS, DATASETS, MODELS, PARTITIONS, ConfigError
 from gradalign.ray_adapter import (
-    Range, SearchSpace, StudySettings, TrialExecution, results_table, run_study, sync_optuna_study,
+    GROUP_SEEDS, Range, SearchSpace, StudySettings, TrialExecution, results_table, run_study, sync_optuna_study,
     write_results_table,
 )
 
@@ -41,13 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--name", default=None, help="study name (default DATASET-ALGORITHM); re-running a name resumes it")
     g.add_argument("--out", default="results/tune", help="output folder; the study lives in OUT/NAME (default %(default)s)")
     g.add_argument("--trials", type=int, default=16, help="number of trials (default %(default)s)")
-    g.add_argument("--metric", default="test_accuracy", help="metric to optimise, from the last epoch (default %(default)s)")
+    g.add_argument("--metric", default="val_accuracy",
+                   help="metric to optimise, at a trial's last evaluation; a validation metric (val_accuracy, "
+                   "val_loss), since the test split is for reporting (default %(default)s)")
     g.add_argument("--mode", choices=("max", "min"), default=None, help="max or min (default: max for accuracy, else min)")
     g.add_argument("--multi-objective", action="store_true",
                    help="optimise METRIC and wall_time (min) together (Pareto front; ASHA then uses METRIC)")
     g.add_argument("--sampler-seed", type=int, default=0, help="seed of Optuna's TPE sampler (default %(default)s)")
-    g.add_argument("--asha", action="store_true", help="stop unpromising trials early (ASHA on epoch)")
-    g.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial may be stopped (default %(default)s)")
+    g.add_argument("--asha", action="store_true", help="stop unpromising trials early (ASHA on epochs of examples seen)")
+    g.add_argument("--grace-period", type=float, default=1.0,
+                   help="ASHA: epochs' worth of examples before a trial may be stopped (default %(default)s)")
     g.add_argument("--time-budget", type=float, default=None, help="seconds after which no new trial starts (default: none)")
 
     g = p.add_argument_group("fixed setting")
@@ -55,9 +60,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--model", choices=MODELS, default="mlp", help="model (default %(default)s)")
     g.add_argument("--algorithm", choices=ALGORITHMS, default="gradalign", help="algorithm to tune (default %(default)s)")
     g.add_argument("--clients", type=int, default=8, help="clients m; every batch size must be divisible by it (default %(default)s)")
-    g.add_argument("--epochs", type=int, default=5, help="budget per trial in passes over the training data (default %(default)s)")
+    g.add_argument("--epochs", type=float, default=5,
+                   help="budget per trial in passes over the training split (default %(default)s)")
+    g.add_argument("--budget-steps", type=int, default=None, help="budget in updates instead of epochs")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of the training data held out for validation (default %(default)s)")
     g.add_argument("--partition", choices=PARTITIONS, default="iid", help="how data are split over clients (default %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed of every trial's model, partition and batches (default %(default)s)")
+    g.add_argument("--tuning-seeds", type=int, default=1,
+                   help="seeds each trial trains side by side (SEED, SEED+1, ...), scored by their mean: robust to "
+                   "configurations at the edge of stability, at that many runs per trial (default %(default)s)")
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="(default %(default)s)")
     g.add_argument("--data-dir", default="data", help="dataset folder (made absolute: trials run in other folders)")
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -91,8 +103,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(args: argparse.Namespace) -> tuple[SearchSpace, StudySettings, TrialExecution]:
     """Scientific/nuisance/fixed split of the arguments into a search space, study settings and execution."""
     fixed = dict(dataset=args.dataset, model=args.model, algorithm=args.algorithm, clients=args.clients,
-                 epochs=args.epochs, partition=args.partition, seed=args.seed, dtype=args.dtype,
+                 epochs=args.epochs, budget_steps=args.budget_steps, val_fraction=args.val_fraction,
+                 partition=args.partition, seed=args.seed, dtype=args.dtype,
                  data_dir=os.path.abspath(args.data_dir))
+    if args.tuning_seeds < 1:
+        raise ConfigError("tuning_seeds", args.tuning_seeds, "must be >= 1")
+    if args.tuning_seeds > 1:
+        fixed[GROUP_SEEDS] = [args.seed + i for i in range(args.tuning_seeds)]
+    if args.metric.startswith("test_"):
+        raise ConfigError("metric", args.metric, "tuning on the test split biases the result it reports: use "
+                          "val_accuracy or val_loss (the test metrics are in the results table)")
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -142,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             from gradalign.ray_adapter import connect
 
             connect(args.address, num_cpus=args.num_cpus)
-        progress = ProgressPrinter(settings.num_samples, space.param_names, epochs=args.epochs)
+        progress = ProgressPrinter(settings.num_samples, space.param_names,
+                                   epochs=None if args.budget_steps else args.epochs)
         results = run_study(trainables.gradalign_trainable, space, settings, execution, address=args.address,
                             callbacks=[progress])
     except ConfigError as err:
@@ -161,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     best = best_row(table, settings.metric, settings.mode)
     print(f"\n{table['trial_id'].nunique()} trials, {len(table)} rows -> {parquet} and {csv}"
           + (f"; {len(errors)} errored: {', '.join(errors)}" if errors else ""))
-    print(f"best trial {best['trial_id']} ({best['trial_status']}, epoch {best['epoch']}): "
-          f"{settings.metric}={best[settings.metric]:.4g} test_loss={best['test_loss']:.4g} "
+    print(f"best trial {best['trial_id']} ({best['trial_status']}, after {best['epochs']:.3g} epochs, "
+          f"{best['steps']} steps): {settings.metric}={best[settings.metric]:.4g}; reported on the test split: "
+          f"test_accuracy={best['test_accuracy']:.4g} test_loss={best['test_loss']:.4g} "
           f"wall_time={best['wall_time']:.1f}s")
     print(f"  configuration: {format_params(best.to_dict(), space.param_names)}")
     if len(settings.objectives) > 1:

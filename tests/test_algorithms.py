@@ -199,3 +199,28 @@ def test_batchnorm_models_are_refused_for_displaced_gradients():
     for name in ("gradalign", "fedga"):
         with pytest.raises(ValueError, match="BatchNorm"):
             build_algorithm(model, F.cross_entropy, config(name))
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("diagnose", [True, False])
+def test_communications_are_counted_per_update_whatever_the_diagnostics(algorithm, diagnose):
+    """What a budget in communications divides by: GradAlign and FedGA exchange twice per round (ḡ, then the
+    update), FedAvg, FedProx, SCAFFOLD and large-batch SGD once; a diagnostics-only exchange is never counted."""
+    from gradalign.algorithms import communications_per_update
+
+    cfg = config(algorithm)
+    model = tiny_model(0)
+    algo = build_algorithm(model, F.cross_entropy, cfg)
+    size = sum(p.numel() for p in model.parameters())
+    for batch in batches(make_data(), 3, k=cfg.local_steps):
+        batch.diagnose = diagnose
+        traffic = algo.step(batch).traffic
+        assert traffic.communications == communications_per_update(cfg)
+        assert traffic.messages == traffic.communications * (1 if algorithm == "sgd" else CLIENTS)
+        per_client = traffic.values / max(traffic.messages, 1)
+        # every exchange carries about P values per client; SCAFFOLD's one carries 2P (update and control variate)
+        expected = {"sgd": size + 1, "large_batch_sgd": size + 1, "fedavg": size + 1, "fedprox": size + 1,
+                    "scaffold": 2 * size + 1, "gradalign": (2 * size + 2) / 2, "fedga": (2 * size + 3) / 2}[algorithm]
+        assert per_client == pytest.approx(expected)
+    assert communications_per_update(config("fedga")) == 2 and communications_per_update(config("fedavg")) == 1
+    assert communications_per_update(config("sgd", clients=1, batch_size=B)) == 0

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from gradalign import analysis as A
+from gradalign.training import eval_schedule
 
 TARGET = 0.45
 BATCHES = (64, 128, 256, 512, 1024)
@@ -18,28 +19,34 @@ B_SIMPLE = 250.0  # tr(Sigma) / |G|^2 of the synthetic noise columns
 EPOCHS = 40
 
 
-def _trial_rows(trial_id, phase, algorithm, batch, seed, lr, beta, epochs, acc_inf, s_half, diverge_at=None):
-    """Accuracy acc_inf * (1 - 2^(-steps / s_half)): reaches acc_inf / 2 after s_half steps."""
+def _trial_rows(trial_id, phase, algorithm, batch, seed, lr, beta, epochs, acc_inf, s_half, diverge_at=None,
+                noise=0.002):
+    """Accuracy acc_inf * (1 - 2^(-steps / s_half)): reaches acc_inf / 2 after s_half steps. Evaluated like a
+    Trainer with an example budget of `epochs` x N_TRAIN: on the log-spaced schedule of its updates. The
+    validation and test accuracies carry independent noise."""
     rng = np.random.default_rng(1000 * trial_id + seed)
-    per_epoch = N_TRAIN // batch
+    schedule = eval_schedule(epochs * N_TRAIN // batch, points=40)
     rows = []
-    for epoch in range(1, epochs + 1):
-        steps = epoch * per_epoch
-        acc = acc_inf * (1 - 2.0 ** (-steps / s_half)) + rng.normal(0, 0.002)
-        diverged = diverge_at is not None and epoch >= diverge_at
+    for evaluation, steps in enumerate(schedule, start=1):
+        curve = acc_inf * (1 - 2.0 ** (-steps / s_half))
+        acc, val = curve + rng.normal(0, noise), curve + rng.normal(0, noise)
+        diverged = diverge_at is not None and evaluation >= diverge_at
+        last = evaluation == len(schedule)
         rows.append({
             "study": "synthetic", "cell": f"{algorithm}-B{batch}", "phase": phase, "trial_id": trial_id,
             "algorithm": algorithm, "batch_size": batch, "clients": 8, "workers": 1, "lr": lr, "beta": beta,
             "momentum": 0.0, "weight_decay": 0.0, "local_steps": 1, "mu": 0.0, "participation": 1.0,
-            "alpha": np.nan, "partition": "iid", "seed": seed, "epoch": epoch, "steps": steps, "rounds": steps,
-            "examples": steps * batch, "train_loss": np.nan if diverged else 1 - acc, "test_loss": 1 - acc,
-            "test_accuracy": 0.1 if diverged else acc,
-            "grad_variance": 640.0 / (epoch * batch) * (0.5 if algorithm == "gradalign" else 1.0),
-            "grad_cosine": 0.1 + 0.01 * epoch + 0.05 * math.log2(batch / 64), "grad_norm_sq": 4.0,
+            "alpha": np.nan, "partition": "iid", "seed": seed, "evaluation": evaluation,
+            "epochs": steps * batch / N_TRAIN, "steps": steps, "rounds": steps, "examples": steps * batch,
+            "communications": steps, "messages": 8 * steps, "train_loss": np.nan if diverged else 1 - acc,
+            "val_loss": 1 - val, "val_accuracy": 0.1 if diverged else val, "test_loss": 1 - acc,
+            "test_accuracy": 0.1 if diverged else acc, "label_tv": 0.05,
+            "grad_variance": 640.0 / (steps * batch) * (0.5 if algorithm == "gradalign" else 1.0),
+            "grad_cosine": 0.1 + 0.01 * evaluation + 0.05 * math.log2(batch / 64), "grad_norm_sq": 4.0,
             "gns_simple": B_SIMPLE * (1 + rng.normal(0, 2)),  # noisy and sometimes negative, like the real one
             "gns_trace": B_SIMPLE * 4.0 * (1 + rng.normal(0, 0.05)), "gns_grad_sq": 4.0,
             "wall_time": steps * (0.01 + batch * 1e-5), "status": "diverged" if diverged else
-            ("completed" if epoch == epochs else "running"), "git_commit": "abc1234", "python": "3.11.7",
+            ("completed" if last else "running"), "git_commit": "abc1234", "python": "3.11.7",
             "torch": "2.5.0", "ray": "2.50.0", "optuna": "4.1.0", "hardware": "2 CPU cores",
         })
         if diverged:
@@ -47,10 +54,10 @@ def _trial_rows(trial_id, phase, algorithm, batch, seed, lr, beta, epochs, acc_i
     return rows
 
 
-def synthetic_history(seeds=3, epochs=EPOCHS, with_tune=True) -> pd.DataFrame:
-    """large_batch_sgd follows S = S_min (1 + B_crit / B) exactly (at epoch resolution) and never reaches the
-    target at B=1024; gradalign is 0.05 better in accuracy at B >= 256 (identical below); one gradalign seed at
-    B=1024 diverges."""
+def synthetic_history(seeds=3, epochs=EPOCHS, with_tune=True, noise=0.002) -> pd.DataFrame:
+    """large_batch_sgd follows S = 0.9 S_min (1 + B_crit / B) exactly (sampled on the evaluation schedule) and
+    never reaches the target at B=1024; gradalign is 0.05 better in accuracy at B >= 256 (identical below); one
+    gradalign seed at B=1024 diverges. Tuning trials use seeds 100+, seed runs 0, 1, ..."""
     rows, trial = [], 0
     for algorithm in ("large_batch_sgd", "gradalign"):
         for batch in BATCHES:
@@ -64,11 +71,12 @@ def synthetic_history(seeds=3, epochs=EPOCHS, with_tune=True) -> pd.DataFrame:
                 for k, factor in enumerate((0.3, 1.0, 3.0)):
                     trial += 1
                     rows += _trial_rows(trial, "tune", algorithm, batch, 100 + k, lr * factor, beta, epochs,
-                                        acc_inf * (1.0 if factor == 1.0 else 0.9), s_half)
+                                        acc_inf * (1.0 if factor == 1.0 else 0.9), s_half, noise=noise)
             for seed in range(seeds):
                 trial += 1
                 diverge = 3 if (algorithm == "gradalign" and batch == 1024 and seed == seeds - 1) else None
-                rows += _trial_rows(trial, "seed", algorithm, batch, seed, lr, beta, epochs, acc_inf, s_half, diverge)
+                rows += _trial_rows(trial, "seed", algorithm, batch, seed, lr, beta, epochs, acc_inf, s_half, diverge,
+                                    noise=noise)
     return pd.DataFrame(rows)
 
 
@@ -82,10 +90,12 @@ def cells(history):
     return A.summarize_cells(history, TARGET)
 
 
-def test_steps_to_target_first_epoch_reaching_target():
-    trial = pd.DataFrame({"epoch": [3, 1, 2, 4], "test_accuracy": [0.7, 0.2, 0.5, 0.9],
+def test_steps_to_target_interpolates_between_evaluations_on_the_validation_split():
+    trial = pd.DataFrame({"evaluation": [3, 1, 2, 4], "val_accuracy": [0.7, 0.2, 0.5, 0.9],
+                          "test_accuracy": [1.0, 1.0, 1.0, 1.0],  # never read: targets are about validation
                           "steps": [30, 10, 20, 40], "examples": [300, 100, 200, 400], "wall_time": [3., 1., 2., 4.]})
     assert A.steps_to_target(trial, 0.5) == (20.0, 200.0, 2.0)
+    assert A.steps_to_target(trial, 0.6) == pytest.approx((25.0, 250.0, 2.5))  # half-way between 0.5 and 0.7
     assert A.steps_to_target(trial, 0.2) == (10.0, 100.0, 1.0)
     assert all(math.isnan(v) for v in A.steps_to_target(trial, 0.95))
 
@@ -99,7 +109,7 @@ def test_trial_table_agrees_with_steps_to_target_on_shuffled_rows(history):
         got = row[["steps_to_target", "examples_to_target", "wall_to_target"]].to_numpy(float)
         np.testing.assert_array_equal(got, expected)
         assert row["reached"] == (not math.isnan(expected[0]))
-        last = trial.sort_values("epoch").iloc[-1]
+        last = trial.sort_values("evaluation").iloc[-1]
         assert row["acc_final"] == last["test_accuracy"] and row["status"] == last["status"]
         assert row["acc_max"] == trial["test_accuracy"].max()
         assert row["diverged"] == (trial["status"] == "diverged").any()
@@ -121,10 +131,13 @@ def test_summarize_cells_counts_seeds_reached_and_diverged(cells):
     assert cell.loc[("gradalign", 64), "acc_mean"] < cell.loc[("gradalign", 64), "acc_max_mean"]  # noisy plateau
     plateau = 1 - 2.0 ** (-EPOCHS * (N_TRAIN // 512) / (S_MIN * (1 + B_CRIT / 512) * 0.9))
     assert cell.loc[("gradalign", 512), "acc_mean"] == pytest.approx(0.95 * plateau, abs=0.005)
-    # Steps to target are the first epoch's steps at or after the known half-way point.
-    per_epoch = N_TRAIN // 128
-    expected = math.ceil(S_MIN * (1 + B_CRIT / 128) * 0.9 / per_epoch) * per_epoch
-    assert cell.loc[("large_batch_sgd", 128), "steps_to_target_mean"] == pytest.approx(expected, rel=0.02)
+    # Steps to target: the known half-way point, resolved between evaluations (not rounded up to one).
+    expected = S_MIN * (1 + B_CRIT / 128) * 0.9
+    assert cell.loc[("large_batch_sgd", 128), "steps_to_target_mean"] == pytest.approx(expected, rel=0.03)
+    assert cell.loc[("large_batch_sgd", 1024), "reached"] == "0/3" and cell.loc[("gradalign", 1024), "reached"] == "2/3"
+    assert cell.loc[("large_batch_sgd", 128), "seeds"] == "0, 1, 2"
+    spent = cell["examples"].drop(("gradalign", 1024))  # (a diverged seed stops early)
+    assert (spent == EPOCHS * N_TRAIN).all()  # the same example budget in every cell
     assert cell.loc[("large_batch_sgd", 128), "grad_variance_mean"] > cell.loc[("gradalign", 128), "grad_variance_mean"]
 
 
@@ -134,7 +147,7 @@ def test_summaries_degrade_on_partial_studies(history):
     assert (cells["n_seeds"] == 1).all() and cells["acc_std"].isna().all()
     missing = history[~((history["algorithm"] == "gradalign") & (history["batch_size"] == 256))]
     assert len(A.summarize_cells(missing, TARGET)) == 2 * len(BATCHES) - 1
-    diverged = history.assign(status="diverged", test_accuracy=np.nan)
+    diverged = history.assign(status="diverged", test_accuracy=np.nan, val_accuracy=np.nan)
     cells = A.summarize_cells(diverged, TARGET)
     assert (cells["diverged"] == cells["n_seeds"]).all() and cells["acc_mean"].isna().all()
     assert A.summarize_cells(history[history["phase"] == "tune"], TARGET).empty
@@ -146,8 +159,23 @@ def test_best_trials_pick_the_best_tuning_trial(history):
     assert len(best) == 2 * len(BATCHES)
     row = best.set_index(["algorithm", "batch_size"]).loc[("gradalign", 256)]
     assert row["lr"] == pytest.approx(0.2)  # the factor-1.0 trial has the higher plateau
-    lowest_loss = A.best_trials(history, metric="test_loss", mode="min", reduce="last")
+    lowest_loss = A.best_trials(history, metric="val_loss", mode="min", reduce="last")
     assert lowest_loss["score"].notna().all()
+
+
+def test_no_tuning_decision_changes_when_only_the_test_labels_change(history):
+    """Choosing reads the validation split only: scramble everything the test split says (as if its labels were
+    permuted) and every choice stays. Before, best trials and tie-breaks read test_accuracy / test_loss."""
+    tuned = history[history["phase"] == "tune"]
+    rng = np.random.default_rng(7)
+    scrambled = tuned.assign(test_accuracy=rng.uniform(0, 1, len(tuned)), test_loss=rng.uniform(0, 5, len(tuned)))
+    for frame in (A.best_trials(tuned), A.best_trials(scrambled)):
+        assert frame["trial_id"].tolist() == A.best_trials(tuned)["trial_id"].tolist()
+    last = tuned.sort_values("evaluation").groupby("trial_id").tail(1)
+    tie = last.assign(val_accuracy=0.5)  # all tied: the validation loss decides, not the test loss
+    scrambled_tie = tie.assign(test_loss=rng.uniform(0, 5, len(tie)))
+    assert (A.rank_trials(tie, "val_accuracy")["trial_id"].tolist()
+            == A.rank_trials(scrambled_tie, "val_accuracy")["trial_id"].tolist())
 
 
 def test_fit_recovers_known_critical_batch_from_exact_data():
@@ -176,7 +204,24 @@ def test_fit_on_summarized_history_is_close_to_the_truth(cells):
     fits = A.fit_critical_batches(cells)
     lb = fits["large_batch_sgd"]
     assert lb["n_points"] == 4  # B=1024 never reached the target
-    assert lb["B_crit"] == pytest.approx(B_CRIT, rel=0.35)  # epoch resolution blurs the exact curve
+    assert lb["B_crit"] == pytest.approx(B_CRIT, rel=0.1)
+
+
+def test_an_exact_mccandlish_curve_is_recovered_within_ten_percent():
+    """The issue's case: S_min = 5, B_crit = 100 sampled at B = 16, 32, 128, 512 and rounded up to epoch ends gave
+    89/44/11/6 steps and B_crit = 402. Through the evaluation schedule and the interpolated crossing: within 10%."""
+    s_min, b_crit, rows = 5.0, 100.0, []
+    for trial_id, batch in enumerate((16, 32, 128, 512)):
+        crossing = s_min * (1 + b_crit / batch)  # steps at which the validation accuracy reaches 0.5
+        for evaluation, steps in enumerate(eval_schedule(20 * 1424 // batch, points=40), start=1):
+            rows.append({"trial_id": trial_id, "phase": "seed", "algorithm": "large_batch_sgd", "batch_size": batch,
+                         "evaluation": evaluation, "steps": steps, "examples": steps * batch, "wall_time": steps,
+                         "val_accuracy": 1 - 0.5 ** (steps / crossing), "test_accuracy": 0.9, "status": "completed"})
+    cells = A.summarize_cells(pd.DataFrame(rows), 0.5)
+    measured = cells.set_index("batch_size")["steps_to_target_mean"]
+    assert measured.to_numpy() == pytest.approx([s_min * (1 + b_crit / b) for b in (16, 32, 128, 512)], rel=0.1)
+    fit = A.fit_critical_batches(cells)["large_batch_sgd"]
+    assert fit["B_crit"] == pytest.approx(b_crit, rel=0.1)
 
 
 def test_noise_scale_averages_numerator_and_denominator(history):
@@ -193,24 +238,40 @@ def test_significance_detects_a_clear_difference_and_not_identical_ones(history)
     assert table.loc[512, "p_value"] < 0.05 and table.loc[512, "verdict"].startswith("significant at 0.05")
     assert table.loc[512, "diff"] == pytest.approx(0.05, abs=0.01)
     assert table.loc[64, "verdict"] == "not significant" and table.loc[64, "p_value"] > 0.05
+    assert table.loc[512, "ci_low"] < table.loc[512, "diff"] < table.loc[512, "ci_high"] and table.loc[512, "ci_low"] > 0
+    assert table.loc[64, "ci_low"] < 0 < table.loc[64, "ci_high"]
     few = A.significance(history[history["seed"] == 0], "gradalign", "large_batch_sgd")
-    assert (few["verdict"] == "too few seeds (n<2)").all() and (few["n_a"] == 1).all()
+    assert few["verdict"].str.startswith("not testable").all() and (few["n_a"] == 1).all()
+    assert few["p_value"].isna().all() and few["ci_low"].isna().all()
     steps = A.significance(history, metric="steps_to_target", target=TARGET).set_index("batch_size")
-    assert steps.loc[1024, "n_b"] == 0 and steps.loc[1024, "verdict"] == "too few seeds (n<2)"
+    assert steps.loc[1024, "n_b"] == 0 and steps.loc[1024, "n_b_total"] == 3
+    assert steps.loc[1024, "verdict"].startswith("not testable")
     with pytest.raises(ValueError, match="target"):
         A.significance(history, metric="steps_to_target")
 
 
 def test_significance_on_hand_made_values():
-    rows = [{"trial_id": i, "epoch": 1, "algorithm": alg, "batch_size": 8, "test_accuracy": acc, "phase": "seed"}
+    rows = [{"trial_id": i, "evaluation": 1, "algorithm": alg, "batch_size": 8, "test_accuracy": acc, "phase": "seed"}
             for i, (alg, acc) in enumerate([("a", 0.90), ("a", 0.91), ("a", 0.92), ("b", 0.90), ("b", 0.91),
-                                            ("b", 0.92), ("c", 0.5), ("c", 0.5)])]
+                                            ("b", 0.92), ("c", 0.5), ("c", 0.5), ("d", 0.7), ("d", 0.7)])]
     frame = pd.DataFrame(rows)
     same = A.significance(frame, "a", "b").iloc[0]
     assert same["diff"] == pytest.approx(0) and same["p_value"] == pytest.approx(1)
-    assert same["verdict"] == "not significant"
+    assert same["verdict"] == "not significant" and same["ci_low"] == pytest.approx(-same["ci_high"])
     clear = A.significance(frame, "a", "c").iloc[0]
     assert clear["p_value"] < 1e-3 and clear["verdict"] == "significant at 0.05 (a higher)"
+    # The issue's case: two constant groups gave t = -inf and p = 0, "significant". Not testable, never p = 0.
+    constant = A.significance(frame, "c", "d").iloc[0]
+    assert constant["verdict"].startswith("not testable") and math.isnan(constant["p_value"])
+    assert constant["diff"] == pytest.approx(-0.2)
+
+
+def test_collapsed_seed_runs_are_flagged():
+    trials = pd.DataFrame({"cell": ["x"] * 3 + ["y"] * 3, "algorithm": ["a"] * 6, "trial_id": range(6),
+                           "seed": [0, 1, 2] * 2, "acc_final": [0.99, 0.986, 0.173, 0.94, 0.95, 0.93],
+                           "diverged": [False] * 6})
+    flagged = A.collapsed_seeds(trials, ["cell"], num_classes=10)
+    assert flagged["trial_id"].tolist() == [2]
 
 
 def test_pareto_front_on_a_hand_example():

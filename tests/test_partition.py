@@ -22,7 +22,7 @@ def _check_disjoint_sorted(parts, n, cover=True):
         assert len(joined) == n
 
 
-@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "sorted", "one_class"])
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "dirichlet_by_class", "sorted", "one_class"])
 def test_deterministic_by_seed(scheme):
     # sorted with iid_fraction=0 and one_class with <= 10 clients do not depend on the seed: use settings that do.
     kw = dict(iid_fraction=0.3) if scheme == "sorted" else {}
@@ -59,12 +59,36 @@ def test_dirichlet_heterogeneity_decreases_with_alpha():
     assert tv[0] > tv[1] > tv[2]
 
 
-def test_dirichlet_gives_up_with_a_clear_error():
+def test_dirichlet_by_class_gives_up_with_a_clear_error():
     labels = np.zeros(30, dtype=int)  # one class: with tiny alpha nearly all of it lands on one client
     with pytest.raises(ValueError, match="alpha"):
-        partition(labels, 20, "dirichlet", alpha=1e-4)
-    with pytest.raises(ValueError, match="alpha"):
-        partition(LABELS, 10, "dirichlet", alpha=0.0)
+        partition(labels, 20, "dirichlet_by_class", alpha=1e-4)
+    for scheme in ("dirichlet", "dirichlet_by_class"):
+        with pytest.raises(ValueError, match="alpha"):
+            partition(LABELS, 10, scheme, alpha=0.0)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 1.0, 10.0])
+def test_dirichlet_is_hsus_label_mix_at_equal_client_sizes(alpha):
+    """Hsu et al. (2019): every client the same number of examples, its label mix q_i ~ Dir(alpha p). The old
+    per-class split gave 10 clients sizes from 1 to 410 at alpha = 0.1; this one differs by at most one."""
+    labels = np.repeat(np.arange(10), [300, 250, 200, 180, 160, 140, 120, 100, 80, 70])
+    parts = partition(labels, 10, "dirichlet", alpha=alpha, seed=0)
+    _check_disjoint_sorted(parts, len(labels))
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+    prior = np.bincount(labels) / len(labels)
+    mixes = np.stack([np.bincount(labels[p], minlength=10) / len(p) for p in parts])
+    assert np.allclose(mixes.mean(axis=0), prior, atol=1e-3)  # the right label mixes on average
+    tv = 0.5 * np.abs(mixes - prior).sum(axis=1).mean()
+    assert (tv > 0.6) if alpha == 0.1 else (tv < 0.5) if alpha == 10.0 else True
+
+
+def test_dirichlet_by_class_keeps_the_old_quantity_skewed_split():
+    parts = partition(LABELS, 10, "dirichlet_by_class", alpha=0.1, seed=0)
+    _check_disjoint_sorted(parts, len(LABELS))
+    sizes = [len(p) for p in parts]
+    assert max(sizes) > 3 * min(sizes)
 
 
 def test_sorted_without_iid_fraction_gives_contiguous_label_blocks():
@@ -130,7 +154,7 @@ def test_refuses_bad_client_counts(num_clients):
         partition(LABELS, num_clients, "iid")
 
 
-@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "sorted", "one_class"])
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "dirichlet_by_class", "sorted", "one_class"])
 def test_refuses_more_clients_than_examples(scheme):
     with pytest.raises(ValueError, match="num_clients=6"):
         partition(np.arange(5), 6, scheme)

@@ -1,5 +1,5 @@
-"""A study whose driver is killed (SIGKILL) part-way resumes: every trial completes once, no finished epoch is
-trained again, and the Optuna SQLite study agrees with the results table.
+"""A study whose driver is killed (SIGKILL) part-way resumes: every trial completes once, no finished evaluation
+interval is trained again, and the Optuna SQLite study agrees with the results table.
 
 The killed driver runs its own local Ray, as `studies/tune.py` does on a workstation: Ray dies with it, and so do the
 Tune records that were not yet synced to storage -- the realistic failure.
@@ -18,11 +18,11 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TRIALS, EPOCHS = 6, 4
+TRIALS, EPOCHS, EVALUATIONS = 6, 4, 4  # 4 log-spaced evaluations (e.g. after updates 1, 5, 29, 162 at B=32)
 
 
 def saved_histories(study_dir: Path) -> dict[str, list[dict]]:
-    """Per trial, the metrics history saved with its latest checkpoint (rewritten atomically every epoch)."""
+    """Per trial, the metrics history saved with its latest checkpoint (rewritten atomically every evaluation)."""
     return {p.stem: json.loads(p.read_text()) for p in (study_dir / "history").glob("*.json")}
 
 
@@ -38,18 +38,19 @@ def reported_rows(experiment: Path) -> list[dict]:
 def test_killed_study_resumes_without_running_anything_twice(tmp_path):
     cmd = [sys.executable, "studies/tune.py", "--name", "killed", "--out", str(tmp_path), "--num-cpus", "2",
            "--trials", str(TRIALS), "--epochs", str(EPOCHS), "--algorithm", "gradalign", "--clients", "4",
-           "--batch-sizes", "32", "64", "--lr", "0.01", "0.5", "--sampler-seed", "3"]
+           "--batch-sizes", "32", "64", "--lr", "0.01", "0.5", "--sampler-seed", "3",
+           "--set", f"eval_points={EVALUATIONS}"]
     study_dir = tmp_path / "killed"
     experiment = study_dir / "tune"
 
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 400
-        # Kill the driver once a few trials have results and one is part-way through its epochs.
+        # Kill the driver once a few trials have results and one is part-way through its evaluations.
         while first.poll() is None:
             assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
             saved = saved_histories(study_dir)
-            if len(saved) >= 2 and any(len(h) < EPOCHS for h in saved.values()):
+            if len(saved) >= 2 and any(len(h) < EVALUATIONS for h in saved.values()):
                 break
             time.sleep(0.2)
         first.send_signal(signal.SIGKILL)
@@ -61,28 +62,28 @@ def test_killed_study_resumes_without_running_anything_twice(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming study 'killed'" in second.stdout
 
-    # Every trial ran once: as many trials as asked for, each with every epoch once in the table.
+    # Every trial ran once: as many trials as asked for, each with every evaluation once in the table.
     table = pd.read_parquet(study_dir / "results.parquet")
     assert table["trial_id"].nunique() == TRIALS
     assert len(list(experiment.glob("*/result.json"))) == TRIALS  # no trial was started again under a new id
     for trial_id, rows in table.groupby("trial_id"):
-        assert list(rows["epoch"]) == list(range(1, EPOCHS + 1)), trial_id
+        assert list(rows["evaluation"]) == list(range(1, EVALUATIONS + 1)), trial_id
     assert set(table["trial_status"]) == {"completed"}
-    # No epoch saved before the kill was trained again (a retrained epoch would have another wall_time) ...
+    # No evaluation saved before the kill was trained again (a retrained one would have another wall_time) ...
     final = saved_histories(study_dir)
     for trial_id, history in at_kill.items():
         assert final[trial_id][:len(history)] == history, trial_id
-    # ... and Tune was told each epoch at most twice (once trained, at most once re-reported on resume).
-    assert max(Counter((r["trial_id"], r["epoch"]) for r in reported_rows(experiment)).values()) <= 2
+    # ... and Tune was told each evaluation at most twice (once trained, at most once re-reported on resume).
+    assert max(Counter((r["trial_id"], r["evaluation"]) for r in reported_rows(experiment)).values()) <= 2
 
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{study_dir / 'optuna.db'}")
     assert len(study.trials) == TRIALS
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    last = table.sort_values("epoch").groupby("trial_id").tail(1).set_index("trial_id")
+    last = table.sort_values("evaluation").groupby("trial_id").tail(1).set_index("trial_id")
     mirrored = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
     assert set(mirrored) == set(last.index)
     for trial_id, trial in mirrored.items():
-        assert trial.value == pytest.approx(last.loc[trial_id, "test_accuracy"])
+        assert trial.value == pytest.approx(last.loc[trial_id, "val_accuracy"])  # tuned on validation
         assert trial.params["lr"] == pytest.approx(last.loc[trial_id, "lr"])
         assert trial.user_attrs["status"] == "completed"
     assert (study_dir / "figures" / "optimization_history.html").exists()

@@ -8,8 +8,8 @@ from gradalign.training import Trainer
 from trainables import fit_torch_trainer, train_in_process
 
 TINY = dict(dataset="digits", model="mlp", algorithm="gradalign", batch_size=64, clients=4, lr=0.1, beta=0.05,
-            epochs=2, seed=3, dtype="float64")
-TRAJECTORY = ("train_loss", "test_loss", "test_accuracy", "grad_variance")
+            epochs=2, eval_every=21, seed=3, dtype="float64")  # 41 updates, evaluated after 21 and 41
+TRAJECTORY = ("train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy", "grad_variance")
 
 
 @pytest.mark.slow
@@ -21,11 +21,12 @@ def test_two_train_workers_reproduce_single_process_float64(ray_cluster, tmp_pat
     execution = TrialExecution(workers=2, storage_path=str(tmp_path))
     history = fit_torch_trainer(config, execution, "equivalence")
 
-    assert [m["epoch"] for m in history] == [1, 2]
+    assert [m["evaluation"] for m in history] == [1, 2]
     for got, want in zip(history, expected):
         for key in TRAJECTORY:
             assert got[key] == pytest.approx(want[key], rel=1e-6), key
         assert got["steps"] == want["steps"] and got["examples"] == want["examples"]
+        assert got["communications"] == want["communications"] and got["values_sent"] == want["values_sent"]
     assert history[-1]["status"] == "completed"
 
     # Fitting the same run name again resumes from its last checkpoint: nothing is retrained.
@@ -33,8 +34,8 @@ def test_two_train_workers_reproduce_single_process_float64(ray_cluster, tmp_pat
     assert again == history
 
 
-def test_in_process_trial_resumes_without_repeating_epochs(tmp_path):
-    config = TrainConfig(**{**TINY, "epochs": 3, "algorithm": "sgd", "beta": None})
+def test_in_process_trial_resumes_without_repeating_evaluations(tmp_path):
+    config = TrainConfig(**{**TINY, "epochs": 3, "algorithm": "sgd", "beta": None})  # evaluations at 21, 42, 61
     state = str(tmp_path / "state" / "trial.pt")
     unbroken = train_in_process(config, str(tmp_path / "other.pt"), lambda m: None)
 
@@ -43,24 +44,24 @@ def test_in_process_trial_resumes_without_repeating_epochs(tmp_path):
 
     reports = []
 
-    def crash_at_epoch_2(metrics):
-        reports.append(metrics["epoch"])
-        if metrics["epoch"] == 2:
-            raise Crash  # the process dies after reporting epoch 2 but before saving it
+    def crash_at_evaluation_2(metrics):
+        reports.append(metrics["evaluation"])
+        if metrics["evaluation"] == 2:
+            raise Crash  # the process dies after reporting evaluation 2 but before saving it
 
     with pytest.raises(Crash):
-        train_in_process(config, state, crash_at_epoch_2)
+        train_in_process(config, state, crash_at_evaluation_2)
     resumed = []
-    history = train_in_process(config, state, lambda m: resumed.append(m["epoch"]))
+    history = train_in_process(config, state, lambda m: resumed.append(m["evaluation"]))
 
     assert reports == [1, 2]
-    assert resumed == [1, 2, 3]  # epoch 1 re-reported (restored), epoch 2 (in flight) redone, then 3
+    assert resumed == [1, 2, 3]  # 1 re-reported (restored), 2 (in flight) redone, then 3
     strip = lambda h: [{k: v for k, v in m.items() if k != "wall_time"} for m in h]  # noqa: E731
     assert strip(history) == strip(unbroken)  # bit-for-bit the uninterrupted run
 
 
 def test_penalise_makes_diverged_metrics_finite():
-    metrics = {"epoch": 1, "train_loss": float("nan"), "test_loss": float("inf"), "test_accuracy": float("nan"),
+    metrics = {"evaluation": 1, "train_loss": float("nan"), "test_loss": float("inf"), "test_accuracy": float("nan"),
                "grad_cosine": float("nan"), "status": "diverged"}
     out = penalise(metrics)
     assert out["train_loss"] == out["test_loss"] == LOSS_PENALTY
@@ -71,3 +72,14 @@ def test_penalise_makes_diverged_metrics_finite():
     assert chance["test_accuracy"] == 0.0 and chance["test_loss"] == LOSS_PENALTY
     healthy = {"train_loss": 0.5, "test_loss": 0.4, "test_accuracy": 0.9, "status": "running"}
     assert penalise(healthy) == healthy
+
+
+def test_a_tuning_trial_can_score_its_configuration_on_several_seeds(tmp_path):
+    """--tuning-seeds: the trial trains its configuration with each seed side by side and reports their mean."""
+    from gradalign.ray_adapter import GROUP_SEEDS
+
+    config = TrainConfig.from_dict({**TINY, "dtype": "float32", GROUP_SEEDS: [0, 1]})
+    history = train_in_process(config, str(tmp_path / "group.pt"), lambda m: None)
+    alone = [Trainer(TrainConfig(**{**TINY, "dtype": "float32", "seed": s})).fit()[-1] for s in (0, 1)]
+    assert history[-1]["val_accuracy"] == pytest.approx((alone[0]["val_accuracy"] + alone[1]["val_accuracy"]) / 2)
+    assert history[-1]["steps"] == alone[0]["steps"] and history[-1]["status"] == "completed"

@@ -19,11 +19,13 @@ from gradalign.ray_adapter import (
 from trainables import gradalign_trainable
 
 REPO = Path(__file__).resolve().parents[1]
-FIXED = dict(dataset="digits", model="mlp", algorithm="sgd", clients=4, batch_size=64, epochs=2, seed=0)
+# 2 epochs of the 1295-example training split at batch 64: 41 updates, evaluated after 21 (1.04 epochs) and 41
+FIXED = dict(dataset="digits", model="mlp", algorithm="sgd", clients=4, batch_size=64, epochs=2, eval_every=21,
+             seed=0)
 
 
 def last_rows(table):
-    return table.sort_values("epoch").groupby("trial_id").tail(1).set_index("trial_id")
+    return table.sort_values("evaluation").groupby("trial_id").tail(1).set_index("trial_id")
 
 
 def live_placement_groups():
@@ -33,7 +35,7 @@ def live_placement_groups():
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_asha_stops_a_train_trial_and_later_train_trials_still_run(ray_cluster, tmp_path):
-    # Trial 1 learns; trial 2 (lr 1e-4) is far worse after epoch 1, so ASHA stops it -- killing its 2 Ray Train
+    # Trial 1 learns; trial 2 (lr 1e-4) is far worse after one epoch, so ASHA stops it -- killing its 2 Ray Train
     # workers mid-run. Trials 3 and 4 need the CPUs that trial 2's placement group held (ray issue 54305).
     space = SearchSpace(fixed=FIXED, lr=Range(1e-4, 0.5, log=True))
     settings = StudySettings(name="asha", storage_path=str(tmp_path), num_samples=4, asha=True, seed=0,
@@ -45,7 +47,7 @@ def test_asha_stops_a_train_trial_and_later_train_trials_still_run(ray_cluster, 
     last = last_rows(table)
     assert len(last) == 4
     stopped = last[last["lr"] == 1e-4]
-    assert list(stopped["trial_status"]) == ["stopped"] and list(stopped["epoch"]) == [1]
+    assert list(stopped["trial_status"]) == ["stopped"] and list(stopped["evaluation"]) == [1]
     assert set(last["trial_status"]) <= {"completed", "stopped"}
     assert (last["trial_status"] == "completed").sum() >= 2  # the first and at least one trial after the stop
     assert set(table["workers"]) == {2}
@@ -70,8 +72,8 @@ def test_diverging_trial_ends_early_with_finite_penalty(ray_cluster, tmp_path):
     assert len(diverged) == 1
     row = diverged.iloc[0]
     assert row["status"] == row["trial_status"] == "diverged"
-    assert row["epoch"] < 3  # ended early
-    assert row["test_accuracy"] == 0.0 and row["train_loss"] == LOSS_PENALTY
+    assert row["evaluation"] < 3  # ended early (3 evaluations: after 21, 42 and 61 updates)
+    assert row["test_accuracy"] == row["val_accuracy"] == 0.0 and row["train_loss"] == LOSS_PENALTY
     assert set(last.loc[last["lr"] != 1e4, "trial_status"]) == {"completed"}
 
     # The Optuna study (SQLite, for optuna-dashboard) has every trial finished, the diverged one with its penalty.

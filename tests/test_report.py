@@ -99,7 +99,7 @@ def test_alignment_figure_has_one_line_per_cell_and_metric(history):
     assert len(fig.data) == 2 * 2 * 5  # metrics x algorithms x batch sizes
     seeds = history[(history["phase"] == "seed") & (history["algorithm"] == "gradalign")
                     & (history["batch_size"] == 256)]
-    mean_v = seeds.groupby("epoch")["grad_variance"].mean()
+    mean_v = seeds.groupby("evaluation")["grad_variance"].mean()
     line = [t for t in fig.data if t.name == "batch_size=256" and np.allclose(t.y, mean_v)]
     assert len(line) == 1
 

@@ -26,6 +26,9 @@ _spec.loader.exec_module(_synthetic)
     (["--lr-range", "1,0.1"], "empty search range"),
     (["--beta-range=-1,1"], "beta"),
     (["--workers", "0"], "workers"),
+    (["--epochs", "0"], "epochs=0.0"),
+    (["--tuning-seeds", "0"], "tuning_seeds=0"),
+    (["--budget-steps", "0"], "budget_steps=0"),
 ])
 def test_batch_scaling_refuses_bad_axes_before_starting(tmp_path, capsys, argv, message):
     out = tmp_path / "never"
@@ -42,7 +45,9 @@ def test_batch_scaling_refuses_bad_axes_before_starting(tmp_path, capsys, argv, 
     (["--participation", "1.5"], "participation=1.5"),
     (["--participation", "0"], "participation=0.0"),
     (["--local-steps", "0"], "local_steps=0"),
-    (["--rounds", "7", "--eval-every", "5"], "rounds=7"),
+    (["--communications", "7"], "communications=7"),
+    (["--seeds", "0"], "seeds=0"),
+    (["--val-fraction", "0"], "val_fraction=0.0"),
 ])
 def test_federated_refuses_bad_axes_before_starting(tmp_path, capsys, argv, message):
     out = tmp_path / "never"
@@ -68,14 +73,18 @@ def _trial_ids(out):
 def test_batch_scaling_end_to_end_resume_and_report_only(tmp_path, ray_cluster):
     out = tmp_path / "study"
     argv = ["--batch-sizes", "64", "--algorithms", "sgd", "large_batch_sgd", "gradalign", "--epochs", "2",
-            "--trials-per-cell", "2", "--seeds", "2", "--target", "0.5", "--out", str(out), "--name", "e2e"]
+            "--trials-per-cell", "2", "--seeds", "2", "--target", "0.5", "--eval-points", "4", "--out", str(out),
+            "--name", "e2e"]
     assert batch_scaling.main(argv) == 0
     history, trials = _trial_ids(out)
     assert set(history["cell"]) == {"sgd-B16", "large_batch_sgd-B64", "gradalign-B64"}
-    last = history.sort_values("epoch").groupby(["phase", "cell", "trial_id"]).tail(1)
+    last = history.sort_values("evaluation").groupby(["phase", "cell", "trial_id"]).tail(1)
     assert (last.groupby(["phase", "cell"]).size() == 2).all()  # 2 tuning trials and 2 seeds per cell
     seeds = last[last["phase"] == "seed"]
-    assert sorted(seeds.loc[seeds["cell"] == "gradalign-B64", "seed"]) == [0, 1]
+    assert sorted(seeds.loc[seeds["cell"] == "gradalign-B64", "seed"]) == [1000, 1001]  # not a tuning seed (0)
+    assert set(last.loc[last["phase"] == "tune", "seed"]) == {0}
+    assert last["examples"].nunique() == 1  # the same number of examples in every cell: 64 x ceil(2 x 1295 / 64)
+    assert last["examples"].iloc[0] == 64 * -(-2 * 1295 // 64)
     assert seeds["status"].isin(["completed", "diverged"]).all()
     assert history.loc[history["algorithm"] == "gradalign", "clients"].eq(4).all()  # B / b micro-batches
     assert history.loc[history["algorithm"] == "sgd", "beta"].isna().all()
@@ -83,6 +92,7 @@ def test_batch_scaling_end_to_end_resume_and_report_only(tmp_path, ray_cluster):
         assert column in history
     cells = pd.read_parquet(out / "cells.parquet")
     assert set(cells["algorithm"]) == {"sgd", "large_batch_sgd", "gradalign"} and (cells["n_seeds"] == 2).all()
+    assert (cells["seeds"] == "1000, 1001").all()
     summary = json.loads((out / "summary.json").read_text())
     assert any("gradalign - large_batch_sgd" in k for k in summary["summary"])
     report = (out / "report.html").read_text()
@@ -102,16 +112,21 @@ def test_batch_scaling_end_to_end_resume_and_report_only(tmp_path, ray_cluster):
 @pytest.mark.slow
 def test_federated_end_to_end(tmp_path, ray_cluster):
     out = tmp_path / "fed"
-    argv = ["--splits", "one_class", "--algorithms", "fedavg", "fedga", "--references", "--rounds", "4",
-            "--eval-every", "2", "--trials-per-cell", "1", "--seeds", "2", "--target", "0.3", "--out", str(out)]
+    argv = ["--splits", "one_class", "--algorithms", "fedavg", "fedga", "--references", "--communications", "4",
+            "--trials-per-cell", "1", "--seeds", "2", "--target", "0.3", "--out", str(out)]
     assert federated.main(argv) == 0
     history = pd.read_parquet(out / "history.parquet")
     assert set(history["algorithm"]) == {"fedavg", "fedga"}
-    assert history["rounds"].max() == 4 and (history["partition"] == "one_class").all()
-    assert history["heterogeneity"].iloc[0] > 0.5  # one class per client: far from iid
+    last = history.sort_values("evaluation").groupby("trial_id").tail(1)
+    # the budget is communications: FedGA exchanges twice per round, so it gets half FedAvg's rounds
+    assert set(last["communications"]) == {4}
+    assert set(last.loc[last["algorithm"] == "fedavg", "rounds"]) == {4}
+    assert set(last.loc[last["algorithm"] == "fedga", "rounds"]) == {2}
+    assert (history["partition"] == "one_class").all()
+    assert history["label_tv"].min() > 0.5  # one class per client: far from iid, measured on every run's split
     summary = json.loads((out / "summary.json").read_text())
     assert any(k.startswith("fedga - fedavg") for k in summary["summary"])
-    assert "fig-rounds" in (out / "report.html").read_text()
+    assert "fig-communications" in (out / "report.html").read_text()
 
 
 def test_the_report_warns_about_the_configurations_its_seed_runs_used(tmp_path):
@@ -136,29 +151,30 @@ def test_the_report_warns_about_the_configurations_its_seed_runs_used(tmp_path):
         "beta=0.00012 is at the lower edge of [0.0001, 1] for gradalign@B=512: widen the range"]
 
 
-def test_a_tie_in_the_objective_goes_to_the_lower_test_loss_then_the_smaller_trial_id_whatever_the_row_order():
+def test_a_tie_in_the_objective_goes_to_the_lower_validation_loss_then_the_smaller_trial_id_whatever_the_row_order():
     trials = (("c3", 0.98, 0.30, 0.1), ("a1", 0.98, 0.31, 0.2), ("d4", 0.98, 0.30, 0.3), ("b2", 0.97, 0.10, 0.4))
-    tuned = pd.DataFrame([{"trial_id": tid, "epoch": epoch, "status": "completed", "algorithm": "gradalign",
-                           "test_accuracy": acc if epoch == 2 else 0.5, "test_loss": loss if epoch == 2 else 1.0,
-                           "lr": lr} for tid, acc, loss, lr in trials for epoch in (1, 2)])
-    chosen = {study_cells.best_config(tuned.sample(frac=1.0, random_state=k), "test_accuracy")["lr"] for k in range(10)}
-    assert chosen == {0.1}  # c3, a1, d4 tie at 0.98; c3 and d4 at test loss 0.30; c3 < d4
-    without_loss = tuned.drop(columns="test_loss")
-    assert study_cells.best_config(without_loss, "test_accuracy")["lr"] == 0.2  # a1: the smallest of the three ids
+    tuned = pd.DataFrame([{"trial_id": tid, "evaluation": e, "status": "completed", "algorithm": "gradalign",
+                           "val_accuracy": acc if e == 2 else 0.5, "val_loss": loss if e == 2 else 1.0,
+                           "test_loss": 0.5 - lr, "seed": 0, "lr": lr} for tid, acc, loss, lr in trials for e in (1, 2)])
+    chosen = {study_cells.best_config(tuned.sample(frac=1.0, random_state=k), "val_accuracy")["lr"] for k in range(10)}
+    assert chosen == {0.1}  # c3, a1, d4 tie at 0.98; c3 and d4 at validation loss 0.30; c3 < d4 (test loss unread)
+    assert "seed" not in study_cells.best_config(tuned, "val_accuracy")  # the seed runs bring their own seeds
+    without_loss = tuned.drop(columns="val_loss")
+    assert study_cells.best_config(without_loss, "val_accuracy")["lr"] == 0.2  # a1: the smallest of the three ids
 
 
 def test_the_report_picks_the_trial_the_study_chose_whatever_the_row_order():
     """analysis.best_trials (a partial study's warnings) follows best_config: healthy trials first, then the final
-    objective, the lower final test loss, the smaller trial id."""
+    objective, the lower final validation loss, the smaller trial id."""
     trials = (("c3", 0.98, 0.30, 0.1, "completed"), ("a1", 0.98, 0.31, 0.2, "completed"),
               ("d4", 0.98, 0.30, 0.3, "completed"), ("b2", 0.97, 0.10, 0.4, "completed"),
               ("a0", 0.99, 0.05, 0.5, "diverged"))
-    tuned = pd.DataFrame([{"trial_id": tid, "epoch": epoch, "status": status, "algorithm": "gradalign",
-                           "test_accuracy": acc if epoch == 2 else 0.5, "test_loss": loss if epoch == 2 else 1.0,
-                           "lr": lr} for tid, acc, loss, lr, status in trials for epoch in (1, 2)])
+    tuned = pd.DataFrame([{"trial_id": tid, "evaluation": e, "status": status, "algorithm": "gradalign",
+                           "val_accuracy": acc if e == 2 else 0.5, "val_loss": loss if e == 2 else 1.0,
+                           "lr": lr} for tid, acc, loss, lr, status in trials for e in (1, 2)])
     for k in range(10):
         rows = tuned.sample(frac=1.0, random_state=k)
         picked = best_trials(rows, group=["algorithm"], reduce="last")
-        assert picked["lr"].tolist() == [study_cells.best_config(rows, "test_accuracy")["lr"]] == [0.1], k
-    without_loss = tuned.drop(columns="test_loss").sample(frac=1.0, random_state=0)
+        assert picked["lr"].tolist() == [study_cells.best_config(rows, "val_accuracy")["lr"]] == [0.1], k
+    without_loss = tuned.drop(columns="val_loss").sample(frac=1.0, random_state=0)
     assert best_trials(without_loss, group=["algorithm"], reduce="last")["lr"].tolist() == [0.2]  # a1

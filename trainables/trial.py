@@ -1,9 +1,9 @@
-"""The Tune function trainable: one trial = one GradAlign training run, reported to Tune every epoch.
+"""The Tune function trainable: one trial = one GradAlign training run, reported to Tune at every evaluation.
 
 One worker: the trial trains in its own process (`LocalComm`, no TorchTrainer, no process group: start-up costs
 nothing), keeping its state in a stable per-trial file. More workers: the trial is the Ray Train driver (Ray 2.60's
 V2 pattern) -- it builds and fits a `TorchTrainer` named after the trial, whose `TuneReportCallback` forwards rank 0's
-per-epoch reports to Tune. Either way a restarted trial (retry, or a restored study) resumes from its latest
+per-evaluation reports to Tune. Either way a restarted trial (retry, or a restored study) resumes from its latest
 checkpoint and a diverged run ends early with finite penalty metrics and status 'diverged'.
 """
 
@@ -19,8 +19,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from gradalign.comm import LocalComm
 from gradalign.config import TrainConfig
-from gradalign.ray_adapter import TrialExecution, penalise
-from gradalign.training import Trainer
+from gradalign.ray_adapter import GROUP_SEEDS, TrialExecution, penalise
+from gradalign.seed_group import build_trainer
 
 from trainables.state import from_bytes, read_if_exists, to_bytes, write_atomic, write_history
 from trainables.worker import train_loop_per_worker
@@ -48,23 +48,25 @@ def train_in_process(
     history_path: str | None = None,
     threads: int | None = None,
 ) -> list[dict]:
-    """Train in this process, calling `report(metrics)` after every epoch; returns the (penalised) metrics history.
+    """Train in this process, calling `report(metrics)` after every evaluation; returns the (penalised) metrics
+    history. A config whose extras hold several `group_seeds` trains them side by side (`SeedGroup`) and reports
+    their mean.
 
     The state is saved to `state_path` after each report (atomically), and loaded from it if present, so a
-    restarted trial loses at most the epoch in flight; the metrics history is saved beside it to `history_path`.
-    On resume the restored epoch is reported again: if the previous process died after saving it but before Tune
-    recorded it, it is not lost (the results table keeps the last report of each epoch).
+    restarted trial loses at most the evaluation interval in flight; the metrics history is saved beside it to
+    `history_path`. On resume the restored evaluation is reported again: if the previous process died after saving
+    it but before Tune recorded it, it is not lost (the results table keeps the last report of each evaluation).
     """
     if threads:
         torch.set_num_threads(threads)
-    trainer = Trainer(config, comm=LocalComm())
+    trainer = build_trainer(config, config.extras.get(GROUP_SEEDS), comm=LocalComm())
     saved = read_if_exists(state_path)
     if saved is not None:
         trainer.load_state_dict(from_bytes(saved))
         if trainer.history:
             report(penalise(trainer.history[-1]))
     while not trainer.done:
-        metrics = penalise(trainer.train_epoch())
+        metrics = penalise(trainer.train_until_eval())
         report(metrics)
         write_atomic(state_path, to_bytes(trainer.state_dict()))
         write_history(history_path, [penalise(m) for m in trainer.history])
@@ -85,7 +87,8 @@ def fit_torch_trainer(
     """
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "history_path": history_path},
+        train_loop_config={"config": config.to_dict(), "history_path": history_path,
+                           GROUP_SEEDS: config.extras.get(GROUP_SEEDS)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=execution.workers,
             use_gpu=execution.use_gpu,

@@ -3,7 +3,7 @@
 The `Trainer` splits the clients by `comm.rank / comm.world_size` and all-reduces through `TorchDistributedComm`
 (the process group TorchTrainer set up). Every epoch each worker writes its own state into the checkpoint folder
 (Ray Train merges the workers' folders) and all report together; a restarted run (same Train run name) resumes
-from the latest checkpoint without repeating finished epochs.
+from the latest checkpoint without repeating finished evaluations.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 
 from gradalign.comm import TorchDistributedComm
 from gradalign.config import TrainConfig
-from gradalign.ray_adapter import penalise
-from gradalign.training import Trainer
+from gradalign.ray_adapter import GROUP_SEEDS, penalise
+from gradalign.seed_group import build_trainer
 
 from trainables.state import from_bytes, state_file, to_bytes, write_history
 
@@ -27,7 +27,7 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
     """Train `TrainConfig.from_dict(loop_config["config"])` on this worker's clients; returns the (penalised) metrics
     history. Rank 0 also saves the history as JSON to `loop_config["history_path"]` (if given) after each checkpoint.
 
-    On resume the restored epoch's metrics are reported once more (without a checkpoint): if the driver died after
+    On resume the restored evaluation's metrics are reported once more (without a checkpoint): if the driver died after
     that checkpoint was saved but before Tune recorded its metrics, the row is not lost (a duplicate is harmless:
     the results table keeps the last report per epoch).
     """
@@ -35,7 +35,8 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
     history_path = loop_config.get("history_path")
     context = ray.train.get_context()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    trainer = Trainer(config, comm=TorchDistributedComm(), device=ray.train.torch.get_device())
+    trainer = build_trainer(config, loop_config.get(GROUP_SEEDS), comm=TorchDistributedComm(),
+                            device=ray.train.torch.get_device())
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -51,7 +52,7 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
             ray.train.report(penalise(trainer.history[-1]))
 
     while not trainer.done:
-        metrics = penalise(trainer.train_epoch())
+        metrics = penalise(trainer.train_until_eval())
         with tempfile.TemporaryDirectory() as folder:
             with open(os.path.join(folder, state_file(context.get_world_rank())), "wb") as f:
                 f.write(to_bytes(trainer.state_dict()))

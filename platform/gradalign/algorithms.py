@@ -9,8 +9,7 @@ K = 1 and m = 1 reduce exactly to the simpler algorithms.
 from __future__ import annotations
 
 import abc
-
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +40,24 @@ class RoundBatch:
     """Compute the alignment diagnostics this step."""
 
 
+@dataclass(frozen=True)
+class Traffic:
+    """What one update sends, counted as a deployment with one node per client would send it (downloads of the
+    model are broadcasts and not counted). Exchanges that only serve the diagnostics are not counted either."""
+
+    communications: int = 0
+    """Collective exchanges (all-reduces) in the update: 1 for large-batch SGD and FedAvg, 2 for GradAlign/FedGA."""
+    messages: int = 0
+    """Messages the clients send: one per participating client per exchange."""
+    values: int = 0
+    """Numbers the clients send, summed over clients and exchanges (P per client for a gradient)."""
+
+    @classmethod
+    def all_reduces(cls, participants: int, sizes: list[int]) -> "Traffic":
+        """Exchanges of `sizes` values each, every participating client sending its share to each."""
+        return cls(len(sizes), len(sizes) * participants, sum(sizes) * participants)
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -48,6 +65,8 @@ class StepResult:
     steps: int
     """Sequential parameter-update steps taken (m for small-batch SGD, K for federated rounds, else 1)."""
     alignment: Alignment | None
+    traffic: Traffic = field(default_factory=Traffic)
+    """What the update sent."""
 
 
 class Algorithm(abc.ABC):
@@ -55,6 +74,9 @@ class Algorithm(abc.ABC):
 
     name = ""
     federated = False
+    communications_per_update = 1
+    """Collective exchanges per update (per round), whatever the diagnostics: what a budget in communications
+    divides by. A test checks it against the counted `Traffic`."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, config: TrainConfig, comm: LocalComm | None = None):
         if config.algorithm != self.name:
@@ -64,6 +86,7 @@ class Algorithm(abc.ABC):
         self.layout = ParamLayout.of(model)
         self.grad_fn = make_grad_fn(model, loss_fn)
         self.optimizer = self.make_optimizer()
+        self._sent: list[int] = []  # sizes of this update's counted exchanges (see `all_reduce`)
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -89,6 +112,18 @@ class Algorithm(abc.ABC):
         self.optimizer.load_state_dict(state["optimizer"])
 
     # -- shared pieces -------------------------------------------------------------------------------------------
+    def all_reduce(self, tensor: Tensor, counted: bool | int = True) -> Tensor:
+        """`comm.sum_(tensor)`, recorded in this update's traffic: all its values (`counted=True`), the first
+        `counted` ones (an int: the rest are diagnostics riding along), or none (False: diagnostics only)."""
+        if counted is not False:
+            self._sent.append(tensor.numel() if counted is True else int(counted))
+        return self.comm.sum_(tensor)
+
+    def take_traffic(self, batch: RoundBatch) -> Traffic:
+        """The traffic of the exchanges recorded since the last call (one update's)."""
+        sent, self._sent = self._sent, []
+        return Traffic.all_reduces(batch.num_participants, sent)
+
     def client_grads(self, params: Params, inputs: Tensor, targets: Tensor, per_client: bool = False) -> tuple[Params, Tensor]:
         """Per-client gradients by name ([local clients, ...]) and losses, at shared or per-client `params`."""
         if inputs.shape[0] == 0:
@@ -96,14 +131,16 @@ class Algorithm(abc.ABC):
             return {n: params[n].new_zeros(0, *shapes[n]) for n in params}, inputs.new_zeros(0, dtype=self.dtype)
         return client_gradients(self.grad_fn, params, inputs, targets, per_client=per_client, use_vmap=self.config.vmap)
 
-    def reduce_moments(self, grads: Params, losses: Tensor, batch: RoundBatch,
-                       cosine: bool = True) -> tuple[Tensor, Alignment, float]:
+    def reduce_moments(self, grads: Params, losses: Tensor, batch: RoundBatch, cosine: bool = True,
+                       counted: bool | int = True) -> tuple[Tensor, Alignment, float]:
         """One all-reduce of the clients' gradient moments and losses -> (ḡ, alignment diagnostics, mean loss).
 
         Without `cosine` the all-reduce carries P + 2 values instead of 2P + 2, and the cosine diagnostic is NaN.
+        The traffic counts P + 2 values (the cosine's moment is a diagnostic) unless `counted` says otherwise
+        (False: the whole exchange only serves the diagnostics; an int: that many values).
         """
         packed = torch.cat([gradient_moments(grads, cosine=cosine), losses.sum().reshape(1)])
-        self.comm.sum_(packed)
+        self.all_reduce(packed, self.layout.size + 2 if counted is True else counted)
         mean_grad, alignment = alignment_from_moments(packed[:-1], batch.num_participants,
                                                       self.config.client_batch_size, cosine=cosine)
         return mean_grad, alignment, packed[-1].item() / batch.num_participants
@@ -132,7 +169,7 @@ class SGD(Algorithm):
         alignment = None
         if batch.diagnose:
             grads, losses = self.client_grads(param_dict(self.model), batch.inputs[:, 0], batch.targets[:, 0])
-            _, alignment, _ = self.reduce_moments(grads, losses, batch)
+            _, alignment, _ = self.reduce_moments(grads, losses, batch, counted=False)
         position = {cid: j for j, cid in enumerate(batch.client_ids)}
         order = sorted(position) if self.comm.world_size == 1 else range(self.config.clients)
         losses = []
@@ -146,7 +183,11 @@ class SGD(Algorithm):
                 self.comm.sum_(packed)
             self.server_step(packed[:-1])
             losses.append(packed[-1])
-        return StepResult(torch.stack(losses).mean().item(), len(losses), alignment)
+        self._sent = []
+        # One worker trains alone; m clients in turn pass the model on: one message of P + 1 values per step.
+        n = len(losses) if self.config.clients > 1 else 0
+        traffic = Traffic(n, n, n * (self.layout.size + 1))
+        return StepResult(torch.stack(losses).mean().item(), len(losses), alignment, traffic)
 
 
 class LargeBatchSGD(Algorithm):
@@ -157,9 +198,10 @@ class LargeBatchSGD(Algorithm):
     def step(self, batch: RoundBatch) -> StepResult:
         if batch.diagnose:
             grads, losses = self.client_grads(param_dict(self.model), batch.inputs[:, 0], batch.targets[:, 0])
-            mean_grad, alignment, loss = self.reduce_moments(grads, losses, batch)
+            # (the same P + 1 values as the plain path below are counted: the rest are diagnostics)
+            mean_grad, alignment, loss = self.reduce_moments(grads, losses, batch, counted=self.layout.size + 1)
             self.server_step(mean_grad)
-            return StepResult(loss, 1, alignment)
+            return StepResult(loss, 1, alignment, self.take_traffic(batch))
         # The plain fast path: one backward over the concatenated batch (equal client batches, so the mean over
         # examples is the mean over clients), scaled to this process's share, then one all-reduce.
         local = len(batch.client_ids)
@@ -173,11 +215,13 @@ class LargeBatchSGD(Algorithm):
             loss_value = torch.zeros((), dtype=self.dtype, device=self.device)
         if self.comm.world_size > 1:
             packed = torch.cat([self.layout.flatten([p.grad for p in self.model.parameters()]), loss_value.reshape(1)])
-            self.comm.sum_(packed)
+            self.all_reduce(packed)
             write_flat_grads_(self.model, packed[:-1])
             loss_value = packed[-1]
+        else:  # (one process: the sum over clients is the backward pass itself; the exchange is still counted)
+            self._sent.append(self.layout.size + 1)
         self.optimizer.step()
-        return StepResult(loss_value.item(), 1, None)
+        return StepResult(loss_value.item(), 1, None, self.take_traffic(batch))
 
 
 class GradAlign(Algorithm):
@@ -194,6 +238,7 @@ class GradAlign(Algorithm):
     """
 
     name = "gradalign"
+    communications_per_update = 2
 
     def __init__(self, model, loss_fn, config, comm=None, fast_path: bool = True):
         refuse_batchnorm(model, config)
@@ -240,7 +285,7 @@ class GradAlign(Algorithm):
         packed = buffers.moments[:moments + 1]
         gradient_moments(grads, out=packed[:-1], cosine=cosine)
         packed[-1] = loss_sum
-        self.comm.sum_(packed)
+        self.all_reduce(packed, size + 2)  # (ḡ, Σ|g_i|^2 and the loss; a cosine's moment is a diagnostic)
         participants = batch.num_participants
         _, alignment = alignment_from_moments(packed[:-1], participants, self.config.client_batch_size, cosine=cosine,
                                               divide=False)  # (1/m folded into the next two uses: no P-sized pass)
@@ -273,7 +318,7 @@ class GradAlign(Algorithm):
                 scaled: bool = False) -> StepResult:
         # local_sum is this step's own tensor: all-reduce and scale it in place (unless `scaled`: already divided by
         # the number of participants), and hand the optimizer views of it
-        direction = self.comm.sum_(local_sum)
+        direction = self.all_reduce(local_sum)
         if not scaled:
             direction.div_(batch.num_participants)
         buffers = self._buffers
@@ -285,7 +330,7 @@ class GradAlign(Algorithm):
             for p, g in zip(self.model.parameters(), self.layout.to_list(direction)):
                 p.grad = g
         self.optimizer.step()
-        return StepResult(loss, 1, alignment)
+        return StepResult(loss, 1, alignment, self.take_traffic(batch))
 
 
 class _FastBuffers:
@@ -316,6 +361,16 @@ ALGORITHM_CLASSES: dict[str, type[Algorithm]] = {cls.name: cls for cls in (SGD, 
 def register(cls: type[Algorithm]) -> type[Algorithm]:
     ALGORITHM_CLASSES[cls.name] = cls
     return cls
+
+
+def communications_per_update(config: TrainConfig) -> int:
+    """Collective exchanges per update of `config`'s algorithm (small-batch SGD: one per micro-step when several
+    clients take turns, none for one worker alone)."""
+    from . import federated  # noqa: F401  (registers the federated algorithms)
+
+    if config.algorithm == "sgd":
+        return config.clients if config.clients > 1 else 0
+    return ALGORITHM_CLASSES[config.algorithm].communications_per_update
 
 
 def build_algorithm(model: nn.Module, loss_fn: LossFn, config: TrainConfig, comm: LocalComm | None = None) -> Algorithm:

@@ -1,51 +1,61 @@
 """Analysis of scaling studies: tidy pandas frames in, tidy frames (or plain dicts) out.
 
-The input is the *history* frame: one row per (trial, epoch) with the columns listed in the module docs of
-`gradalign.report` (study, cell, phase, trial_id, algorithm, batch_size, ..., test_accuracy, grad_variance, ...).
-Everything here is pure pandas / numpy / scipy (no Ray, no torch) and works on partial studies: missing cells, a
-single seed, trials that diverged or never reach the target give NaN together with a count or a reason, not an
-exception.
+The input is the *history* frame: one row per (trial, evaluation) with the columns listed in the module docs of
+`gradalign.report` (study, cell, phase, trial_id, algorithm, batch_size, ..., val_accuracy, test_accuracy,
+grad_variance, ...). Everything here is pure pandas / numpy / scipy (no Ray, no torch) and works on partial studies:
+missing cells, a single seed, trials that diverged or never reach the target give NaN together with a count or a
+reason, not an exception.
 
-Conventions
+Conventions (the protocol of MLCommons AlgoPerf and Shallue et al.)
 - A *trial* is one training run: the rows that share (study, phase, trial_id).
 - A *cell* is one setting of the scientific hyperparameters, `group` (default: algorithm x batch size). Its *seeds*
-  are the 'seed'-phase trials that rerun the cell's tuned configuration with different seeds.
-- Accuracy is reported twice: at the final epoch (`acc_*`: what the budget buys) and at the best epoch
-  (`acc_max_*`: optimistic, since it picks the epoch on the test set).
-- Steps / examples / wall time to target are averaged over the seeds that reach the target; `n_reached` says how
-  many did.
+  are the 'seed'-phase trials that rerun the cell's tuned configuration with seeds of their own.
+- Whatever *chooses* reads the validation split: the best trial (`rank_trials`: validation score, then the lower
+  validation loss), and the target of "steps to target" (`TARGET_METRIC`, the first time the validation accuracy
+  reaches it, interpolated between the two evaluations around the crossing). The test split is only reported:
+  `acc_*` is the final test accuracy (what the budget buys), `acc_max_*` the best evaluation's (optimistic).
+- Costs to the target are averaged over the seeds that reach it; `n_reached` (and `reached`, "2/3") say how many.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
+
+from .stats import compare_groups, fit_critical_batch, fit_critical_batches, welch
 
 __all__ = [
-    "DEFAULT_GROUP", "steps_to_target", "trial_table", "rank_trials", "best_trials", "summarize_cells",
-    "fit_critical_batch", "fit_critical_batches", "noise_scale_from_history", "significance", "pareto_front",
-    "edge_warnings",
+    "DEFAULT_GROUP", "TARGET_METRIC", "COUNTER", "trial_table", "rank_trials", "best_trials", "summarize_cells",
+    "fit_critical_batch", "fit_critical_batches", "noise_scale_from_history", "significance", "welch",
+    "pareto_front", "edge_warnings", "collapsed_seeds",
 ]
 
 DEFAULT_GROUP = ("algorithm", "batch_size")
+TARGET_METRIC = "val_accuracy"
+"""What a target accuracy is about: the validation split (tuning and targets never read the test split)."""
+COUNTER = "evaluation"
+"""The column that orders a trial's rows."""
 CONFIG_COLUMNS = (
     "cell", "algorithm", "batch_size", "clients", "workers", "lr", "beta", "momentum", "weight_decay",
     "local_steps", "mu", "participation", "alpha", "partition",
 )
 _TRIAL_KEYS = ("study", "phase", "trial_id")
+COSTS = ("steps", "examples", "rounds", "communications", "messages", "wall_time")
+"""Costs counted to the target: `<cost>_to_target` (wall_time -> wall_to_target)."""
+_FINAL = ("epochs", "steps", "examples", "rounds", "communications", "messages", "values_sent", "label_tv")
 _TRIAL_METRICS = (
-    "epochs", "acc_final", "acc_max", "steps_to_target", "examples_to_target", "wall_to_target", "reached",
-    "wall_time", "grad_variance_mean", "grad_cosine_mean", "status", "diverged", "error",
+    "evaluations", "acc_final", "acc_max", "val_final", "val_loss_final", *(f"{c}_to_target" for c in
+    ("steps", "examples", "rounds", "communications", "messages", "wall")), "reached", *_FINAL, "wall_time",
+    "grad_variance_mean", "grad_cosine_mean", "status", "diverged", "error",
 )
 # (output prefix, trial_table column) averaged over the seeds of a cell.
 _CELL_STATS = (
-    ("acc", "acc_final"), ("acc_max", "acc_max"), ("steps_to_target", "steps_to_target"),
-    ("examples_to_target", "examples_to_target"), ("wall_to_target", "wall_to_target"), ("wall_time", "wall_time"),
+    ("acc", "acc_final"), ("acc_max", "acc_max"), ("val", "val_final"), ("steps_to_target", "steps_to_target"),
+    ("examples_to_target", "examples_to_target"), ("rounds_to_target", "rounds_to_target"),
+    ("communications_to_target", "communications_to_target"), ("messages_to_target", "messages_to_target"),
+    ("wall_to_target", "wall_to_target"), ("wall_time", "wall_time"), ("label_tv", "label_tv"),
 )
 _CHOSEN = ("lr", "beta", "momentum", "weight_decay", "local_steps", "mu", "participation", "alpha", "clients")
 NAN = float("nan")
@@ -85,42 +95,77 @@ def _floats(frame: pd.DataFrame, column: str) -> pd.Series:
     return pd.to_numeric(frame[column], errors="coerce").astype(float)
 
 
-def steps_to_target(history_of_one_trial: pd.DataFrame, target: float) -> tuple[float, float, float]:
-    """(steps, examples, wall_time) at the first epoch whose test accuracy reaches `target`; NaNs if none does."""
-    rows = history_of_one_trial.sort_values("epoch")
-    hit = rows[rows["test_accuracy"] >= target]
-    if hit.empty:
+def _ordered(history: pd.DataFrame) -> pd.DataFrame:
+    order = COUNTER if COUNTER in history.columns else "steps"
+    return history.sort_values(order, kind="stable").reset_index(drop=True)
+
+
+def _crossings(rows: pd.DataFrame, trial: np.ndarray, target: float | None, metric: str) -> pd.DataFrame:
+    """Per trial number (index), every cost at the first crossing of `target` by `metric`, interpolated linearly
+    between the evaluation before the crossing and the first at or above it (the first evaluation itself when it
+    already is). Trials that never reach the target are absent. `rows` are ordered within each trial."""
+    columns = [f"{'wall' if c == 'wall_time' else c}_to_target" for c in COSTS]
+    if target is None or metric not in rows.columns:
+        return pd.DataFrame(columns=columns, dtype=float)
+    score = _floats(rows, metric).to_numpy()
+    hit = np.flatnonzero(score >= target)
+    if hit.size == 0:
+        return pd.DataFrame(columns=columns, dtype=float)
+    first = pd.Series(hit).groupby(trial[hit]).first()
+    i = first.to_numpy()
+    before = np.where((i > 0) & (trial[np.maximum(i - 1, 0)] == trial[i]), i - 1, i)
+    lo, hi = score[before], score[i]
+    frac = np.where(before < i, (target - lo) / np.where(hi > lo, hi - lo, 1.0), 1.0)
+    frac = np.clip(frac, 0.0, 1.0)
+    out = {}
+    for name, cost in zip(columns, COSTS):
+        values = _floats(rows, cost).to_numpy()
+        out[name] = values[before] + frac * (values[i] - values[before])
+    return pd.DataFrame(out, index=first.index)
+
+
+def steps_to_target(history_of_one_trial: pd.DataFrame, target: float,
+                    metric: str = TARGET_METRIC) -> tuple[float, float, float]:
+    """(steps, examples, wall_time) when `metric` first reaches `target` (interpolated); NaNs if it never does."""
+    rows = _ordered(history_of_one_trial)
+    found = _crossings(rows, np.zeros(len(rows), dtype=int), target, metric)
+    if found.empty:
         return (NAN, NAN, NAN)
-    first = hit.iloc[0]
-    return tuple(float(first.get(c, NAN)) for c in ("steps", "examples", "wall_time"))
+    return tuple(float(found[c].iloc[0]) for c in ("steps_to_target", "examples_to_target", "wall_to_target"))
 
 
 def trial_table(history: pd.DataFrame, target: float | None = None, phase: str | None = None,
-                carry: Sequence[str] = ()) -> pd.DataFrame:
+                carry: Sequence[str] = (), metric: str = TARGET_METRIC) -> pd.DataFrame:
     """One row per trial: its configuration, final / best accuracy, cost to reach `target`, mean alignment, status.
 
     The configuration columns (CONFIG_COLUMNS, seed, and any extra `carry` columns) hold each trial's first
-    non-missing value; the "to target" columns follow `steps_to_target` (vectorised over trials).
+    non-missing value; `acc_final`/`acc_max` are test accuracies (reported), `val_final`/`val_loss_final` the
+    final validation ones (what chooses); the "to target" columns follow `steps_to_target` (vectorised); the
+    counters (`steps`, `examples`, `communications`, ...) are the trial's final ones.
     """
     keys = _trial_keys(history)
-    rows = _select_phase(history, phase).sort_values("epoch", kind="stable").reset_index(drop=True)
+    rows = _ordered(_select_phase(history, phase))
     config = [c for c in dict.fromkeys([*CONFIG_COLUMNS, "seed", *carry]) if c in rows.columns and c not in keys]
     if rows.empty:
         return pd.DataFrame(columns=[*keys, *config, *_TRIAL_METRICS])
     trial = rows.groupby(keys, sort=False, dropna=False).ngroup().to_numpy()  # 0..n-1 in order of appearance
+    contiguous = np.argsort(trial, kind="stable")  # each trial's rows together, in evaluation order
+    rows, trial = rows.iloc[contiguous].reset_index(drop=True), trial[contiguous]
     by, position = rows.groupby(trial, sort=True), pd.Series(np.arange(len(rows)))
     last = rows.iloc[position.groupby(trial).last().to_numpy()].reset_index(drop=True)
     out = pd.concat([last[keys], by[config].first().reset_index(drop=True)], axis=1)
-    out["epochs"] = by["epoch"].max().to_numpy()
+    out["evaluations"] = by.size().to_numpy()
     out["acc_final"] = _floats(last, "test_accuracy").to_numpy()
-    out["acc_max"] = by["test_accuracy"].max().to_numpy(dtype=float)
-    hit = (rows["test_accuracy"] >= target).to_numpy() if target is not None else np.zeros(len(rows), bool)
-    first_hit = position[hit].groupby(trial[hit]).first()
-    for column, source in (("steps_to_target", "steps"), ("examples_to_target", "examples"),
-                           ("wall_to_target", "wall_time")):
-        values = _floats(rows, source).to_numpy()[first_hit.to_numpy()]
-        out[column] = pd.Series(values, index=first_hit.index, dtype=float).reindex(range(len(out))).to_numpy()
-    out["reached"] = np.isin(np.arange(len(out)), first_hit.index)
+    out["acc_max"] = _floats(rows, "test_accuracy").groupby(trial).max().to_numpy()
+    out["val_final"] = _floats(last, "val_accuracy").to_numpy()
+    out["val_loss_final"] = _floats(last, "val_loss").to_numpy()
+    found = _crossings(rows, trial, target, metric)
+    crossings = found.reindex(range(len(out)))
+    for column in crossings.columns:
+        out[column] = crossings[column].to_numpy(dtype=float)
+    out["reached"] = np.isin(np.arange(len(out)), found.index)
+    for column in _FINAL:
+        out[column] = _floats(last, column).to_numpy()
     out["wall_time"] = _floats(last, "wall_time").to_numpy()
     out["grad_variance_mean"] = _floats(rows, "grad_variance").groupby(trial).mean().to_numpy()
     out["grad_cosine_mean"] = _floats(rows, "grad_cosine").groupby(trial).mean().to_numpy()
@@ -131,29 +176,29 @@ def trial_table(history: pd.DataFrame, target: float | None = None, phase: str |
     return out[[*keys, *config, *_TRIAL_METRICS]]
 
 
-def rank_trials(trials: pd.DataFrame, score: str, mode: str = "max") -> pd.DataFrame:
+def rank_trials(trials: pd.DataFrame, score: str, mode: str = "max", tie: str = "val_loss") -> pd.DataFrame:
     """`trials` (one row per trial) best first, by the rule every choice of a best trial here follows: trials that
-    did not diverge first, then `score` under `mode` (NaN last); a tie goes to the lower `test_loss` (when there is
-    such a column: the final test loss), then to the smallest `trial_id`. The same rows give the same order, whatever
-    order they come in."""
+    did not diverge first, then `score` under `mode` (NaN last); a tie goes to the lower `tie` column (when there is
+    one: the final validation loss), then to the smallest `trial_id`. Nothing here reads the test split. The same
+    rows give the same order, whatever order they come in."""
     ranked = trials.assign(_diverged=trials["status"].eq("diverged") if "status" in trials else False)
-    keys = ["_diverged", score, *(["test_loss"] if "test_loss" in ranked and score != "test_loss" else []), "trial_id"]
+    keys = ["_diverged", score, *([tie] if tie in ranked and score != tie else []), "trial_id"]
     ranked = ranked.sort_values(keys, ascending=[True, mode == "min", *[True] * (len(keys) - 2)], na_position="last",
                                 kind="stable")
     return ranked.drop(columns="_diverged")
 
 
 def _last_value(values: pd.Series):
-    """The final epoch's value, NaN included (groupby's "last" skips NaN)."""
+    """The final evaluation's value, NaN included (groupby's "last" skips NaN)."""
     return values.iloc[-1]
 
 
-def best_trials(history: pd.DataFrame, metric: str = "test_accuracy", group: Sequence[str] = DEFAULT_GROUP,
-                mode: str = "max", reduce: str = "max", phase: str | None = None) -> pd.DataFrame:
-    """Per cell, the trial whose `metric` (reduced over epochs by 'max', 'min' or 'last') is best under `mode`.
+def best_trials(history: pd.DataFrame, metric: str = "val_accuracy", group: Sequence[str] = DEFAULT_GROUP,
+                mode: str = "max", reduce: str = "last", phase: str | None = None) -> pd.DataFrame:
+    """Per cell, the trial whose `metric` (reduced over evaluations by 'last', 'max' or 'min') is best under `mode`.
 
     The order is `rank_trials`' (as for a study's choice, `studies.cells.best_config`): trials that did not diverge
-    first; a tie in the score goes to the lower final test loss, then to the smallest trial id.
+    first; a tie in the score goes to the lower final validation loss, then to the smallest trial id.
     Returns the trial_table row of that trial plus a `score` column. A cell whose trials all have NaN scores
     (e.g. all diverged) still gets a row (score NaN), so its configuration can be inspected.
     """
@@ -162,44 +207,44 @@ def best_trials(history: pd.DataFrame, metric: str = "test_accuracy", group: Seq
     history = _select_phase(history, phase)
     _require(history, [*group, metric])
     keys = _trial_keys(history)
-    by_trial = history.sort_values("epoch", kind="stable").groupby(keys, sort=False, dropna=False)
+    by_trial = _ordered(history).groupby(keys, sort=False, dropna=False)
     score = by_trial[metric].agg(_last_value if reduce == "last" else reduce).rename("score")
-    extra = [score]
-    tie_loss = "test_loss" in history.columns and metric != "test_loss"
-    if tie_loss:  # (trial_table has no test loss column: the final one is added for the ranking only)
-        extra.append(by_trial["test_loss"].agg(_last_value).rename("test_loss"))
-    trials = trial_table(history, carry=group).merge(pd.concat(extra, axis=1).reset_index(), on=keys, how="left")
-    best = rank_trials(trials, "score", mode).drop_duplicates(list(group))
-    if tie_loss:
-        best = best.drop(columns="test_loss")
+    trials = trial_table(history, carry=group).merge(score.reset_index(), on=keys, how="left")
+    best = rank_trials(trials, "score", mode, tie="val_loss_final").drop_duplicates(list(group))
     return best.sort_values(list(group)).reset_index(drop=True)
 
 
 def summarize_cells(history: pd.DataFrame, target: float, group: Sequence[str] = DEFAULT_GROUP,
-                    phase: str | None = "seed") -> pd.DataFrame:
+                    phase: str | None = "seed", metric: str = TARGET_METRIC) -> pd.DataFrame:
     """The cells frame: per cell of `group`, statistics over its seed trials (rows of `phase`; None = all rows).
 
-    Columns: the group, `cell` (ids joined), `n_seeds`; `acc_mean/std` (final-epoch test accuracy), `acc_max_mean/
-    std` (best epoch); `steps_to_target_*`, `examples_to_target_*`, `wall_to_target_*` (mean/std over the
-    `n_reached` seeds that reach `target`); `wall_time_*` (whole run); `grad_variance_mean`, `grad_cosine_mean`
-    (V and cosine averaged over training, then seeds); the chosen hyperparameters (lr, beta, momentum, ...);
+    Columns: the group, `cell` (ids joined), `n_seeds`, `seeds` (which ran); `acc_mean/std` (final test accuracy),
+    `acc_max_mean/std` (best evaluation), `val_mean/std` (final validation accuracy); `<cost>_to_target_mean/std`
+    for steps, examples, rounds, communications, messages and wall time (over the `n_reached` seeds whose `metric`
+    reaches `target`; `reached` is "n_reached/n_seeds"); `wall_time_*` (whole run); `label_tv_mean/std` (the
+    measured heterogeneity of the seeds' client splits); `epochs`, `examples`, `steps`, `communications` (the
+    budget each seed spent: its mean); `grad_variance_mean`, `grad_cosine_mean`; the chosen hyperparameters;
     `diverged`, `errors` (trial counts); `target`. Std is the sample std (NaN with one seed).
     """
     group = list(group)
     _require(history, group)
-    trials = trial_table(history, target, phase, carry=group)
+    trials = trial_table(history, target, phase, carry=group, metric=metric)
     stat_cols = [f"{p}_{s}" for p, _ in _CELL_STATS for s in ("mean", "std")]
     chosen = [c for c in _CHOSEN if c in trials.columns and c not in group]
-    columns = [*group, "cell", "n_seeds", *stat_cols, "n_reached", "grad_variance_mean", "grad_cosine_mean",
-               *chosen, "diverged", "errors", "target"]
+    spent = ("epochs", "examples", "steps", "communications")
+    columns = [*group, "cell", "n_seeds", "seeds", *stat_cols, "n_reached", "reached", *spent, "grad_variance_mean",
+               "grad_cosine_mean", *chosen, "diverged", "errors", "target"]
     rows = []
     for key, cell in trials.groupby(group, sort=True, dropna=False):
         row = dict(zip(group, _as_tuple(key)))
         row["cell"] = "+".join(sorted(map(str, cell["cell"].dropna().unique()))) if "cell" in cell else ""
         row["n_seeds"] = len(cell)
+        row["seeds"] = ", ".join(str(int(v)) for v in sorted(cell["seed"].dropna())) if "seed" in cell else ""
         for prefix, column in _CELL_STATS:
             row[f"{prefix}_mean"], row[f"{prefix}_std"] = cell[column].mean(), cell[column].std()
         row["n_reached"] = int(cell["reached"].sum())
+        row["reached"] = f"{row['n_reached']}/{len(cell)}"
+        row.update({c: cell[c].mean() for c in spent})
         row["grad_variance_mean"] = cell["grad_variance_mean"].mean()
         row["grad_cosine_mean"] = cell["grad_cosine_mean"].mean()
         row.update({c: _first_valid(cell[c]) for c in chosen})
@@ -209,59 +254,11 @@ def summarize_cells(history: pd.DataFrame, target: float, group: Sequence[str] =
     return pd.DataFrame(rows, columns=columns)
 
 
-def fit_critical_batch(batch_sizes: Sequence[float], steps_to_target: Sequence[float], n_curve: int = 100) -> dict:
-    """Fit McCandlish et al. (2018): S = S_min (1 + B_crit / B), i.e. E = B S = E_min (1 + B / B_crit).
-
-    Least squares on log S over (log S_min, log B_crit) with scipy; NaN / non-positive points (cells that never
-    reached the target) are dropped. Returns dict(S_min, E_min, B_crit, n_points, rms_log_residual, reason, curve)
-    where `curve` is a frame (batch_size, steps, examples) of the fit and `reason` is None for a clean fit, else
-    why the numbers are NaN (< 2 batch sizes) or only a bound (B_crit pinned at the edge of the search range).
-    """
-    b = np.asarray(batch_sizes, dtype=float)
-    s = np.asarray(steps_to_target, dtype=float)
-    keep = np.isfinite(b) & np.isfinite(s) & (b > 0) & (s > 0)
-    b, s = b[keep], s[keep]
-    out = {"S_min": NAN, "E_min": NAN, "B_crit": NAN, "n_points": int(b.size), "rms_log_residual": NAN,
-           "reason": None, "curve": pd.DataFrame(columns=["batch_size", "steps", "examples"], dtype=float)}
-    if np.unique(b).size < 2:
-        out["reason"] = f"need steps-to-target at >= 2 batch sizes, have {np.unique(b).size}"
-        return out
-    log_s = np.log(s)
-    lo, hi = math.log(b.min() / 1e3), math.log(b.max() * 1e3)
-
-    def residuals(theta):
-        return log_s - theta[0] - np.log1p(np.exp(theta[1]) / b)
-
-    # Profile out log S_min on a grid of log B_crit (closed form), then refine both jointly.
-    grid = np.linspace(lo, hi, 400)
-    profile = [np.var(log_s - np.log1p(np.exp(t) / b)) for t in grid]
-    t0 = grid[int(np.argmin(profile))]
-    theta0 = [np.mean(log_s - np.log1p(np.exp(t0) / b)), t0]
-    fit = optimize.least_squares(residuals, theta0, bounds=([-np.inf, lo], [np.inf, hi]), xtol=1e-14, ftol=1e-14)
-    s_min, b_crit = float(np.exp(fit.x[0])), float(np.exp(fit.x[1]))
-    out.update(S_min=s_min, B_crit=b_crit, E_min=s_min * b_crit,
-               rms_log_residual=float(np.sqrt(np.mean(fit.fun ** 2))))
-    if fit.x[1] < lo + 0.01 * (hi - lo) or fit.x[1] > hi - 0.01 * (hi - lo):
-        shape = "no speed-up" if fit.x[1] < (lo + hi) / 2 else "perfect scaling"
-        out["reason"] = f"B_crit is pinned at the edge of the fit range ({shape} over the measured batch sizes)"
-    grid_b = np.geomspace(b.min() / 2, b.max() * 2, n_curve)
-    steps = s_min * (1 + b_crit / grid_b)
-    out["curve"] = pd.DataFrame({"batch_size": grid_b, "steps": steps, "examples": steps * grid_b})
-    return out
-
-
-def fit_critical_batches(cells: pd.DataFrame, by: str = "algorithm", x: str = "batch_size",
-                         y: str = "steps_to_target_mean") -> dict:
-    """`fit_critical_batch` for each value of `by` in the cells frame: {value: fit dict}."""
-    _require(cells, [by, x, y])
-    return {key: fit_critical_batch(part[x], part[y]) for key, part in cells.groupby(by, sort=True)}
-
-
 def noise_scale_from_history(history: pd.DataFrame, group: Sequence[str] = DEFAULT_GROUP,
                              phase: str | None = "seed") -> pd.DataFrame:
     """Per cell, the simple gradient noise scale B_simple = mean tr(Sigma) / mean |G|^2 (McCandlish et al.).
 
-    Numerator and denominator are averaged separately over all epochs and seeds (the per-epoch ratio
+    Numerator and denominator are averaged separately over all evaluations and seeds (the per-evaluation ratio
     `gns_simple` is noisy and can be negative). Where the trace columns are missing or empty, falls back to the
     median of the positive finite `gns_simple` values; `source` says which was used. This is the *predicted*
     critical batch size, to compare with the fitted B_crit.
@@ -287,37 +284,37 @@ def noise_scale_from_history(history: pd.DataFrame, group: Sequence[str] = DEFAU
 def significance(history: pd.DataFrame, a: str = "gradalign", b: str = "large_batch_sgd", by: str = "batch_size",
                  metric: str = "acc_final", target: float | None = None, phase: str | None = "seed",
                  alpha: float = 0.05) -> pd.DataFrame:
-    """Welch's t-test of algorithm `a` vs `b` over seeds, separately for each value of `by`.
+    """Welch comparison of algorithm `a` vs `b` over seeds, separately for each value of `by`.
 
-    `metric` is a trial_table column (acc_final, acc_max, steps_to_target, examples_to_target, wall_to_target,
-    wall_time, grad_variance_mean, grad_cosine_mean); 'test_accuracy' means acc_final. Seeds with NaN are left
-    out (n counts the rest). Columns: by, a, b, metric, mean_a, mean_b, diff (a - b), n_a, n_b, t, p_value, verdict.
+    `metric` is a trial_table column (acc_final, acc_max, val_final, <cost>_to_target, wall_time, ...);
+    'test_accuracy' means acc_final. Columns: by, a, b, metric, mean_a, mean_b, diff (a - b), ci_low, ci_high (its
+    95% confidence interval), n_a, n_b (seeds with a value: for a cost to the target, those that reached it),
+    n_a_total, n_b_total (all seeds), t, df, p_value, verdict ("not testable: ..." for n < 2 or no variance).
     """
     metric = "acc_final" if metric == "test_accuracy" else metric
-    if metric in ("steps_to_target", "examples_to_target", "wall_to_target") and target is None:
+    if metric.endswith("_to_target") and target is None:
         raise ValueError(f"metric={metric!r} needs a target accuracy")
     trials = trial_table(history, target, phase, carry=[by])
     _require(trials, [by, metric, "algorithm"])
-    columns = [by, "a", "b", "metric", "mean_a", "mean_b", "diff", "n_a", "n_b", "t", "p_value", "verdict"]
-    trials = trials[trials["algorithm"].isin([a, b])]
-    rows = []
-    for value, part in trials.groupby(by, sort=True):
-        va = part.loc[part["algorithm"] == a, metric].dropna().to_numpy(float)
-        vb = part.loc[part["algorithm"] == b, metric].dropna().to_numpy(float)
-        mean_a, mean_b = (float(v.mean()) if v.size else NAN for v in (va, vb))
-        t, p, verdict = NAN, NAN, "too few seeds (n<2)"
-        if va.size >= 2 and vb.size >= 2:
-            with warnings.catch_warnings(), np.errstate(all="ignore"):
-                warnings.simplefilter("ignore")
-                t, p = (float(v) for v in stats.ttest_ind(va, vb, equal_var=False))
-            if math.isnan(p):  # both groups constant: the difference is exact (or exactly zero)
-                p = 1.0 if mean_a == mean_b else 0.0
-            direction = "higher" if mean_a > mean_b else "lower"
-            verdict = f"significant at {alpha} ({a} {direction})" if p < alpha else "not significant"
-        rows.append({by: value, "a": a, "b": b, "metric": metric, "mean_a": mean_a, "mean_b": mean_b,
-                     "diff": mean_a - mean_b, "n_a": int(va.size), "n_b": int(vb.size), "t": t, "p_value": p,
-                     "verdict": verdict})
-    return pd.DataFrame(rows, columns=columns)
+    return compare_groups(trials, a, b, by, metric, alpha)
+
+
+def collapsed_seeds(trials: pd.DataFrame, group: Sequence[str], num_classes: int | None = None,
+                    gap: float = 0.1) -> pd.DataFrame:
+    """Seed runs that collapsed without diverging: final test accuracy more than `gap` below the median of their
+    cell's other seeds, or at chance level (<= 1.5 / num_classes). Such a run says the chosen configuration sits at
+    the edge of stability; a mean over seeds would hide it. Returns the offending rows of `trials`."""
+    flagged = []
+    for _, cell in trials.groupby(list(group), sort=True, dropna=False):
+        for index, row in cell.iterrows():
+            others = cell.drop(index)["acc_final"].dropna()
+            acc = row["acc_final"]
+            if row.get("diverged", False) or not np.isfinite(acc):
+                continue
+            chance = num_classes is not None and acc <= 1.5 / num_classes
+            if chance or (len(others) and acc < others.median() - gap):
+                flagged.append(index)
+    return trials.loc[flagged]
 
 
 def pareto_front(cells: pd.DataFrame, x: str = "batch_size", y: str = "acc_mean", maximize_x: bool = True,

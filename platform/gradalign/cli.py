@@ -2,7 +2,7 @@
 
     python -m gradalign.cli --dataset digits --algorithm gradalign --batch-size 256 --clients 8 --epochs 10
 
-Prints a line per epoch and writes metrics.csv, metrics.json and config.json into --out. A diverged run (NaN/inf
+Prints a line per evaluation (validation and test accuracy) and writes metrics.csv, metrics.json and config.json into --out. A diverged run (NaN/inf
 loss) ends with status 'diverged' and exit code 3, not a traceback.
 """
 
@@ -19,7 +19,8 @@ from pathlib import Path
 from .config import ConfigError, TrainConfig, field_docs
 from .provenance import provenance
 
-_COLUMNS = ("epoch", "steps", "examples", "train_loss", "test_accuracy", "grad_variance", "grad_cosine", "wall_time")
+_COLUMNS = ("epochs", "steps", "examples", "train_loss", "val_accuracy", "test_accuracy", "grad_variance",
+            "grad_cosine", "wall_time")
 EXIT_DIVERGED = 3
 
 
@@ -38,14 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs.get(f.name))
             continue
-        kind = {"int": int, "float": float, "str": str}.get(str(f.type), float)
-        if f.name == "beta":
-            kind = float
+        kind = _kind(str(f.type))
         parser.add_argument(flag, type=kind, default=default, help=docs.get(f.name), metavar=f.name.upper())
     parser.add_argument("--out", type=Path, default=Path("results/local-run"),
                         help="folder for metrics.csv, metrics.json and config.json")
     parser.add_argument("--quiet", action="store_true", help="print only the final line")
     return parser
+
+
+def _kind(annotation: str) -> type:
+    """The argparse type of a field annotation such as 'int', 'float | None' or 'int | None'."""
+    for name, kind in (("float", float), ("int", int), ("str", str)):
+        if name in annotation:
+            return kind
+    return str
 
 
 def _fmt(value) -> str:
@@ -73,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     print(f"training {config.algorithm} on {config.dataset} ({config.model}), batch {config.batch_size} = "
-          f"{config.clients} clients x {config.client_batch_size}, {trainer.updates_per_epoch} updates/epoch, "
-          f"{config.epochs} epochs on {trainer.device}")
+          f"{config.clients} clients x {config.client_batch_size}, {trainer.total_updates} updates "
+          f"({trainer.total_updates * config.examples_per_update} examples), {len(trainer.schedule)} evaluations "
+          f"on {trainer.device}")
     if not args.quiet:
         print("  ".join(f"{c:>13}" for c in _COLUMNS))
 
@@ -85,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
 
     history = trainer.fit(show)
     last = history[-1]
-    print(f"status {last['status']}: test accuracy {last['test_accuracy']:.4f} after {last['epoch']} epochs, "
-          f"{last['steps']} steps, {last['wall_time']:.1f} s; metrics in {out}/metrics.csv")
+    print(f"status {last['status']}: validation accuracy {last['val_accuracy']:.4f}, test accuracy "
+          f"{last['test_accuracy']:.4f} after {last['epochs']:.3g} epochs, {last['steps']} steps, "
+          f"{last['wall_time']:.1f} s; metrics in {out}/metrics.csv")
     return EXIT_DIVERGED if last["status"] == "diverged" else 0
 
 

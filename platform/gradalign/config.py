@@ -18,7 +18,7 @@ ALGORITHMS = ("sgd", "large_batch_sgd", "gradalign", "fedavg", "fedprox", "scaff
 FEDERATED_ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedga")
 # Algorithms that evaluate per-client gradients at displaced parameters.
 ALIGNING_ALGORITHMS = ("gradalign", "fedga")
-PARTITIONS = ("iid", "dirichlet", "sorted", "one_class", "natural")
+PARTITIONS = ("iid", "dirichlet", "dirichlet_by_class", "sorted", "one_class", "natural")
 DTYPES = ("float32", "float64")
 
 
@@ -66,21 +66,36 @@ class TrainConfig:
     """Fraction of clients that take part in each round, in (0, 1] (federated algorithms)."""
     server_lr: float = 1.0
     """Server step size applied to the averaged client update (federated algorithms)."""
-    epochs: int = 5
-    """Budget: passes over the training data (examples seen = epochs * training-set size)."""
-    rounds_per_epoch: int | None = None
-    """Updates (communication rounds) per reported epoch; None means one pass over the training data. Set it to
-    count a federated budget in rounds: the run then lasts epochs * rounds_per_epoch rounds."""
+    epochs: float = 5.0
+    """Budget in passes over the training split: the run lasts ceil(epochs * n_train / examples per update) updates.
+    Ignored when `budget_examples` or `budget_steps` is set."""
+    budget_examples: int | None = None
+    """Budget in training examples: ceil(budget_examples / examples per update) updates (exact when it divides).
+    Studies set it so that every cell sees the same number of examples, whatever the batch size."""
+    budget_steps: int | None = None
+    """Budget in updates of the global model (one per round: small-batch SGD's sequential micro-steps and the
+    federated local steps do not count separately). Excludes `budget_examples`."""
+    eval_points: int = 40
+    """Evaluations per run, log-spaced in updates (the last update always included), so that steps to a target are
+    resolved finely early in training as well as late."""
+    eval_every: int | None = None
+    """Evaluate every this many updates instead (a linear schedule; the last update always included)."""
+    val_fraction: float = 0.1
+    """Fraction of the training data held out as the validation split (stratified by label, never trained on).
+    Tuning decisions read the validation metrics; the test split is only reported. 0 disables it."""
+    split_seed: int = 0
+    """Seed of the train/validation split: the same for every run seed, so all runs are scored on one split."""
     partition: str = "iid"
     """How training examples are split over clients: one of PARTITIONS."""
     alpha: float = 0.5
-    """Dirichlet concentration over labels for partition='dirichlet' (smaller = more heterogeneous)."""
+    """Dirichlet concentration for partition='dirichlet' (each client's label mix ~ Dir(alpha * global mix), equal
+    client sizes; Hsu et al. 2019) and 'dirichlet_by_class'; smaller = more heterogeneous."""
     iid_fraction: float = 0.0
     """For partition='sorted' (the paper's split): fraction p of the data spread iid, the rest sorted by label and cut."""
     heterogeneity: float = 1.0
     """For dataset='synthetic': how different the clients' data are (0 = identical distributions)."""
     seed: int = 0
-    """Seed of model initialisation, partitioning and batch sampling."""
+    """Seed of model initialisation, partitioning over clients, client participation and batch order."""
     dtype: str = "float32"
     """Floating-point type of model and data: float32 or float64."""
     device: str = "auto"
@@ -105,15 +120,26 @@ class TrainConfig:
         _choice("partition", self.partition, PARTITIONS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, ("auto", "cpu", "cuda"))
-        for name in ("batch_size", "clients", "local_steps", "epochs", "diag_every"):
+        for name in ("batch_size", "clients", "local_steps", "diag_every", "eval_points"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _positive_int(value):
                 reason = "K (local steps) must be >= 1" if name == "local_steps" else "must be a positive integer"
                 raise ConfigError(name, value, reason)
-        if self.rounds_per_epoch is not None and (
-                isinstance(self.rounds_per_epoch, bool) or not isinstance(self.rounds_per_epoch, int)
-                or self.rounds_per_epoch < 1):
-            raise ConfigError("rounds_per_epoch", self.rounds_per_epoch, "must be a positive integer or None")
+        for name in ("budget_examples", "budget_steps", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and not _positive_int(value):
+                raise ConfigError(name, value, "must be a positive integer or None")
+        if self.budget_examples is not None and self.budget_steps is not None:
+            raise ConfigError("budget_steps", self.budget_steps,
+                              f"a run's budget is in examples or in steps, not both (budget_examples={self.budget_examples})")
+        if not _finite(self.epochs) or self.epochs <= 0:
+            raise ConfigError("epochs", self.epochs, "must be a positive finite number")
+        if not _finite(self.val_fraction) or not 0 <= self.val_fraction < 1:
+            raise ConfigError("val_fraction", self.val_fraction, "must lie in [0, 1)")
+        for name in ("seed", "split_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(name, value, "must be an integer >= 0")
         if self.batch_size % self.clients:
             raise ConfigError(
                 "batch_size", self.batch_size,
@@ -197,6 +223,10 @@ def field_docs(cls: type = TrainConfig) -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
             docs[node.target.id] = " ".join(str(after.value.value).split())
     return docs
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _finite(value: Any) -> bool:

@@ -51,7 +51,7 @@ class FederatedAlgorithm(Algorithm):
             if shared:
                 first_losses = losses
                 if batch.diagnose:  # these are the g_i(x) of the diagnostics
-                    _, alignment, _ = self.reduce_moments(grads, losses, batch)
+                    _, alignment, _ = self.reduce_moments(grads, losses, batch, counted=False)
             direction = self.local_direction(grads, local, params, batch)
             decay = c.weight_decay
             local = {n: local[n] - c.lr * (direction[n] + decay * local[n] if decay else direction[n]) for n in grads}
@@ -59,13 +59,13 @@ class FederatedAlgorithm(Algorithm):
         update = sum_clients({n: origin[n] - local[n] for n in local})
         extra = self.extra_sums(params, local, batch)
         loss_sum = first_losses.sum().reshape(1) if first_losses is not None else update.new_zeros(1)
-        packed = self.comm.sum_(torch.cat([update, extra, loss_sum]))
+        packed = self.all_reduce(torch.cat([update, extra, loss_sum]))
         size = self.layout.size
         self.server_step(packed[:size] / batch.num_participants)
         self.apply_extra(packed[size:-1], batch)
         if loss is None:
             loss = packed[-1].item() / batch.num_participants
-        return StepResult(loss, c.local_steps, alignment)
+        return StepResult(loss, c.local_steps, alignment, self.take_traffic(batch))
 
 
 @register
@@ -133,6 +133,7 @@ class FedGA(FederatedAlgorithm):
     """FedGA: each client starts its K local steps from GradAlign's displaced point x - beta (ḡ - g_i)."""
 
     name = "fedga"
+    communications_per_update = 2
 
     def __init__(self, model, loss_fn, config, comm=None):
         refuse_batchnorm(model, config)

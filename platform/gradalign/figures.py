@@ -25,8 +25,11 @@ __all__ = [
 
 _PALETTE = plotly.colors.qualitative.Plotly
 _LABELS = {
-    "batch_size": "global batch size B", "acc_mean": "test accuracy (final epoch)", "acc_max_mean":
-    "test accuracy (best epoch)", "steps_to_target_mean": "steps to target", "examples_to_target_mean":
+    "batch_size": "global batch size B", "acc_mean": "test accuracy (end of budget)", "acc_max_mean":
+    "test accuracy (best evaluation)", "val_mean": "validation accuracy (end of budget)",
+    "steps_to_target_mean": "steps to target", "communications_to_target_mean": "communications to target",
+    "messages_to_target_mean": "messages to target", "rounds_to_target_mean": "rounds to target",
+    "label_tv_mean": "measured label heterogeneity (mean TV distance)", "examples_to_target_mean":
     "examples to target", "wall_time_mean": "wall time per run (s)", "wall_to_target_mean": "wall time to target (s)",
     "grad_variance": "gradient variance V", "grad_cosine": "mean pairwise gradient cosine", "examples":
     "training examples seen", "alpha": "Dirichlet alpha (heterogeneity)", "participation": "client participation",
@@ -174,11 +177,11 @@ def pareto_figure(cells: pd.DataFrame, x: str = "batch_size", y: str = "acc_mean
 
 def _alignment_data(history: pd.DataFrame, x: str, metrics: Sequence[str], facet: str, color: str,
                     phase: str | None) -> pd.DataFrame:
-    """Per (facet, color, epoch): x and each metric averaged over the seeds."""
+    """Per (facet, color, evaluation): x and each metric averaged over the seeds."""
     if phase is not None and "phase" in history.columns:
         history = history[history["phase"] == phase]
     metrics = [m for m in metrics if m in history.columns]
-    keys = [facet, color, "epoch"]
+    keys = [facet, color, "evaluation"]
     if not set([*keys, x]) <= set(history.columns):
         return pd.DataFrame(columns=[*keys, x, *metrics])
     return history.groupby(keys, sort=True, dropna=False)[[x, *metrics]].mean().reset_index()

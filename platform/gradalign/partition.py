@@ -1,7 +1,7 @@
 """Split a training set over clients.
 
 Every scheme returns one sorted int64 index array per client; the arrays are disjoint. `iid`, `sorted` and
-`dirichlet` cover every example; `one_class` with fewer clients than classes leaves the other classes out (each
+the two Dirichlet schemes cover every example; `one_class` with fewer clients than classes leaves the other classes out (each
 client must hold exactly one class); `natural` returns the given split. All schemes are deterministic given
 `seed`, and impossible requests (a client that would end up empty, more clients than examples, ...) raise a
 ValueError that names the problem instead of silently producing an empty client, which would only surface later
@@ -35,9 +35,14 @@ def partition(
     Schemes (`gradalign.config.PARTITIONS`):
 
     - ``iid``: shuffle, then cut into near-equal pieces (sizes differ by at most one).
-    - ``dirichlet``: for every class, the proportions going to each client are drawn from Dir(alpha); smaller
-      alpha means more label skew. Redrawn (up to DIRICHLET_MAX_TRIES times) until every client holds at least one
-      example.
+    - ``dirichlet``: the label-skew split of Hsu et al. (2019) that the FL literature means: every client gets
+      the same number of examples (sizes differ by at most one) and its label mix q_i ~ Dir(alpha * p), p the
+      global label distribution; smaller alpha means more label skew (alpha -> inf: iid). Clients are filled in
+      turn, drawing without replacement; a class that runs out is dropped from the later clients' mixes (their
+      q_i renormalised over the classes left), so the split covers every example.
+    - ``dirichlet_by_class``: for every class, the shares of the clients are drawn from Dir(alpha): label skew AND
+      strong quantity skew (client sizes can differ a hundredfold). Redrawn (up to DIRICHLET_MAX_TRIES times)
+      until every client holds at least one example.
     - ``sorted``: the split of the GradAlign paper: a fraction `iid_fraction` of the data is spread iid, the rest is
       sorted by label and cut into equal contiguous pieces, one per client (iid_fraction=0: each client sees only
       one or two classes; 1: iid).
@@ -64,7 +69,9 @@ def partition(
     if scheme == "iid":
         parts = np.array_split(rng.permutation(n), num_clients)
     elif scheme == "dirichlet":
-        parts = _dirichlet(y, num_clients, alpha, rng)
+        parts = _dirichlet_label_mix(y, num_clients, alpha, rng)
+    elif scheme == "dirichlet_by_class":
+        parts = _dirichlet_by_class(y, num_clients, alpha, rng)
     elif scheme == "sorted":
         parts = _sorted(y, num_clients, iid_fraction, rng)
     else:
@@ -91,9 +98,39 @@ def _as_labels(labels: Any) -> np.ndarray:
     return y
 
 
-def _dirichlet(y: np.ndarray, m: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+def _check_alpha(alpha: Any) -> None:
     if not (_is_real(alpha) and np.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha={alpha!r}: the Dirichlet concentration must be a finite number > 0")
+
+
+def _dirichlet_label_mix(y: np.ndarray, m: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    _check_alpha(alpha)
+    classes, counts = np.unique(y, return_counts=True)
+    pools = [list(rng.permutation(np.flatnonzero(y == c))) for c in classes]
+    left = counts.astype(np.int64)
+    prior = counts / counts.sum()
+    sizes = [len(p) for p in np.array_split(np.arange(len(y)), m)]
+    parts = []
+    for size in sizes:
+        mix = rng.dirichlet(np.maximum(alpha * prior, 1e-300))
+        take = np.zeros(len(classes), dtype=np.int64)
+        need = size
+        while need > 0:  # draw the client's labels; classes that ran out leave the mix
+            weights = np.where(left - take > 0, mix, 0.0)
+            if weights.sum() <= 0:  # the mix has no mass left on the classes left: fill in proportion to supply
+                weights = (left - take).astype(float)
+            draw = rng.multinomial(need, weights / weights.sum())
+            draw = np.minimum(draw, left - take)
+            take += draw
+            need -= int(draw.sum())
+        parts.append(np.concatenate([[pools[j].pop() for _ in range(int(take[j]))] for j in range(len(classes))]
+                                    + [np.empty(0, dtype=np.int64)]))
+        left -= take
+    return parts
+
+
+def _dirichlet_by_class(y: np.ndarray, m: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    _check_alpha(alpha)
     by_class = [rng.permutation(np.flatnonzero(y == c)) for c in np.unique(y)]
     for _ in range(DIRICHLET_MAX_TRIES):
         pieces: list[list[np.ndarray]] = [[] for _ in range(m)]
@@ -106,7 +143,7 @@ def _dirichlet(y: np.ndarray, m: int, alpha: float, rng: np.random.Generator) ->
         if min(len(p) for p in parts) > 0:
             return parts
     raise ValueError(
-        f"dirichlet partition with alpha={alpha} left some of the {m} clients without examples in all "
+        f"dirichlet_by_class partition with alpha={alpha} left some of the {m} clients without examples in all "
         f"{DIRICHLET_MAX_TRIES} draws ({len(y)} examples, {len(by_class)} classes); use a larger alpha or fewer clients"
     )
 

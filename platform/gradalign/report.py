@@ -1,9 +1,10 @@
 """One self-contained HTML report of a scaling study (opens offline: plotly.js is embedded once, in the head).
 
-Input is the *history* frame, one row per (trial_id, epoch), with columns
+Input is the *history* frame, one row per (trial_id, evaluation), with columns
   study, cell, phase ('tune' | 'seed'), trial_id, algorithm, batch_size (global), clients, workers, lr, beta, momentum,
-  weight_decay, local_steps, mu, participation, alpha, partition, seed, epoch, steps, rounds, examples, train_loss,
-  test_loss, test_accuracy (in [0, 1]), grad_variance, grad_cosine, grad_norm_sq, gns_simple, gns_trace, gns_grad_sq,
+  weight_decay, local_steps, mu, participation, alpha, partition, seed, evaluation, epochs, steps, rounds, examples,
+  communications, messages, values_sent, train_loss, val_loss, val_accuracy, test_loss, test_accuracy (in [0, 1]),
+  grad_variance, grad_cosine, grad_norm_sq, gns_simple, gns_trace, gns_grad_sq, label_tv,
   wall_time (s since trial start), status ('running' | 'completed' | 'diverged' | 'error' | 'stopped'),
   git_commit, python, torch, ray, optuna, hardware,
 plus the cells frame of `gradalign.analysis.summarize_cells`. Sections: overview (title, command, summary),
@@ -29,7 +30,7 @@ from plotly.offline import get_plotlyjs
 from . import figures as F
 from .analysis import CONFIG_COLUMNS, fit_critical_batches, noise_scale_from_history, significance
 
-__all__ = ["default_figures", "critical_batch_table", "fixed_parameters", "provenance_from_history",
+__all__ = ["default_figures", "critical_batch_table", "fixed_parameters", "noise_by_algorithm", "provenance_from_history",
            "significance_tables", "write_report"]
 
 PROVENANCE_COLUMNS = ("git_commit", "python", "torch", "ray", "optuna", "hardware")
@@ -47,6 +48,8 @@ th { background: #f0f0f0; } td.text, th.text { text-align: left; }
 figure { margin: 1em 0; } figcaption { color: #555; font-size: 0.9em; }
 .warning { background: #fff4e5; border-left: 4px solid #f0a020; padding: 0.4em 0.8em; margin: 0.3em 0; }
 .ok { color: #2a7a2a; }
+.verdict { background: #eef5ff; border-left: 4px solid #3070c0; padding: 0.2em 1em; margin: 0.6em 0; }
+.verdict h2 { border: none; margin-top: 0.4em; } .verdict li { margin: 0.3em 0; font-size: 1.05em; }
 """
 
 
@@ -121,19 +124,21 @@ def critical_batch_table(fits: Mapping[str, dict], noise: Mapping[str, float]) -
 
 
 def significance_tables(history: pd.DataFrame, by: str = "batch_size", target: float | None = None,
-                        comparisons: Sequence[tuple[str, str]] = COMPARISONS) -> pd.DataFrame:
-    """Welch t-tests for every comparison whose two algorithms both appear: final accuracy, and steps to target."""
+                        comparisons: Sequence[tuple[str, str]] = COMPARISONS,
+                        cost: str = "steps_to_target") -> pd.DataFrame:
+    """Welch comparisons (difference, 95% CI, p, n) for every comparison whose two algorithms both appear: final
+    test accuracy, and the `cost` to the target (steps; a federated study: communications)."""
     present = set(history["algorithm"].dropna()) if "algorithm" in history.columns else set()
     if by not in history.columns:
         return pd.DataFrame()
-    metrics = ["acc_final"] + (["steps_to_target"] if target is not None else [])
+    metrics = ["acc_final"] + ([cost] if target is not None else [])
     parts = [significance(history, a, b, by=by, metric=m, target=target)
              for a, b in comparisons if a in present and b in present for m in metrics]
     parts = [p for p in parts if not p.empty]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def _noise_by_algorithm(history: pd.DataFrame) -> dict:
+def noise_by_algorithm(history: pd.DataFrame) -> dict:
     """B_simple pooled over all seed runs of an algorithm (tr(Sigma) and |G|^2 do not depend on the batch size)."""
     if "algorithm" not in history.columns:
         return {}
@@ -145,7 +150,7 @@ def default_figures(history: pd.DataFrame, cells: pd.DataFrame, x: str = "batch_
                     fits: Mapping[str, dict] | None = None,
                     noise: Mapping[str, float] | None = None) -> list[tuple[str, str, go.Figure]]:
     """The standard figures as (id, caption, figure); the scaling figure only when `x` is the batch size."""
-    out = [("fig-accuracy", "Final-epoch test accuracy; error bars are the std over seeds.",
+    out = [("fig-accuracy", "Test accuracy at the end of the budget; error bars are the std over seeds.",
             F.accuracy_vs_x(cells, x=x))]
     if x == "batch_size":
         out.append(("fig-scaling", "Dotted grey: perfect scaling. Dashed: McCandlish fit S = S_min(1 + B_crit/B). "
@@ -173,18 +178,20 @@ def write_report(path: str | Path, history: pd.DataFrame, cells: pd.DataFrame, s
                  warnings: Sequence[str], provenance: Mapping, budget: Mapping,
                  title: str = "GradAlign batch-scaling study", *, x: str = "batch_size",
                  significance_table: pd.DataFrame | None = None,
-                 figures: Sequence[tuple[str, str, go.Figure]] | None = None) -> Path:
+                 figures: Sequence[tuple[str, str, go.Figure]] | None = None,
+                 verdict: Sequence[str] = ()) -> Path:
     """Write the study's report as ONE self-contained HTML file and return its path.
 
     `summary`: headline facts (e.g. target, best cell); `warnings`: messages (e.g. from `edge_warnings`);
     `provenance`: command, commit, versions, hardware (the history's provenance columns fill in what is missing);
-    `budget`: the budget and how it is counted (steps or examples). `significance_table` defaults to
+    `budget`: the budget and how it is counted (steps or examples); `verdict`: the plain sentences that open the
+    report (`gradalign.verdict`). `significance_table` defaults to
     `significance_tables(history, by=x, target)`; `figures` to `default_figures(history, cells, x)`.
     """
     target = summary.get("target", cells["target"].iloc[0] if "target" in cells and len(cells) else None)
     fits, noise = {}, {}
     if x == "batch_size" and {"algorithm", "steps_to_target_mean"} <= set(cells.columns):
-        fits, noise = fit_critical_batches(cells), _noise_by_algorithm(history)
+        fits, noise = fit_critical_batches(cells), noise_by_algorithm(history)
     if figures is None:
         figures = default_figures(history, cells, x=x, fits=fits, noise=noise)
     if significance_table is None:
@@ -195,8 +202,11 @@ def write_report(path: str | Path, history: pd.DataFrame, cells: pd.DataFrame, s
     warn_html = "".join(f'<div class="warning">{html.escape(str(w))}</div>' for w in warnings) or \
         '<p class="ok">No warnings.</p>'
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    verdict_html = "".join(f"<li>{html.escape(s)}</li>" for s in verdict)
     sections = [
-        f'<section id="overview"><h1>{html.escape(title)}</h1><p>Generated {stamp}.</p>'
+        f'<section id="overview"><h1>{html.escape(title)}</h1>'
+        + (f'<div id="verdict" class="verdict"><h2>Verdict</h2><ul>{verdict_html}</ul></div>' if verdict else "")
+        + f'<p>Generated {stamp}.</p>'
         f'<pre class="command">{html.escape(str(command) or "(command not recorded)")}</pre>'
         f'{_dict_table(summary, "No summary.")}'
         + (f"<h3>Critical batch size</h3>{_table(critical_batch_table(fits, noise))}" if fits else "")

@@ -1,9 +1,14 @@
-"""The training loop: data split over clients, one algorithm, epochs of updates, evaluation and checkpoints.
+"""The training loop: data split over clients, one algorithm, a budget of updates, evaluations and checkpoints.
 
 A `Trainer` runs in one process. With `LocalComm` it holds every client; with `TorchDistributedComm` (e.g. inside a
 Ray TorchTrainer worker) it holds a block of clients and the algorithm all-reduces. Every client's batches come from
 its own seeded sampler and the model is initialised from the run's seed, so the same configuration gives the same
 numbers however the clients are spread over processes.
+
+The budget is exact: `planned_updates` turns the configuration's budget (examples, steps or epochs) into a number
+of updates, and the batches carry over epoch boundaries (no remainder is dropped). The run is evaluated on the
+validation and test splits on a schedule in updates (`eval_schedule`: log-spaced by default), so that the step at
+which a target is reached is resolved as finely early in training as late.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import math
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,12 +26,19 @@ from .comm import LocalComm
 from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .models import build_model
-from .partition import partition
+from .partition import describe_partition, partition
+from .splits import with_validation
 
 METRIC_KEYS = (
-    "epoch", "steps", "rounds", "examples", "train_loss", "test_loss", "test_accuracy", "grad_variance",
-    "grad_cosine", "grad_norm_sq", "gns_trace", "gns_grad_sq", "gns_simple", "wall_time", "status",
+    "evaluation", "epochs", "steps", "rounds", "examples", "communications", "messages", "values_sent",
+    "train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy", "grad_variance", "grad_cosine",
+    "grad_norm_sq", "gns_trace", "gns_grad_sq", "gns_simple", "label_tv", "wall_time", "status",
 )
+"""The metrics of every evaluation (`Trainer.train_until_eval`). `evaluation` counts evaluations (1, 2, ...);
+`epochs` = examples / training-set size; `steps` counts sequential parameter updates (small-batch SGD: one per
+micro-batch; federated rounds: K local steps), `rounds` updates of the global model; `communications` collective
+exchanges (all-reduces) of the algorithm, `messages` the messages participating clients sent in them,
+`values_sent` the numbers they sent in total; `label_tv` how non-iid this run's client split is."""
 _ALIGNMENT_KEYS = ("grad_variance", "grad_cosine", "grad_norm_sq", "gns_trace", "gns_grad_sq")
 
 
@@ -60,6 +73,28 @@ class ClientSampler:
         self.order, self.position = state["order"].clone(), int(state["position"])
 
 
+def planned_updates(config: TrainConfig, train_size: int) -> int:
+    """The run's budget in updates: `budget_steps`, else ceil(examples / examples per update) for the examples of
+    `budget_examples` (or `epochs` x `train_size`)."""
+    if config.budget_steps is not None:
+        return config.budget_steps
+    examples = config.budget_examples if config.budget_examples is not None else config.epochs * train_size
+    return max(1, math.ceil(examples / config.examples_per_update - 1e-9))
+
+
+def eval_schedule(total_updates: int, points: int = 40, every: int | None = None) -> list[int]:
+    """The updates after which a run is evaluated: every `every` updates, or `points` log-spaced ones (rounded,
+    duplicates merged, so short runs evaluate after every update); the last update is always included."""
+    if total_updates < 1:
+        raise ValueError(f"total_updates={total_updates!r}: must be >= 1")
+    if every is not None:
+        marks = set(range(every, total_updates + 1, every))
+    else:
+        marks = {int(round(v)) for v in np.geomspace(1, total_updates, max(points, 1))}
+    marks.add(total_updates)
+    return sorted(m for m in marks if 1 <= m <= total_updates)
+
+
 def resolve_device(requested: str, override: str | torch.device | None = None) -> torch.device:
     if override is not None:
         return torch.device(override)
@@ -71,33 +106,39 @@ def resolve_device(requested: str, override: str | torch.device | None = None) -
 
 
 class Trainer:
-    """Trains one configuration; `train_epoch` runs one epoch (a pass's worth of examples) and returns its metrics."""
+    """Trains one configuration; `train_until_eval` runs to the next scheduled evaluation and returns its metrics."""
 
     def __init__(self, config: TrainConfig, comm: LocalComm | None = None, device=None, dataset: Dataset | None = None):
         self.config = config
         self.comm = comm or LocalComm()
         self.device = resolve_device(config.device, device)
         self.dtype = getattr(torch, config.dtype)
-        data = dataset or load_dataset(
-            config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed,
+        data = dataset or load_dataset(  # (generated data depend on the split seed, not on the run seed)
+            config.dataset, data_dir=config.data_dir, download=config.download, seed=config.split_seed,
             num_clients=config.clients, heterogeneity=config.heterogeneity,
         )
+        split = with_validation(data, config.val_fraction, config.split_seed)
         parts = partition(
-            data.y_train.numpy(), config.clients, config.partition, alpha=config.alpha,
-            iid_fraction=config.iid_fraction, seed=config.seed, natural=data.natural_partition,
+            split.y_train.numpy(), config.clients, config.partition, alpha=config.alpha,
+            iid_fraction=config.iid_fraction, seed=config.seed, natural=split.natural_partition,
         )
-        self.x_train = data.x_train.to(self.device, self.dtype)
-        self.y_train = data.y_train.to(self.device)
-        self.x_test = data.x_test.to(self.device, self.dtype)
-        self.y_test = data.y_test.to(self.device)
+        self.label_tv = describe_partition(split.y_train, parts, split.num_classes)["label_tv"]
+        self.x_train = split.x_train.to(self.device, self.dtype)
+        self.y_train = split.y_train.to(self.device)
+        self.x_val = split.x_val.to(self.device, self.dtype)
+        self.y_val = split.y_val.to(self.device)
+        self.x_test = split.x_test.to(self.device, self.dtype)
+        self.y_test = split.y_test.to(self.device)
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model, data.input_shape, data.num_classes).to(self.device, self.dtype)
+        self.model = build_model(config.model, split.input_shape, split.num_classes).to(self.device, self.dtype)
         self.algorithm = build_algorithm(self.model, F.cross_entropy, config, self.comm)
         self.local_clients = self.comm.local_clients(config.clients)
         self.samplers = {cid: ClientSampler(parts[cid], config.seed, cid) for cid in self.local_clients}
         self.participation_rng = torch.Generator().manual_seed(config.seed * 7919 + 17)
-        self.updates_per_epoch = config.rounds_per_epoch or max(1, len(self.y_train) // config.examples_per_update)
-        self.epoch = self.steps = self.rounds = self.examples = 0
+        self.total_updates = planned_updates(config, len(self.y_train))
+        self.schedule = eval_schedule(self.total_updates, config.eval_points, config.eval_every)
+        self.evaluation = self.steps = self.rounds = self.examples = 0
+        self.communications = self.messages = self.values_sent = 0
         self.wall_time = 0.0
         self.status = "running"
         self.history: list[dict] = []
@@ -130,52 +171,67 @@ class Trainer:
         diagnose = diagnose or self.rounds % c.diag_every == 0
         return RoundBatch(local, inputs, targets, len(participants), diagnose)
 
-    # -- one epoch ------------------------------------------------------------------------------------------------
-    def train_epoch(self) -> dict:
+    # -- one evaluation interval ----------------------------------------------------------------------------------
+    def train_until_eval(self) -> dict:
+        """Run the updates up to the next scheduled evaluation, evaluate, and return the metrics (`METRIC_KEYS`)."""
         if self.done:
             raise RuntimeError(f"training is over (status={self.status!r})")
         start = time.perf_counter()
         self.model.train()
         losses, alignments = [], []
-        for update in range(self.updates_per_epoch):  # (diagnostics at least once per epoch, on its first update)
-            result = self.algorithm.step(self.next_batch(diagnose=update == 0))
+        first = True
+        while self.rounds < self.schedule[self.evaluation]:  # (diagnostics at least once per interval: its first)
+            batch = self.next_batch(diagnose=first)
+            result = self.algorithm.step(batch)
+            first = False
             self.steps += result.steps
             self.rounds += 1
             self.examples += self.config.examples_per_update
+            self.communications += result.traffic.communications
+            self.messages += result.traffic.messages
+            self.values_sent += result.traffic.values
             losses.append(result.loss)
             if result.alignment is not None:
                 alignments.append(result.alignment.as_dict())
             if not math.isfinite(result.loss):
                 self.status = "diverged"
                 break
-        test_loss, test_accuracy = self.evaluate()
-        if not math.isfinite(test_loss) and self.status == "running":
+        val_loss, val_accuracy = self.evaluate(self.x_val, self.y_val)
+        test_loss, test_accuracy = self.evaluate(self.x_test, self.y_test)
+        finite = math.isfinite(test_loss) and (math.isfinite(val_loss) or len(self.y_val) == 0)
+        if self.status == "running" and not finite:
             self.status = "diverged"
-        self.epoch += 1
-        if self.status == "running" and self.epoch >= self.config.epochs:
+        self.evaluation += 1
+        if self.status == "running" and self.evaluation >= len(self.schedule):
             self.status = "completed"
         self.wall_time += time.perf_counter() - start
         metrics = {
-            "epoch": self.epoch, "steps": self.steps, "rounds": self.rounds, "examples": self.examples,
-            "train_loss": sum(losses) / len(losses), "test_loss": test_loss, "test_accuracy": test_accuracy,
-            **_mean_alignment(alignments), "wall_time": self.wall_time, "status": self.status,
+            "evaluation": self.evaluation, "epochs": self.examples / len(self.y_train), "steps": self.steps,
+            "rounds": self.rounds, "examples": self.examples, "communications": self.communications,
+            "messages": self.messages, "values_sent": self.values_sent,
+            "train_loss": sum(losses) / len(losses), "val_loss": val_loss, "val_accuracy": val_accuracy,
+            "test_loss": test_loss, "test_accuracy": test_accuracy, **_mean_alignment(alignments),
+            "label_tv": self.label_tv, "wall_time": self.wall_time, "status": self.status,
         }
         self.history.append(metrics)
         return metrics
 
     def fit(self, callback: Callable[[dict], None] | None = None) -> list[dict]:
-        """Run the remaining epochs; `callback(metrics)` after each."""
+        """Run to the end of the budget; `callback(metrics)` after each evaluation."""
         while not self.done:
-            metrics = self.train_epoch()
+            metrics = self.train_until_eval()
             if callback is not None:
                 callback(metrics)
         return self.history
 
     @torch.no_grad()
-    def evaluate(self, chunk: int = 2048) -> tuple[float, float]:
-        """Test loss and accuracy; each process evaluates every world_size-th example and the sums are all-reduced."""
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 2048) -> tuple[float, float]:
+        """Loss and accuracy on (x, y) (NaN, NaN when empty); each process evaluates every world_size-th example and
+        the sums are all-reduced."""
+        if len(y) == 0:
+            return math.nan, math.nan
         self.model.eval()
-        x, y = self.x_test[self.comm.rank::self.comm.world_size], self.y_test[self.comm.rank::self.comm.world_size]
+        x, y = x[self.comm.rank::self.comm.world_size], y[self.comm.rank::self.comm.world_size]
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         for i in range(0, len(y), chunk):
             out = self.model(x[i:i + chunk])
@@ -196,8 +252,7 @@ class Trainer:
             "algorithm": self.algorithm.state_dict(),
             "samplers": {cid: s.state_dict() for cid, s in self.samplers.items()},
             "participation_rng": self.participation_rng.get_state(),
-            "counters": {"epoch": self.epoch, "steps": self.steps, "rounds": self.rounds, "examples": self.examples,
-                         "wall_time": self.wall_time, "status": self.status},
+            "counters": {name: getattr(self, name) for name in _COUNTERS},
             "history": list(self.history),
         }
 
@@ -211,10 +266,13 @@ class Trainer:
         for cid, s in state["samplers"].items():
             self.samplers[int(cid)].load_state_dict(s)
         self.participation_rng.set_state(state["participation_rng"])
-        counters = state["counters"]
-        self.epoch, self.steps, self.rounds = counters["epoch"], counters["steps"], counters["rounds"]
-        self.examples, self.wall_time, self.status = counters["examples"], counters["wall_time"], counters["status"]
+        for name in _COUNTERS:
+            setattr(self, name, state["counters"][name])
         self.history = list(state["history"])
+
+
+_COUNTERS = ("evaluation", "steps", "rounds", "examples", "communications", "messages", "values_sent", "wall_time",
+             "status")
 
 
 def _mean_alignment(alignments: list[dict]) -> dict:

@@ -9,9 +9,9 @@ What lives here, in the order a study uses it:
    `plan_concurrency` -- the Tune resources of a trial and how many trials fit at once on the cluster.
 3. `connect` -- join a running cluster (`address` / `RAY_ADDRESS`) or start a local one with the `train_driver`
    custom resource that Train-driver trials hold instead of a CPU.
-4. `run_study` -- build (or restore) the `Tuner`: seeded TPE via `OptunaSearch`, optional ASHA on `epoch`, bounded
+4. `run_study` -- build (or restore) the `Tuner`: seeded TPE via `OptunaSearch`, optional ASHA on `epochs` (examples seen / training set), bounded
    retries, and `OptunaMirror`, which copies every finished trial into a SQLite Optuna study for optuna-dashboard.
-5. `results_table` -- one tidy frame, a row per trial per reported epoch, with configuration, metrics and
+5. `results_table` -- one tidy frame, a row per trial per reported evaluation, with configuration, metrics and
    `provenance()`; `sync_optuna_study` re-syncs the SQLite study from it.
 
 The trainable itself (what a trial runs) lives in the `trainables` package; `run_study` takes it as an argument, so
@@ -20,7 +20,7 @@ the library never imports `trainables`.
 
 from __future__ import annotations
 
-from ._common import DRIVER_RESOURCE, LOSS_PENALTY, METRICS, final_status, penalise
+from ._common import DRIVER_RESOURCE, GROUP_SEEDS, LOSS_PENALTY, METRICS, final_status, penalise
 from .execution import TrialExecution, connect, plan_concurrency
 from .mirror import OptunaMirror, sync_optuna_study
 from .results import results_table, write_results_table
@@ -31,6 +31,7 @@ __all__ = [
     "METRICS",
     "LOSS_PENALTY",
     "DRIVER_RESOURCE",
+    "GROUP_SEEDS",
     "Range",
     "SearchSpace",
     "TrialExecution",

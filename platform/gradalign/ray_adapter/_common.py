@@ -16,7 +16,13 @@ from gradalign.config import (
 from gradalign.training import METRIC_KEYS
 
 METRICS = tuple(METRIC_KEYS)
-"""Keys of `Trainer.train_epoch()`'s metrics: also the metric columns of the results table."""
+"""Keys of `Trainer.train_until_eval()`'s metrics: also the metric columns of the results table."""
+
+COUNTER = "evaluation"
+"""The metric that numbers a trial's reports (1, 2, ...): one row per trial and value in the results table."""
+
+GROUP_SEEDS = "group_seeds"
+"""Config key (a TrainConfig extra): seeds a trial trains side by side and reports the mean of (`SeedGroup`)."""
 
 LOSS_PENALTY = 1e9
 """Finite loss reported for a diverged run (NaN/inf would leave its Optuna trial RUNNING for ever)."""
@@ -40,11 +46,12 @@ def penalise(metrics: Mapping[str, Any]) -> dict[str, Any]:
     Metrics of a healthy run are returned unchanged.
     """
     out = dict(metrics)
-    objective = {"train_loss", "test_loss", "test_accuracy"} & out.keys()
-    if out.get("status") != "diverged" and all(_is_finite(out[k]) for k in objective):
+    objective = {"train_loss", "val_loss", "test_loss", "val_accuracy", "test_accuracy"} & out.keys()
+    checked = objective - {"val_loss", "val_accuracy"}  # (NaN by design when a run has no validation split)
+    if out.get("status") != "diverged" and all(_is_finite(out[k]) for k in checked):
         return out
     for key in objective:
-        out[key] = 0.0 if key == "test_accuracy" else LOSS_PENALTY
+        out[key] = 0.0 if key.endswith("accuracy") else LOSS_PENALTY
     out["status"] = "diverged"
     return out
 
@@ -52,7 +59,7 @@ def penalise(metrics: Mapping[str, Any]) -> dict[str, Any]:
 def final_status(result: Mapping[str, Any] | None, error: bool = False) -> str:
     """How a trial ended: 'completed', 'diverged', 'stopped' (by the scheduler, budget not spent) or 'error'.
 
-    A trial that errored after its last epoch (e.g. while shutting down) still counts as completed or diverged.
+    A trial that errored after its last evaluation (e.g. while shutting down) still counts as completed or diverged.
     """
     status = (result or {}).get("status")
     if status in ("completed", "diverged"):

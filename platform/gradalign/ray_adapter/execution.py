@@ -62,7 +62,7 @@ class TrialExecution:
         return _join(self.storage_path, "state", f"{trial_id}.pt")
 
     def history_path(self, trial_id: str) -> str:
-        """JSON list of the trial's per-epoch metrics, rewritten after every checkpoint (see `results_table`)."""
+        """JSON list of the trial's per-evaluation metrics, rewritten after every checkpoint (see `results_table`)."""
         return _join(self.storage_path, "history", f"{trial_id}.json")
 
     def saved_history(self, trial_id: str) -> list[dict[str, Any]]:

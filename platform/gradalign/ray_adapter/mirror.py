@@ -10,7 +10,7 @@ import optuna
 import pandas as pd
 from ray import tune
 
-from ._common import _is_finite, _plain, final_status
+from ._common import COUNTER, _is_finite, _plain, final_status
 from .space import SearchSpace
 
 
@@ -51,8 +51,8 @@ class OptunaMirror(tune.Callback):
         return self._study
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if "epoch" in result and self.objectives[0][0] in result:
-            self._intermediate.setdefault(trial.trial_id, {})[int(result["epoch"])] = float(result[self.objectives[0][0]])
+        if COUNTER in result and self.objectives[0][0] in result:
+            self._intermediate.setdefault(trial.trial_id, {})[int(result[COUNTER])] = float(result[self.objectives[0][0]])
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._add_safely(trial, error=False)
@@ -90,7 +90,7 @@ class OptunaMirror(tune.Callback):
         user_attrs = {
             "tune_trial_id": trial_id,
             "status": final_status(last_result, error=error),
-            "epoch": int(last_result.get("epoch", 0) or 0),
+            COUNTER: int(last_result.get(COUNTER, 0) or 0),
         }
         study.add_trial(
             optuna.trial.create_trial(
@@ -113,15 +113,15 @@ def sync_optuna_study(
     objectives: Sequence[tuple[str, str]],
 ) -> int:
     """Add to the SQLite study every trial of the results table that it lacks (e.g. one that ended while the driver
-    was being killed), from the trial's last epoch; returns how many were added."""
+    was being killed), from the trial's last evaluation; returns how many were added."""
     mirror = OptunaMirror(storage, study_name, space, objectives)
     known = mirror.known_trial_ids()
     metric = objectives[0][0]
     added = 0
-    for trial_id, rows in table.sort_values("epoch").groupby("trial_id", sort=False):
+    for trial_id, rows in table.sort_values(COUNTER).groupby("trial_id", sort=False):
         if trial_id in known:
             continue
         last = rows.iloc[-1].to_dict()
-        intermediate = {int(e): float(v) for e, v in zip(rows["epoch"], rows[metric]) if _is_finite(v)}
+        intermediate = {int(e): float(v) for e, v in zip(rows[COUNTER], rows[metric]) if _is_finite(v)}
         added += mirror.add(trial_id, last, last, error=last.get("trial_status") == "error", intermediate=intermediate)
     return added

@@ -1,4 +1,4 @@
-"""The tidy results table: a row per trial per reported epoch, with provenance."""
+"""The tidy results table: a row per trial per reported evaluation, with provenance."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from gradalign.config import (
 )
 from gradalign.provenance import provenance
 
-from ._common import _TRAIN_CONFIG_FIELDS, METRICS, final_status, penalise
+from ._common import _TRAIN_CONFIG_FIELDS, COUNTER, METRICS, final_status, penalise
 from .execution import TrialExecution
 
 
@@ -27,27 +27,27 @@ def results_table(
     execution: TrialExecution | None = None,
     prov: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """One tidy frame: a row per trial per reported epoch.
+    """One tidy frame: a row per trial per reported evaluation.
 
     Columns: trial_id, the TrainConfig fields, the Trainer metrics (`METRICS`), `trial_status` (how the trial
     ended: completed / diverged / stopped / error), workers and cpus_per_worker, and provenance columns (git commit,
-    library versions, hardware). A trial that failed before its first epoch gets one row with epoch 0.
+    library versions, hardware). A trial that failed before its first evaluation gets one row with evaluation 0.
 
-    Rows are the results Tune recorded; a restored or retried trial may report an epoch twice (the last report
-    wins). Tune writes its records to storage only every ~10 s, so after a hard kill of the driver some epochs
+    Rows are the results Tune recorded; a restored or retried trial may report an evaluation twice (the last report
+    wins). Tune writes its records to storage only every ~10 s, so after a hard kill of the driver some evaluations
     before the one a trial resumed from can be missing there: given `execution`, those are filled in from the
-    history the trial saved with its checkpoint (never beyond the last epoch Tune saw, so the table ends where
+    history the trial saved with its checkpoint (never beyond the last evaluation Tune saw, so the table ends where
     Tune's and Optuna's view of the trial ends).
     """
     frames = []
     for result in results:
         config = TrainConfig.from_dict({k: v for k, v in result.config.items() if k in _TRAIN_CONFIG_FIELDS})
         trial_id = _trial_id(result)
-        rows = _reported_epochs(result.metrics_dataframe)
+        rows = _reported(result.metrics_dataframe)
         if execution is not None and not rows.empty:
             rows = _fill_holes(rows, execution.saved_history(trial_id))
         if rows.empty:
-            rows = pd.DataFrame([{"epoch": 0, "status": "error" if result.error else "running"}])
+            rows = pd.DataFrame([{COUNTER: 0, "status": "error" if result.error else "running"}])
         last = rows.iloc[-1].to_dict()
         rows.insert(0, "trial_id", trial_id)
         for name, value in config.to_dict().items():
@@ -60,7 +60,7 @@ def results_table(
         table["cpus_per_worker"] = execution.cpus_per_worker
     for name, value in (provenance() if prov is None else prov).items():
         table[name] = value
-    return table.sort_values(["trial_id", "epoch"], ignore_index=True)
+    return table.sort_values(["trial_id", COUNTER], ignore_index=True)
 
 
 def _trial_id(result: tune.Result) -> str:
@@ -71,21 +71,21 @@ def _trial_id(result: tune.Result) -> str:
     return str((result.metrics or {}).get("trial_id") or (match.group(1) if match else Path(result.path).name))
 
 
-def _reported_epochs(frame: pd.DataFrame | None) -> pd.DataFrame:
-    if frame is None or frame.empty or "epoch" not in frame:
+def _reported(frame: pd.DataFrame | None) -> pd.DataFrame:
+    if frame is None or frame.empty or COUNTER not in frame:
         return pd.DataFrame(columns=list(METRICS))
-    rows = frame.dropna(subset=["epoch"])[[c for c in METRICS if c in frame]]
-    rows = rows.assign(epoch=rows["epoch"].astype(int))
-    return rows.drop_duplicates("epoch", keep="last").sort_values("epoch", ignore_index=True)
+    rows = frame.dropna(subset=[COUNTER])[[c for c in METRICS if c in frame]]
+    rows = rows.assign(**{COUNTER: rows[COUNTER].astype(int)})
+    return rows.drop_duplicates(COUNTER, keep="last").sort_values(COUNTER, ignore_index=True)
 
 
 def _fill_holes(rows: pd.DataFrame, saved: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    seen, last = set(rows["epoch"]), int(rows["epoch"].max())
-    missing = [penalise(m) for m in saved if int(m["epoch"]) <= last and int(m["epoch"]) not in seen]
+    seen, last = set(rows[COUNTER]), int(rows[COUNTER].max())
+    missing = [penalise(m) for m in saved if int(m[COUNTER]) <= last and int(m[COUNTER]) not in seen]
     if not missing:
         return rows
     extra = pd.DataFrame(missing)[[c for c in METRICS if c in missing[0]]]
-    return pd.concat([rows, extra], ignore_index=True).sort_values("epoch", ignore_index=True)
+    return pd.concat([rows, extra], ignore_index=True).sort_values(COUNTER, ignore_index=True)
 
 
 def write_results_table(table: pd.DataFrame, out_dir: str | os.PathLike) -> tuple[Path, Path]:

@@ -14,7 +14,7 @@ from gradalign.config import (
     TrainConfig,
 )
 
-from ._common import _TRAIN_CONFIG_FIELDS, _is_finite
+from ._common import _TRAIN_CONFIG_FIELDS, GROUP_SEEDS, _is_finite
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -50,7 +50,8 @@ class SearchSpace:
     """
 
     fixed: Mapping[str, Any] = field(default_factory=dict)
-    """TrainConfig fields held constant (dataset, model, clients, epochs, seed, ...). `algorithm` goes here too,
+    """TrainConfig fields held constant (dataset, model, clients, epochs, seed, ...; and GROUP_SEEDS, the seeds a
+    trial trains side by side). `algorithm` goes here too,
     unless `algorithms` lists several to choose from."""
     lr: Range | None = Range(1e-3, 1.0, log=True)
     """Step size (all algorithms)."""
@@ -119,7 +120,7 @@ class SearchSpace:
     def validate(self) -> None:
         """Raise `ConfigError` (naming field and value) unless every corner of the space is a valid `TrainConfig`."""
         for name, value in self.fixed.items():
-            if name not in _TRAIN_CONFIG_FIELDS:
+            if name not in _TRAIN_CONFIG_FIELDS and name != GROUP_SEEDS:
                 raise ConfigError(name, value, "is not a TrainConfig field")
         if self.algorithms and "algorithm" in self.fixed:
             raise ConfigError("algorithm", self.fixed["algorithm"], "is both fixed and searched (algorithms=...)")

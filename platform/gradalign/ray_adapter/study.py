@@ -21,6 +21,7 @@ from gradalign.config import (
 from ._common import (
     METRICS,
     _is_absolute_uri,
+    _is_finite,
     _join,
     _read_json,
     _write_json,
@@ -44,14 +45,15 @@ class StudySettings:
     """Absolute output folder of this study (Tune experiment, Train runs, results, Optuna SQLite file)."""
     num_samples: int = 8
     """Trials to run."""
-    objectives: tuple[tuple[str, str], ...] = (("test_accuracy", "max"),)
-    """(metric, 'max'|'min') pairs; two or more make a multi-objective study (ASHA then uses the first)."""
+    objectives: tuple[tuple[str, str], ...] = (("val_accuracy", "max"),)
+    """(metric, 'max'|'min') pairs, read at a trial's last evaluation; two or more make a multi-objective study
+    (ASHA then uses the first). Choose on validation metrics: the test split is for reporting."""
     seed: int = 0
     """Seed of Optuna's TPE sampler."""
     asha: bool = False
-    """Stop unpromising trials early with ASHA on `epoch`."""
-    grace_period: int = 1
-    """ASHA: epochs every trial gets before it may be stopped."""
+    """Stop unpromising trials early with ASHA on `epochs` (training examples seen / training-set size)."""
+    grace_period: float = 1.0
+    """ASHA: epochs' worth of examples every trial gets before it may be stopped."""
     reduction_factor: float = 2
     """ASHA: keep the best 1/reduction_factor at each rung."""
     max_concurrent_trials: int | None = None
@@ -79,8 +81,8 @@ class StudySettings:
                 raise ConfigError("objectives", metric, f"metric must be one of {', '.join(METRICS[:-1])}")
             if mode not in ("min", "max"):
                 raise ConfigError("objectives", mode, "mode must be 'min' or 'max'")
-        if self.grace_period < 1:
-            raise ConfigError("grace_period", self.grace_period, "must be >= 1 epoch")
+        if not _is_finite(self.grace_period) or self.grace_period <= 0:
+            raise ConfigError("grace_period", self.grace_period, "must be a positive number of epochs")
         if not self.reduction_factor > 1:
             raise ConfigError("reduction_factor", self.reduction_factor, "must be > 1")
         if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < 0:
@@ -138,14 +140,15 @@ def make_searcher(space: SearchSpace, settings: StudySettings) -> Searcher:
     )
 
 
-def make_scheduler(settings: StudySettings, max_epochs: int) -> TrialScheduler | None:
-    """ASHA on the trainer's own `epoch` counter (Tune's `training_iteration` restarts after a retry)."""
+def make_scheduler(settings: StudySettings, max_epochs: float) -> TrialScheduler | None:
+    """ASHA on the trainer's own `epochs` counter (examples seen / training-set size: comparable across batch sizes;
+    Tune's `training_iteration` restarts after a retry and counts evaluations, which are log-spaced)."""
     if not settings.asha:
         return None
-    # max_t one past the budget: a trial that reaches its last epoch ends by itself instead of being stopped
+    # max_t past the budget: a trial that reaches its last evaluation ends by itself instead of being stopped
     # (killed) by ASHA, which is what can strand a Train run's placement group.
     return ASHAScheduler(
-        time_attr="epoch",
+        time_attr="epochs",
         metric=settings.metric,
         mode=settings.mode,
         max_t=max(max_epochs, settings.grace_period) + 1,
@@ -192,7 +195,7 @@ def run_study(
         tuner = tune.Tuner.restore(settings.experiment_path, trainable=fn, resume_errored=True)
     else:
         _write_json(fingerprint_path, fingerprint)
-        max_epochs = int(space.fixed.get("epochs", TrainConfig.epochs))
+        max_epochs = float(space.fixed.get("epochs", TrainConfig.epochs))
         tuner = tune.Tuner(
             fn,
             tune_config=tune.TuneConfig(
