@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "emnist", "cifar10", "cifar100")
-MODELS = ("mlp", "cnn", "lenet", "resnet18")
+MODELS = ("mlp", "cnn", "lenet", "resnet18", "logistic")
 ALGORITHMS = ("sgd", "large_batch_sgd", "gradalign", "fedavg", "fedprox", "scaffold", "fedga")
 FEDERATED_ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedga")
 # Algorithms that evaluate per-client gradients at displaced parameters.
