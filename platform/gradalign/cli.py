@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs.get(f.name))
             continue
-        kind = {"int": int, "float": float, "str": str}.get(str(f.type), float)
+        kind = {"int": int, "int | None": int, "float": float, "str": str}.get(str(f.type), float)
         if f.name == "beta":
             kind = float
         parser.add_argument(flag, type=kind, default=default, help=docs.get(f.name), metavar=f.name.upper())
