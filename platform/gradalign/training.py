@@ -80,7 +80,7 @@ class Trainer:
         self.dtype = getattr(torch, config.dtype)
         data = dataset or load_dataset(
             config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed,
-            num_clients=config.clients, heterogeneity=config.heterogeneity,
+            num_clients=config.clients, heterogeneity=config.heterogeneity, num_samples=config.num_samples,
         )
         parts = partition(
             data.y_train.numpy(), config.clients, config.partition, alpha=config.alpha,
