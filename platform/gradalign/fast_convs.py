@@ -54,14 +54,16 @@ def _conv_backward(grad, x, weight, conf, groups, mask):
 
 
 CONV_LOOP_MIN_EXAMPLES = 8
-"""On CPU, with at least this many examples per client, the convolutions of both evaluations run as one ordinary
+"""On CPU, with at least this many examples per client, the 2-d convolutions of both evaluations run as one ordinary
 convolution per client (contiguous slices of the batch, no copies; with oneDNN on one core also faster than one
 convolution over all m*b examples). Otherwise (fewer examples, or an accelerator, where few big kernels win) the
-per-client ones are grouped convolutions over all clients at once and the shared-weight ones plain convolutions."""
+per-client ones are grouped convolutions over all clients at once and the shared-weight ones plain convolutions.
+1-d convolutions are always grouped: on the MNIST-1D CNN (one core) a loop over clients made a GradAlign step 1.2x
+(4 x 128) to 2.1x (32 x 32) slower than the grouped kernels."""
 
 
 def _loop(x: Tensor, m: int) -> bool:
-    return x.device.type == "cpu" and m > 1 and x.shape[0] // m >= CONV_LOOP_MIN_EXAMPLES
+    return x.device.type == "cpu" and x.dim() == 4 and m > 1 and x.shape[0] // m >= CONV_LOOP_MIN_EXAMPLES
 
 
 def _client_rows(n: int, m: int) -> list[slice]:
