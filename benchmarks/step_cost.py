@@ -3,9 +3,12 @@
     python benchmarks/step_cost.py                # MLP and CNN on MNIST-shaped inputs, several shapes
     python benchmarks/step_cost.py --model mlp --repeats 30
     python benchmarks/step_cost.py --model lenet,resnet18 --shapes 8x64,32x32 --device cuda --no-loop
+    python benchmarks/step_cost.py --model mnist1d_mlp,mnist1d_cnn --threads 1 --repeats 10
 
-Models: mlp and cnn take MNIST-shaped inputs (1, 28, 28), lenet and resnet18 CIFAR-shaped ones (3, 32, 32), all with
-10 classes and random data; `all` = mlp,cnn. Shapes are `CLIENTSxB` (b examples per client, global batch CLIENTS*b).
+Models: mlp and cnn take MNIST-shaped inputs (1, 28, 28), lenet and resnet18 CIFAR-shaped ones (3, 32, 32);
+mnist1d_mlp and mnist1d_cnn are the MNIST-1D paper's MLP and CNN (model mlp and cnn on MNIST-1D's signals (1, 40));
+all with 10 classes and random data; `all` = mlp,cnn. Shapes are `CLIENTSxB` (b examples per client, global batch
+CLIENTS*b).
 
 GradAlign needs two gradient evaluations per update, so 2.0x is the floor. All variants are timed side by side in
 one run (interleaved, median of repeats after --warmup untimed steps each): `gradalign` is the default path (`path`
@@ -43,9 +46,11 @@ from gradalign.models import build_model
 from gradalign.provenance import provenance
 
 SHAPES = ((4, 128), (8, 64), (16, 64), (8, 128), (32, 32))
-MNIST_SHAPE, CIFAR_SHAPE = (1, 28, 28), (3, 32, 32)
-INPUTS = {"mlp": (MNIST_SHAPE, "mnist"), "cnn": (MNIST_SHAPE, "mnist"),
-          "lenet": (CIFAR_SHAPE, "cifar10"), "resnet18": (CIFAR_SHAPE, "cifar10")}
+MNIST_SHAPE, CIFAR_SHAPE, MNIST1D_SHAPE = (1, 28, 28), (3, 32, 32), (1, 40)
+INPUTS = {"mlp": (MNIST_SHAPE, "mnist", "mlp"), "cnn": (MNIST_SHAPE, "mnist", "cnn"),
+          "lenet": (CIFAR_SHAPE, "cifar10", "lenet"), "resnet18": (CIFAR_SHAPE, "cifar10", "resnet18"),
+          "mnist1d_mlp": (MNIST1D_SHAPE, "mnist1d", "mlp"), "mnist1d_cnn": (MNIST1D_SHAPE, "mnist1d", "cnn")}
+"""Benchmark model name -> (input shape, dataset it stands for, model name of gradalign.models)."""
 ALL_MODELS = ("mlp", "cnn")
 NUM_CLASSES = 10
 CHECK_BETA = 0.1
@@ -103,8 +108,8 @@ def _int_at_least(minimum: int):
 def make_problem(model_name: str, clients: int, per_client: int, device: torch.device):
     """The benchmark's model and data (seeded, so every variant and the check see the same ones)."""
     torch.manual_seed(0)
-    shape = INPUTS[model_name][0]
-    model = build_model(model_name, shape, NUM_CLASSES).to(device)
+    shape, _, kind = INPUTS[model_name]
+    model = build_model(kind, shape, NUM_CLASSES).to(device)
     x = torch.randn(clients, 1, per_client, *shape, device=device)
     y = torch.randint(0, NUM_CLASSES, (clients, 1, per_client), device=device)
     return model, x, y
@@ -113,8 +118,9 @@ def make_problem(model_name: str, clients: int, per_client: int, device: torch.d
 def make_step(model_name: str, algorithm: str, clients: int, per_client: int, vmap: bool, device: torch.device,
               fast_path: bool = True):
     model, x, y = make_problem(model_name, clients, per_client, device)
+    _, dataset, model_kind = INPUTS[model_name]
     cfg = TrainConfig(algorithm=algorithm, batch_size=clients * per_client, clients=clients, lr=0.01, vmap=vmap,
-                      model=model_name, dataset=INPUTS[model_name][1])
+                      model=model_kind, dataset=dataset)
     if algorithm == "gradalign":
         algo = ALGORITHM_CLASSES[algorithm](model, F.cross_entropy, cfg, fast_path=fast_path)
     else:

@@ -1,4 +1,5 @@
-"""benchmarks/step_cost.py in-process on CPU: a row per (model, shape), a small rel err, clear argument errors."""
+"""benchmarks/step_cost.py and mnist1d_paper.py in-process on CPU: their tables at tiny settings, clear argument
+errors."""
 
 from __future__ import annotations
 
@@ -9,10 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-_path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
-_spec = importlib.util.spec_from_file_location("_step_cost", _path)
-step_cost = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(step_cost)
+
+def _load(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+step_cost = _load("step_cost")
+mnist1d_paper = _load("mnist1d_paper")
 
 TINY = ["--repeats", "1", "--warmup", "0", "--threads", "1", "--device", "cpu"]
 
@@ -102,6 +110,44 @@ def test_median_ci_takes_the_order_statistics_of_the_binomial():
     assert step_cost.median_ci([float(v) for v in range(1, 41)]) == (20.5, 14.0, 27.0)  # P(B(40, 1/2) <= 13) = 0.019
     median, low, high = step_cost.median_ci([3.0, 1.0, 2.0, 5.0, 4.0])  # n = 5: even min-max covers only 93.8%
     assert median == 3.0 and math.isnan(low) and math.isnan(high)
+
+
+def test_mnist1d_models_take_the_fast_path_with_a_small_rel_err(capsys):
+    step_cost.main(["--model", "mnist1d_mlp,mnist1d_cnn", "--shapes", "2x4", "--no-floor", *TINY])
+    rows = _rows(capsys.readouterr().out)
+    assert [(r[0], r[1], r[3]) for r in rows] == [("mnist1d_mlp", "2", "4"), ("mnist1d_cnn", "2", "4")]
+    for r in rows:
+        assert r[7] == "fast"
+        assert 0 <= float(r[-1]) < 1e-4, r
+    model, x, _ = step_cost.make_problem("mnist1d_cnn", 2, 4, torch.device("cpu"))
+    assert x.shape == (2, 1, 4, 1, 40) and sum(p.numel() for p in model.parameters()) == 5_210
+
+
+def test_mnist1d_paper_table_at_tiny_settings(capsys, tmp_path):
+    rows = mnist1d_paper.main(["--model", "logistic,cnn", "--seeds", "2", "--steps", "3", "--eval-every", "2",
+                               "--print-every", "2", "--data-dir", str(tmp_path), "--num-samples", "200"])
+    out = capsys.readouterr().out
+    assert "160 train / 40 test" in out and "3 steps" in out
+    assert out.count("step 2/3") == 4  # progress: a line per run
+    lines = [line.split() for line in out.splitlines() if line and not line.startswith("#")]
+    assert lines[0][:3] == ["model", "params", "paper"]
+    assert [line[:3] for line in lines[1:]] == [["logistic", "410", "32"], ["cnn", "5210", "94"]]
+    for row, line in zip(rows, lines[1:]):
+        assert row["n"] == 2 and 0 <= row["mean"] <= 100 and row["std"] >= 0
+        assert row["gap"] == pytest.approx(row["mean"] - row["paper"])
+        assert line[3] == f"{row['mean']:.1f}" and line[6] == "(n=2)" and line[7] == f"{row['gap']:+.1f}"
+
+
+@pytest.mark.parametrize("argv, bad", [
+    (["--model", "logistic,gru"], "'gru'"),
+    (["--seeds", "0"], "'0'"),
+    (["--num-samples", "205"], "num_samples=205"),
+])
+def test_mnist1d_paper_bad_arguments_exit_2_naming_the_value(argv, bad, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        mnist1d_paper.main([*argv, "--data-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert bad in capsys.readouterr().err
 
 
 def test_all_is_mlp_and_cnn():

@@ -20,10 +20,15 @@ RTOL = 1e-10
 
 
 def _model(name: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
-    """A float64 model with every parameter perturbed (so that GroupNorm scales differ from 1, biases from 0)."""
+    """A float64 model with every parameter perturbed (so that GroupNorm scales differ from 1, biases from 0).
+
+    'mnist1d_mlp' and 'mnist1d_cnn' are mlp and cnn on MNIST-1D's signals (1, 40): the MNIST-1D paper's models.
+    """
     torch.manual_seed(seed)
     if name == "resnet18":  # a narrow ResNet-18 (same blocks, GroupNorm, shortcuts), on images it keeps above 1x1
         model, shape = ResNet18(1, 10, width=8), (1, 16, 16)
+    elif name.startswith("mnist1d_"):
+        model, shape = build_model(name.removeprefix("mnist1d_"), (1, 40), 10), (1, 40)
     else:
         model, shape = build_model(name, (1, 8, 8), 10), (1, 8, 8)
     model = model.double()
@@ -72,7 +77,7 @@ def kernels(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "lenet", "resnet18"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lenet", "resnet18", "mnist1d_mlp", "mnist1d_cnn"])
 def test_direction_equals_vmap_and_loop_paths(name, kernels):
     model, shape = _model(name)
     assert fast_paths.unsupported_reason(model) is None
@@ -85,7 +90,7 @@ def test_direction_equals_vmap_and_loop_paths(name, kernels):
         _close(fast, _loop_direction(model, F.cross_entropy, batches, beta))
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "lenet", "resnet18"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lenet", "resnet18", "mnist1d_mlp", "mnist1d_cnn"])
 def test_per_client_gradients_equal_vmap(name, kernels):
     model, shape = _model(name)
     x, y = _data(shape)
@@ -97,7 +102,7 @@ def test_per_client_gradients_equal_vmap(name, kernels):
         assert matches in (None, True)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet18", "mnist1d_cnn"])
 def test_gradalign_paths_follow_the_same_trajectory(name, kernels):
     """GradAlign on the fast, vmap and loop paths: same parameters, losses and diagnostics after a few steps."""
     _, shape = _model(name)
@@ -152,6 +157,41 @@ def test_layer_variants_equal_vmap(kernels):
     for beta in BETAS:
         fast = _flat(gradalign_gradient(model, F.cross_entropy, batches, beta))
         _close(fast, _flat(gradalign_gradient(model, F.cross_entropy, batches, beta, fast_path=False)))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_conv1d_variants_equal_vmap(kernels):
+    """Conv1d with strides, dilation, groups, string ('same' with an even kernel: asymmetric) and circular padding,
+    no bias, and a GroupNorm on its [N, C, L] output."""
+    torch.manual_seed(7)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv1d(2, 4, 5, stride=2, padding=1, bias=False)
+            self.b = nn.Conv1d(4, 4, 4, padding="same", groups=2)
+            self.c = nn.Conv1d(4, 6, 3, padding=2, dilation=2, padding_mode="circular")
+            self.d = nn.Conv1d(6, 6, 3, padding="valid")
+            self.n = nn.GroupNorm(3, 6)
+            self.out = nn.Linear(6 * 6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.c(torch.tanh(self.b(self.a(x)))))
+            return self.out(torch.tanh(self.n(self.d(h))).flatten(1))
+
+    model = Net().double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert fast_paths.unsupported_reason(model) is None
+    x, y = _data((2, 17), classes=3)
+    batches = list(zip(x, y))
+    for beta in BETAS:
+        fast = _flat(gradalign_gradient(model, F.cross_entropy, batches, beta))
+        _close(fast, _flat(gradalign_gradient(model, F.cross_entropy, batches, beta, fast_path=False)))
+    grads, _, _ = fast_paths.client_gradients(model, F.cross_entropy, x, y)
+    expected, _ = client_gradients(make_grad_fn(model, F.cross_entropy), param_dict(model), x, y)
+    _close(flatten_rows(grads), flatten_rows(expected))
 
 
 def test_a_layer_called_twice_adds_its_gradients(kernels):
@@ -464,7 +504,7 @@ def test_parameters_swapped_between_steps_are_seen():
     _close(flat_params(models[0]), flat_params(models[1]))
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "mnist1d_cnn"])
 def test_a_step_frees_its_tensors_when_it_returns(name, kernels):
     """No reference cycle holds a fast step's graph, activations or gradients: with the garbage collector off, nothing
     of the step is left for it to find (a cycle would keep them alive, several MB a step, until gc runs)."""

@@ -230,9 +230,10 @@ class GradAlign(Algorithm):
     The alignment diagnostics V, |ḡ|^2 and B_simple come free with every step; the mean pairwise cosine, which
     needs a second P-sized moment in the first all-reduce, only on steps with `batch.diagnose`.
 
-    Paths (`self.path`, the same numbers): 'fast' (models of Linear/Conv2d/GroupNorm layers, see `fast_paths`:
-    each evaluation is one forward/backward over all local examples and the displaced gradients are summed in the
-    backward pass), 'vmap' (per-client `torch.func.vmap`, any vmap-compatible model), 'loop' (config.vmap=False).
+    Paths (`self.path`, the same numbers): 'fast' (models of Linear/Conv1d/Conv2d/GroupNorm layers, see
+    `fast_paths`: each evaluation is one forward/backward over all local examples and the displaced gradients are
+    summed in the backward pass), 'vmap' (per-client `torch.func.vmap`, any vmap-compatible model), 'loop'
+    (config.vmap=False).
     `fast_path=False` rules out the fast one; a model that turns out to use a parameter outside the supported
     layers falls back to 'vmap' (`self.fallback_reason` says why).
     """

@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "emnist", "cifar10", "cifar100")
-MODELS = ("mlp", "cnn", "lenet", "resnet18")
+DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "emnist", "cifar10", "cifar100", "mnist1d")
+MODELS = ("mlp", "cnn", "lenet", "resnet18", "logistic")
 ALGORITHMS = ("sgd", "large_batch_sgd", "gradalign", "fedavg", "fedprox", "scaffold", "fedga")
 FEDERATED_ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedga")
 # Algorithms that evaluate per-client gradients at displaced parameters.
@@ -42,6 +42,8 @@ class TrainConfig:
 
     dataset: str = "digits"
     """Dataset name: one of DATASETS. `digits` (scikit-learn's bundled 8x8 digits) needs no download."""
+    num_samples: int | None = None
+    """Examples generated for procedurally generated datasets (mnist1d: None = the canonical 5,000, split 4,000/1,000)."""
     model: str = "mlp"
     """Model name: one of MODELS."""
     algorithm: str = "gradalign"
@@ -165,6 +167,15 @@ class TrainConfig:
             raise ConfigError("participation", self.participation, "must lie in (0, 1]")
         if not _finite(self.alpha) or self.alpha <= 0:
             raise ConfigError("alpha", self.alpha, "Dirichlet alpha must be > 0")
+        if self.num_samples is not None:
+            if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+                raise ConfigError("num_samples", self.num_samples, "must be a positive integer or None")
+            if self.dataset != "mnist1d":
+                raise ConfigError("num_samples", self.num_samples, f"only generated datasets (mnist1d) take it, not "
+                                  f"dataset={self.dataset!r}")
+            if self.num_samples % 10:
+                raise ConfigError("num_samples", self.num_samples, "mnist1d generates as many examples of each of "
+                                  "its 10 digits: a multiple of 10")
         if self.partition == "natural" and self.dataset != "synthetic":
             raise ConfigError("partition", self.partition, "'natural' exists only for dataset='synthetic'")
         if self.algorithm not in FEDERATED_ALGORITHMS:

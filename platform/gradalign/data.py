@@ -6,6 +6,8 @@ training set's mean and std; labels are int64.
 
 - `digits`: scikit-learn's bundled 8x8 digits; needs no download (the default for quick runs and tests).
 - `synthetic`: FedProx-style Synthetic(h, h), generated; comes with its natural split over clients.
+- `mnist1d`: MNIST-1D's length-40 signals [N, 1, 40], generated offline (no download) and cached in data_dir; as the
+  generator scales them (one mean and std over the whole set), not standardised again. See `gradalign.mnist1d_data`.
 - `mnist`, `fashion_mnist`, `emnist` (balanced split, 47 classes), `cifar10`, `cifar100`: the files torchvision
   downloads, read from `data_dir`. Without them (and without download=True) loading raises DatasetNotFoundError
   naming the directory and how to fill it.
@@ -31,10 +33,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from gradalign import mnist1d_data
 from gradalign.config import DATASETS
 
 NUM_CLASSES = {
     "digits": 10, "synthetic": 10, "mnist": 10, "fashion_mnist": 10, "emnist": 47, "cifar10": 10, "cifar100": 100,
+    "mnist1d": 10,
 }
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -80,14 +84,21 @@ def load_dataset(
     seed: int = 0,
     num_clients: int | None = None,
     heterogeneity: float = 1.0,
+    num_samples: int | None = None,
 ) -> Dataset:
     """Load dataset `name` (one of `gradalign.config.DATASETS`).
 
     `seed`, `num_clients` and `heterogeneity` only matter for `synthetic` (num_clients=None means 10); the other
-    datasets have fixed splits. `data_dir` and `download` only matter for the downloadable datasets.
+    datasets have fixed splits. `data_dir` and `download` only matter for the downloadable datasets and for
+    `mnist1d`, cached in data_dir; `num_samples` only for `mnist1d` (None: the canonical 5,000, split 4,000/1,000).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    if name == "mnist1d":
+        n = mnist1d_data.check_num_samples(num_samples)
+        return _mnist1d(n, os.path.abspath(os.path.expanduser(os.fspath(data_dir))))
+    if num_samples is not None:
+        raise ValueError(f"num_samples={num_samples!r}: only mnist1d is generated with a size to choose, not {name!r}")
     if name == "digits":
         return _digits()
     if name == "synthetic":
@@ -108,7 +119,7 @@ def load_dataset(
 
 def clear_cache() -> None:
     """Forget memoised datasets (e.g. after files in data_dir changed, or to free memory)."""
-    for fn in (_digits, _synthetic, _read_files):
+    for fn in (_digits, _synthetic, _mnist1d, _read_files):
         fn.cache_clear()
 
 
@@ -226,6 +237,12 @@ def _synthetic(seed: int, num_clients: int, heterogeneity: float) -> Dataset:
 
     return _freeze(tensor(xs_train, torch.float32), tensor(ys_train, torch.int64), tensor(xs_test, torch.float32),
                    tensor(ys_test, torch.int64), "synthetic", natural)
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist1d(num_samples: int, root: str) -> Dataset:
+    arrays = mnist1d_data.load_arrays(root, num_samples)
+    return _freeze(*(torch.from_numpy(a) for a in arrays), "mnist1d")
 
 
 # -- downloadable datasets --------------------------------------------------------------------------------------------

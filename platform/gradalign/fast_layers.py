@@ -1,4 +1,4 @@
-"""The per-client layers of the fast paths (see `fast_paths`): Linear and GroupNorm (Conv2d: `fast_convs`).
+"""The per-client layers of the fast paths (see `fast_paths`): Linear and GroupNorm (Conv1d/Conv2d: `fast_convs`).
 
 Each layer is evaluated over the m*b examples of all clients (rows i*b .. (i+1)*b of a layer's input belong to
 client i), either at the shared parameters x with each client's weight gradient wanted separately (pass 1), or
@@ -8,9 +8,9 @@ with each client's own parameters Z_i and the weight gradients wanted summed ove
   `linear_displaced`, `linear_factored`, `group_norm_affine`), so the backward pass runs entirely in torch's engine.
   Each call is a tap (`Pass.tap`): the backward pass is asked for the gradient at the layer's output, from which
   the parameters' gradients are computed afterwards (per client, or summed) into the evaluation's buffers.
-- Conv2d runs as autograd Functions (`fast_convs`), whose backward writes the weight gradients into the buffers
-  (`Pass.store`) and returns the input gradient; a scalar `anchor` leaf, which the backward pass is also asked for,
-  ties them into it.
+- Conv1d and Conv2d run as autograd Functions (`fast_convs`), whose backward writes the weight gradients into the
+  buffers (`Pass.store`) and returns the input gradient; a scalar `anchor` leaf, which the backward pass is also
+  asked for, ties them into it.
 
 A Linear weight whose per-client gradients g_i = delta_i^T x_i have few rows per client (`FACTOR_RATIO`) is never
 materialised as [m, out, in] matrices: it stays `FactoredGrads` (its sum, weighted sums and squared norms are small

@@ -5,8 +5,9 @@ gradients at the displaced points Z_i = x - beta (ḡ - g_i). The generic path e
 `vmap(grad(...))`; for (2) that materialises every client's gradient at Z_i ([m, P] values) only to sum them.
 
 Here each is one forward and one backward pass of the module over the m*b examples of all clients, in which the
-parameterised layers (`F.linear`, `F.conv2d`, `F.group_norm` called with the model's parameters, i.e. nn.Linear,
-nn.Conv2d, nn.GroupNorm) are evaluated per client (rows i*b .. (i+1)*b of a layer's input belong to client i):
+parameterised layers (`F.linear`, `F.conv1d`, `F.conv2d`, `F.group_norm` called with the model's parameters, i.e.
+nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm) are evaluated per client (rows i*b .. (i+1)*b of a layer's input
+belong to client i):
 
 - per-client gradients (1): the forward and backward are the ordinary ones; from each layer's input and the gradient
   at its output the weight gradient is one product per client (what vmap computes), written straight into the
@@ -20,8 +21,8 @@ nn.Conv2d, nn.GroupNorm) are evaluated per client (rows i*b .. (i+1)*b of a laye
   (`Factored`; at the first layer, whose input is the same in both passes, those products are reused).
 
 The layers themselves are in `fast_layers` (Linear and GroupNorm as ordinary autograd ops whose output gradients the
-backward pass hands back) and `fast_convs` (Conv2d as autograd Functions); this module holds the mode that swaps
-them in and the public functions.
+backward pass hands back) and `fast_convs` (Conv1d and Conv2d as autograd Functions); this module holds the mode
+that swaps them in and the public functions.
 
 All of it is exact (the same sums in another order). The layers are swapped in by a `TorchFunctionMode` active
 only during the forward pass, in this thread: the module, its parameters, their .grad and its hooks are not
@@ -45,7 +46,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
-from .fast_convs import _Conv2dAligned, _Conv2dClientGrads, _conv_args
+from .fast_convs import _ConvAligned, _ConvClientGrads, _conv_args
 from .fast_layers import (
     Factored, FactoredGrads, Pass, Unsupported, group_norm_affine, linear_at_shared, linear_displaced, linear_factored,
 )
@@ -55,15 +56,15 @@ __all__ = [
     "displaced_points", "unsupported_reason",
 ]
 
-SUPPORTED_MODULES = (nn.Linear, nn.Conv2d, nn.GroupNorm)
+SUPPORTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm)
 """Module types whose parameters the fast paths handle (subclasses only if they keep the original forward)."""
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why the fast paths cannot evaluate `model` (None if they can), from its structure alone.
 
-    Every parameter must be held directly by a Linear, Conv2d or GroupNorm (with its original forward), under its
-    own name (weight, bias), by one module only (no weight sharing); no BatchNorm anywhere.
+    Every parameter must be held directly by a Linear, Conv1d, Conv2d or GroupNorm (with its original forward), under
+    its own name (weight, bias), by one module only (no weight sharing); no BatchNorm anywhere.
     """
     if not any(True for _ in model.parameters()):
         return "the model has no parameters"
@@ -177,14 +178,20 @@ class _PerClient(TorchFunctionMode):
         fn = linear_factored if isinstance(values[0], Factored) else linear_displaced
         return fn(self.run, input, *values, *names)
 
+    def _conv1d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        return self._conv(F.conv1d, input, weight, bias, stride, padding, dilation, groups)
+
     def _conv2d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        return self._conv(F.conv2d, input, weight, bias, stride, padding, dilation, groups)
+
+    def _conv(self, conv, input, weight, bias, stride, padding, dilation, groups):
         names = self._split(input, weight, bias, "convolution")
         if names is None:
-            return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-        if input.dim() != 4:
-            raise Unsupported("the fast path needs batched (4-d) convolution inputs")
+            return conv(input, weight, bias, stride, padding, dilation, groups)
+        if input.dim() != weight.dim():
+            raise Unsupported(f"the fast path needs batched ({weight.dim()}-d) convolution inputs")
         input, conf = _conv_args(input, weight, stride, padding, dilation)
-        fn = _Conv2dClientGrads if self.aligned is None else _Conv2dAligned
+        fn = _ConvClientGrads if self.aligned is None else _ConvAligned
         values = self._values(names[0], weight, names[1], bias)
         return fn.apply(input, self.run.anchor(input), *values, self.run, *names, conf, groups)
 
@@ -197,7 +204,8 @@ class _PerClient(TorchFunctionMode):
         return group_norm_affine(self.run, normalized, scale, shift, *names)
 
 
-_HANDLERS = {F.linear: _PerClient._linear, F.conv2d: _PerClient._conv2d, F.group_norm: _PerClient._group_norm}
+_HANDLERS = {F.linear: _PerClient._linear, F.conv1d: _PerClient._conv1d, F.conv2d: _PerClient._conv2d,
+             F.group_norm: _PerClient._group_norm}
 """The layers `_PerClient` evaluates per client (unbound: a mode holding its own bound methods would be a reference
 cycle, which keeps a step's graph and activations alive until Python's garbage collector runs)."""
 

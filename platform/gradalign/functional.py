@@ -254,9 +254,9 @@ def gradalign_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[tupl
     Returns one tensor per `model.parameters()` entry. beta=0 gives the mean of the per-client gradients.
     The model's parameters and .grad are left as they were.
 
-    With equally sized client batches and a model that `fast_paths` handles (Linear, Conv2d and GroupNorm layers)
-    both gradient evaluations are one forward/backward pass each over all clients' examples (the same numbers);
-    otherwise, or with `fast_path=False`, per-client `vmap` (or a loop for unequal batches).
+    With equally sized client batches and a model that `fast_paths` handles (Linear, Conv1d, Conv2d and GroupNorm
+    layers) both gradient evaluations are one forward/backward pass each over all clients' examples (the same
+    numbers); otherwise, or with `fast_path=False`, per-client `vmap` (or a loop for unequal batches).
     """
     if beta < 0 or not math.isfinite(beta):
         raise ValueError(f"invalid beta={beta!r}: must be a finite number >= 0")

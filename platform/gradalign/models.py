@@ -21,22 +21,29 @@ from gradalign.config import MODELS
 def build_model(name: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     """A freshly initialised model (float32, CPU; seed torch beforehand for reproducible weights).
 
-    `input_shape` is the shape of one example: (C, H, W) for images (needed by cnn, lenet and resnet18), anything
-    for mlp, which flattens.
+    `input_shape` is the shape of one example: (C, H, W) for images (needed by lenet and resnet18), (C, L) for
+    signals such as MNIST-1D's (1, 40), anything for logistic and mlp, which flatten. On signals, mlp and cnn are the
+    MNIST-1D paper's models (`MNIST1DMLP`, `MNIST1DCNN`); on anything else mlp is `MLP` and cnn takes images.
     """
     input_shape = tuple(int(s) for s in input_shape)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r}: must be a positive integer")
     if not input_shape or min(input_shape) < 1:
         raise ValueError(f"input_shape={input_shape!r}: must be a non-empty tuple of positive sizes")
+    if name == "logistic":
+        return Logistic(math.prod(input_shape), num_classes)
+    if len(input_shape) == 2 and name == "mlp":
+        return MNIST1DMLP(math.prod(input_shape), num_classes)
+    if len(input_shape) == 2 and name == "cnn":
+        return MNIST1DCNN(*input_shape, num_classes)
     if name == "mlp":
         return MLP(math.prod(input_shape), num_classes)
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
     if len(input_shape) != 3:
         raise ValueError(
-            f"model {name!r} takes images of shape (C, H, W), got input_shape={input_shape!r}; use model 'mlp' for "
-            "vector data"
+            f"model {name!r} takes images of shape (C, H, W), got input_shape={input_shape!r}; use model 'mlp' or "
+            "'logistic' for vector data, or 'mlp', 'cnn' or 'logistic' for signals (C, L)"
         )
     channels, height, width = input_shape
     if name == "cnn":
@@ -65,6 +72,63 @@ class MLP(nn.Sequential):
             width = h
         layers.append(nn.Linear(width, num_classes))
         super().__init__(*layers)
+
+
+class Logistic(nn.Sequential):
+    """Multinomial logistic regression: flatten, then one linear layer to the class scores."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__(nn.Flatten(), nn.Linear(in_features, num_classes))
+
+
+class MNIST1DMLP(nn.Module):
+    """The MLP of the MNIST-1D paper (Greydanus & Kobak; `MLPBase` in the mnist1d repository's notebooks/models.py).
+
+    Flatten, then h = relu(W1 x); h = h + relu(W2 h) (a residual second layer); scores W3 h. 100 hidden units:
+    15,210 parameters on MNIST-1D's 40 inputs and 10 classes.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 100):
+        super().__init__()
+        self.linear1 = nn.Linear(in_features, hidden)
+        self.linear2 = nn.Linear(hidden, hidden)
+        self.linear3 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.linear1(x.flatten(1)))
+        h = h + torch.relu(self.linear2(h))
+        return self.linear3(h)
+
+
+def _conv1d_length(length: int, kernel: int, stride: int, padding: int) -> int:
+    return (length + 2 * padding - kernel) // stride + 1
+
+
+class MNIST1DCNN(nn.Module):
+    """The CNN of the MNIST-1D paper (`ConvBase` in the mnist1d repository's notebooks/models.py), for signals [C, L].
+
+    Three ReLU convolutions of 25 channels: kernel 5, stride 2, padding 1, then twice kernel 3, stride 2, padding 1
+    (length 40 -> 19 -> 10 -> 5), flattened into one linear layer to the class scores. 5,210 parameters on MNIST-1D.
+    """
+
+    def __init__(self, channels: int, length: int, num_classes: int, width: int = 25):
+        super().__init__()
+        out = length
+        for kernel in (5, 3, 3):
+            out = _conv1d_length(out, kernel, 2, 1)
+        if out < 1:
+            raise ValueError(f"model 'cnn' on signals needs a length of at least 3 (three stride-2 convolutions), "
+                             f"got {length}")
+        self.conv1 = nn.Conv1d(channels, width, 5, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(width, width, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(width, width, 3, stride=2, padding=1)
+        self.linear = nn.Linear(width * out, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x))
+        h = torch.relu(self.conv2(h))
+        h = torch.relu(self.conv3(h))
+        return self.linear(h.flatten(1))
 
 
 class CNN(nn.Sequential):

@@ -115,7 +115,7 @@ class Trainer:
         self.dtype = getattr(torch, config.dtype)
         data = dataset or load_dataset(  # (generated data depend on the split seed, not on the run seed)
             config.dataset, data_dir=config.data_dir, download=config.download, seed=config.split_seed,
-            num_clients=config.clients, heterogeneity=config.heterogeneity,
+            num_clients=config.clients, heterogeneity=config.heterogeneity, num_samples=config.num_samples,
         )
         split = with_validation(data, config.val_fraction, config.split_seed)
         parts = partition(
