@@ -123,7 +123,7 @@ def report(out: Path, args: argparse.Namespace, command: str, history: pd.DataFr
               "tuning trials per cell": args.trials_per_cell, "seeds per best configuration": args.seeds,
               "micro-batch b": args.micro_batch, "target accuracy": args.target}
     path = build_report(out, history, target=args.target, x="batch_size", title="GradAlign batch-scaling study",
-                        command=command, budget=budget, search_ranges=search_ranges)
+                        command=command, budget=budget, search_ranges=search_ranges, export=args.export)
     print(f"report: {path}\ntables: {out}/history.parquet, {out}/cells.parquet (and .csv), summary: {out}/summary.json")
     return 0
 

@@ -203,7 +203,7 @@ def report(out: Path, args: argparse.Namespace, command: str, history: pd.DataFr
                         title="GradAlign federated study: heterogeneity and participation", command=command,
                         budget=budget, search_ranges=ranges, reference=None,
                         comparisons=(("fedga", "fedavg"), ("fedga", "scaffold"), ("fedga", "fedprox")),
-                        figures=federated_figures)
+                        figures=federated_figures, export=args.export)
     print(f"report: {path}\ntables: {out}/history.parquet, {out}/cells.parquet (and .csv), summary: {out}/summary.json")
     return 0
 

@@ -27,12 +27,14 @@ def build_report(out: Path, history: pd.DataFrame, *, target: float, x: str, tit
                  budget: Mapping[str, Any], search_ranges: Mapping[str, tuple], extra_axes: Sequence[str] = (),
                  comparisons: Sequence[tuple[str, str]] = (("gradalign", "large_batch_sgd"),),
                  reference: str | None = "sgd", notes: Mapping[str, Any] | None = None, by: str | None = None,
-                 figures: Callable[[pd.DataFrame, pd.DataFrame], list] | None = None) -> Path:
+                 figures: Callable[[pd.DataFrame, pd.DataFrame], list] | None = None,
+                 export: Sequence[str] = ()) -> Path:
     """Write cells.{parquet,csv}, summary.json and report.html into `out`; returns the report's path.
 
     `comparisons` are tested at each value of `x`; every algorithm is also tested against `reference` (the
     small-batch SGD cell, which sits at one batch size only), to give the gap to the reference at each x.
     Significance is computed per value of `by` (default `x`); `figures(history, cells)` replaces the default figures.
+    `export` (png, svg, pdf) also writes the report's figures as out/figures/<figure_id>.<format>.
     """
     group = scientific_group(history, x, extra_axes)
     cells = summarize_cells(history, target, group=group)
@@ -56,12 +58,12 @@ def build_report(out: Path, history: pd.DataFrame, *, target: float, x: str, tit
         **(notes or {}),
     }
     prov = {"command": command, **provenance()}
-    path = write_report(out / "report.html", history, cells, summary, warnings, prov, budget, title=title, x=x,
-                        significance_table=sig, figures=figures(history, cells) if figures else None)
     record = {"title": title, "summary": summary, "warnings": warnings, "budget": dict(budget), "provenance": prov,
               "significance": sig.to_dict(orient="records"), "cells": cells.to_dict(orient="records")}
     (out / "summary.json").write_text(json.dumps(_strict(record), indent=2, default=str))
-    return path
+    return write_report(out / "report.html", history, cells, summary, warnings, prov, budget, title=title, x=x,
+                        significance_table=sig, figures=figures(history, cells) if figures else None,
+                        export=export)
 
 
 def compare(history: pd.DataFrame, x: str, target: float, comparisons: Sequence[tuple[str, str]],
