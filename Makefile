@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# The report test opens the HTML in Debian's headless Chromium (it skips, saying so, where none can be installed).
+# The report test opens the HTML in Debian's headless Chromium, and the export tests (--export png,svg,pdf) render
+# through it with Kaleido; they skip, saying so, where none can be installed.
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium could not be installed: the browser test will be skipped"

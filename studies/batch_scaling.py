@@ -35,7 +35,7 @@ from gradalign.ray_adapter import Range, SearchSpace
 from gradalign.report import noise_by_algorithm
 from gradalign.verdict import protocol_sentence, scaling_facts, scaling_sentences
 from studies.cells import Cell, save_table
-from studies.reporting import build_report
+from studies.reporting import build_report, print_outcome
 from studies.study_cli import (
     add_common_arguments, apply_defaults, check_common, describe_study, range_arg, run_study_script, split_sizes,
 )
@@ -188,8 +188,9 @@ def report(out: Path, args: argparse.Namespace, command: str, history: pd.DataFr
               "micro-batch b": args.micro_batch,
               "target": f"validation accuracy {args.target} (steps to it interpolated between evaluations)"}
     path = build_report(out, history, target=args.target, x="batch_size", title="GradAlign batch-scaling study",
-                        command=command, budget=budget, search_ranges=search_ranges, verdict=verdict(args))
-    print(f"report: {path}\ntables: {out}/history.parquet, {out}/cells.parquet (and .csv), summary: {out}/summary.json")
+                        command=command, budget=budget, search_ranges=search_ranges, verdict=verdict(args),
+                        export=args.export)
+    print_outcome(out, path)
     return 0
 
 

@@ -35,7 +35,7 @@ from gradalign.algorithms import communications_per_update
 from gradalign.config import DATASETS, FEDERATED_ALGORITHMS, MODELS, ConfigError, TrainConfig
 from gradalign.ray_adapter import Range, SearchSpace
 from studies.cells import Cell, save_table
-from studies.reporting import build_report
+from studies.reporting import build_report, print_outcome
 from studies.study_cli import (
     add_common_arguments, apply_defaults, check_common, describe_study, range_arg, run_study_script, split_sizes,
 )
@@ -214,8 +214,8 @@ def report(out: Path, args: argparse.Namespace, command: str, history: pd.DataFr
                         title="GradAlign federated study: heterogeneity and participation", command=command,
                         budget=budget, search_ranges=ranges, reference=None,
                         comparisons=(("fedga", "fedavg"), ("fedga", "scaffold"), ("fedga", "fedprox")),
-                        figures=federated_figures)
-    print(f"report: {path}\ntables: {out}/history.parquet, {out}/cells.parquet (and .csv), summary: {out}/summary.json")
+                        figures=federated_figures, export=args.export)
+    print_outcome(out, path)
     return 0
 
 

@@ -29,7 +29,8 @@ def build_report(out: Path, history: pd.DataFrame, *, target: float, x: str, tit
                  reference: str | None = "sgd", notes: Mapping[str, Any] | None = None, by: str | None = None,
                  figures: Callable[[pd.DataFrame, pd.DataFrame], list] | None = None,
                  cost: str = "steps_to_target", num_classes: int | None = None,
-                 verdict: Callable[[pd.DataFrame, pd.DataFrame, pd.DataFrame], list[str]] | None = None) -> Path:
+                 verdict: Callable[[pd.DataFrame, pd.DataFrame, pd.DataFrame], list[str]] | None = None,
+                 export: Sequence[str] = ()) -> Path:
     """Write cells.{parquet,csv}, summary.json and report.html into `out`; returns the report's path.
 
     `comparisons` are tested at each value of `x`; every algorithm is also tested against `reference` (the
@@ -37,7 +38,8 @@ def build_report(out: Path, history: pd.DataFrame, *, target: float, x: str, tit
     Significance is computed per value of `by` (default `x`) on the final test accuracy and on `cost` (to the
     target); `figures(history, cells)` replaces the default figures. Seed runs that collapsed (far below their
     cell's others, or at chance for `num_classes`) are warned about. `verdict(history, cells, significance)` gives
-    the plain sentences that open the report (and summary.json's "verdict"); they are printed too.
+    the plain sentences that open the report (and summary.json's "verdict"; `print_outcome` prints them).
+    `export` (png, svg, pdf) also writes the report's figures as out/figures/<figure_id>.<format>.
     """
     group = scientific_group(history, x, extra_axes)
     cells = summarize_cells(history, target, group=group)
@@ -63,16 +65,22 @@ def build_report(out: Path, history: pd.DataFrame, *, target: float, x: str, tit
     }
     prov = {"command": command, **provenance()}
     sentences = verdict(history, cells, sig) if verdict is not None and len(cells) else []
-    path = write_report(out / "report.html", history, cells, summary, warnings, prov, budget, title=title, x=x,
-                        significance_table=sig, figures=figures(history, cells) if figures else None,
-                        verdict=sentences)
     record = {"title": title, "verdict": sentences, "summary": summary, "warnings": warnings, "budget": dict(budget),
               "provenance": prov, "significance": sig.to_dict(orient="records"),
               "cells": cells.to_dict(orient="records")}
     (out / "summary.json").write_text(json.dumps(_strict(record), indent=2, default=str))
+    return write_report(out / "report.html", history, cells, summary, warnings, prov, budget, title=title, x=x,
+                        significance_table=sig, figures=figures(history, cells) if figures else None,
+                        verdict=sentences, export=export)
+
+
+def print_outcome(out: Path, report: Path) -> None:
+    """The last lines of a study's output: where its files are, then its verdict."""
+    print(f"report: {report}\ntables: {out}/history.parquet, {out}/cells.parquet (and .csv), summary: "
+          f"{out}/summary.json")
+    sentences = json.loads((out / "summary.json").read_text()).get("verdict") or []
     if sentences:
-        print("\nverdict:\n" + "\n".join(f"- {s}" for s in sentences))
-    return path
+        print("\nverdict:\n" + "\n".join(f"- {s}" for s in sentences), flush=True)
 
 
 def compare(history: pd.DataFrame, x: str, target: float, comparisons: Sequence[tuple[str, str]],

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from gradalign.config import ConfigError
+from gradalign.export import FORMATS, ExportUnavailable, find_browser, parse_formats
 
 SEED_BASE = 1000
 """The final runs' seeds are SEED_BASE, SEED_BASE + 1, ...; tuning trials use 0, 1, ...: never the same run."""
@@ -23,6 +24,14 @@ def range_arg(text: str) -> tuple[float, float] | None:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LOW,HIGH (e.g. 0.01,1.0) or 'none', got {text!r}") from None
     return low, high
+
+
+def export_arg(text: str) -> tuple[str, ...]:
+    """'png,svg,pdf' (any subset) -> ('png', 'svg', 'pdf'); an unknown format is refused, naming the valid ones."""
+    try:
+        return parse_formats(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_common_arguments(p: argparse.ArgumentParser, default_name: str, smoke: dict) -> None:
@@ -55,6 +64,11 @@ def add_common_arguments(p: argparse.ArgumentParser, default_name: str, smoke: d
                    "default: $GRADALIGN_STORAGE, else the output folder")
     g.add_argument("--data-dir", default="data", help="where downloadable datasets live")
     g.add_argument("--download", action="store_true", help="allow downloading datasets into --data-dir")
+    g.add_argument("--export", type=export_arg, default=(), metavar="FORMATS",
+                   help=f"also write every report figure as <out>/figures/<figure>.<format>, for papers; "
+                   f"FORMATS: comma-separated, any of {','.join(FORMATS)}. Needs Chrome or Chromium (checked before "
+                   "training; `apt-get install chromium` or `make browser`, or set BROWSER_PATH); works with "
+                   "--report-only")
     g = p.add_argument_group("modes")
     g.add_argument("--smoke-test", action="store_true",
                    help="the whole pipeline on a tiny budget (" + ", ".join(f"{k}={v}" for k, v in smoke.items()) + ")")
@@ -92,8 +106,13 @@ def run_study_script(args: argparse.Namespace, argv: list[str] | None, plan_cell
 
     out = Path(args.out).resolve()
     command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    try:
+        if args.export:  # no browser: say so now, not after the study has trained
+            find_browser()
+    except ExportUnavailable as err:
+        return fail(err)
     if args.report_only:
-        return report(out, args, command, load_history(out))
+        return _report(report, out, args, command, load_history(out))
     try:
         validate(args)
         plan = StudyPlan(name=args.name, out_dir=out, cells=plan_cells(args), budget_epochs=args.budget_epochs,
@@ -108,7 +127,21 @@ def run_study_script(args: argparse.Namespace, argv: list[str] | None, plan_cell
     except ConfigError as err:
         return fail(err)
     print(f"all cells finished in {time.perf_counter() - started:.0f} s", flush=True)
-    return report(out, args, command, history)
+    return _report(report, out, args, command, history)
+
+
+def _report(report, out: Path, args: argparse.Namespace, command: str, history) -> int:
+    """`report(...)`, with a failed figure export said in one line (the HTML report and tables are written)."""
+    started = time.perf_counter()
+    try:
+        code = report(out, args, command, history)
+    except ExportUnavailable as err:
+        return fail(ExportUnavailable(f"{err}\n(the HTML report and tables are written; retry the figures with "
+                                      f"--report-only --export {','.join(args.export)})"))
+    if args.export:
+        print(f"figures ({', '.join(args.export)}): {out / 'figures'} (report written in "
+              f"{time.perf_counter() - started:.1f} s)", flush=True)
+    return code
 
 
 def split_sizes(args: argparse.Namespace, clients: int | None = None) -> dict[str, int]:

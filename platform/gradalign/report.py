@@ -8,7 +8,8 @@ Input is the *history* frame, one row per (trial_id, evaluation), with columns
   wall_time (s since trial start), status ('running' | 'completed' | 'diverged' | 'error' | 'stopped'),
   git_commit, python, torch, ray, optuna, hardware,
 plus the cells frame of `gradalign.analysis.summarize_cells`. Sections: overview (title, command, summary),
-budget & fixed parameters, figures, cells, significance, warnings, provenance.
+budget & fixed parameters, figures, cells, significance, warnings, provenance. With `export=("png", "pdf", ...)` the
+same figure objects are also written as static files in `figures/` next to the report (see `gradalign.export`).
 
 The same code serves the federated study: pass `x="alpha"` (or "participation"); the McCandlish scaling figure
 only appears when x is the batch size.
@@ -29,6 +30,7 @@ from plotly.offline import get_plotlyjs
 
 from . import figures as F
 from .analysis import CONFIG_COLUMNS, fit_critical_batches, noise_scale_from_history, significance
+from .export import ExportUnavailable, parse_formats, write_figures
 
 __all__ = ["default_figures", "critical_batch_table", "fixed_parameters", "noise_by_algorithm", "provenance_from_history",
            "significance_tables", "write_report"]
@@ -168,10 +170,13 @@ def default_figures(history: pd.DataFrame, cells: pd.DataFrame, x: str = "batch_
     return out
 
 
-def _figure_html(fig_id: str, caption: str, fig: go.Figure) -> str:
+def _figure_html(fig_id: str, caption: str, fig: go.Figure, files: Mapping[str, Path] | None = None) -> str:
     div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=fig_id,
                       config={"responsive": True, "displaylogo": False})
-    return f'<figure class="plot" data-figure="{fig_id}">{div}<figcaption>{html.escape(caption)}</figcaption></figure>'
+    links = " ".join(f'<a class="static" href="{html.escape(f"{p.parent.name}/{p.name}")}">{fmt.upper()}</a>'
+                     for fmt, p in (files or {}).items())
+    caption = html.escape(caption) + (f" <span class=\"static\">Static copies: {links}</span>" if links else "")
+    return f'<figure class="plot" data-figure="{fig_id}">{div}<figcaption>{caption}</figcaption></figure>'
 
 
 def write_report(path: str | Path, history: pd.DataFrame, cells: pd.DataFrame, summary: Mapping,
@@ -179,7 +184,7 @@ def write_report(path: str | Path, history: pd.DataFrame, cells: pd.DataFrame, s
                  title: str = "GradAlign batch-scaling study", *, x: str = "batch_size",
                  significance_table: pd.DataFrame | None = None,
                  figures: Sequence[tuple[str, str, go.Figure]] | None = None,
-                 verdict: Sequence[str] = ()) -> Path:
+                 verdict: Sequence[str] = (), export: Sequence[str] = (), browser: str | None = None) -> Path:
     """Write the study's report as ONE self-contained HTML file and return its path.
 
     `summary`: headline facts (e.g. target, best cell); `warnings`: messages (e.g. from `edge_warnings`);
@@ -187,7 +192,11 @@ def write_report(path: str | Path, history: pd.DataFrame, cells: pd.DataFrame, s
     `budget`: the budget and how it is counted (steps or examples); `verdict`: the plain sentences that open the
     report (`gradalign.verdict`). `significance_table` defaults to
     `significance_tables(history, by=x, target)`; `figures` to `default_figures(history, cells, x)`.
+    `export` (formats among png, svg, pdf) also writes each figure as `figures/<figure_id>.<format>` beside the
+    report, with `browser` (default: `gradalign.export.find_browser()`); the HTML links them. The HTML is written
+    even when the export fails (its error is raised afterwards).
     """
+    export = parse_formats(export) if export else ()  # an unknown format is refused before anything is written
     target = summary.get("target", cells["target"].iloc[0] if "target" in cells and len(cells) else None)
     fits, noise = {}, {}
     if x == "batch_size" and {"algorithm", "steps_to_target_mean"} <= set(cells.columns):
@@ -201,6 +210,12 @@ def write_report(path: str | Path, history: pd.DataFrame, cells: pd.DataFrame, s
     cell_table = cells.drop(columns=[c for c in ("target",) if c in cells.columns])
     warn_html = "".join(f'<div class="warning">{html.escape(str(w))}</div>' for w in warnings) or \
         '<p class="ok">No warnings.</p>'
+    path, exported, failure = Path(path), {}, None
+    if export:
+        try:
+            exported = write_figures(figures, path.parent / "figures", export, browser=browser)
+        except ExportUnavailable as err:  # the interactive report is worth having all the same: raised at the end
+            failure = err
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     verdict_html = "".join(f"<li>{html.escape(s)}</li>" for s in verdict)
     sections = [
@@ -213,7 +228,8 @@ def write_report(path: str | Path, history: pd.DataFrame, cells: pd.DataFrame, s
         + "</section>",
         f'<section id="budget"><h2>Budget and fixed parameters</h2>{_dict_table(budget, "Budget not recorded.")}'
         f'<h3>Fixed across the study</h3>{_dict_table(fixed_parameters(history))}</section>',
-        '<section id="figures"><h2>Figures</h2>' + "".join(_figure_html(*f) for f in figures) + "</section>",
+        '<section id="figures"><h2>Figures</h2>'
+        + "".join(_figure_html(*f, exported.get(f[0])) for f in figures) + "</section>",
         f'<section id="cells"><h2>Cells</h2><p>Seed-phase statistics per cell (target accuracy {_fmt(target)}); '
         f'"to target" columns average the n_reached seeds that reach it.</p>'
         f'{_table(cell_table, "No cells.")}</section>',
@@ -227,7 +243,8 @@ def write_report(path: str | Path, history: pd.DataFrame, cells: pd.DataFrame, s
         f'<style>{_CSS}</style>\n<script type="text/javascript">{get_plotlyjs()}</script>\n</head>\n<body>\n'
         + "\n".join(sections) + "\n</body></html>\n"
     )
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(document, encoding="utf-8")
+    if failure is not None:
+        raise failure
     return path
