@@ -10,6 +10,9 @@ from pathlib import Path
 
 from gradalign.config import ConfigError
 from gradalign.export import FORMATS, ExportUnavailable, find_browser, parse_formats
+from studies.cluster_checks import (  # noqa: F401  (storage_problem: re-exported)
+    ClusterNotReady, check_cluster, join_or_start, storage_problem,
+)
 
 SEED_BASE = 1000
 """The final runs' seeds are SEED_BASE, SEED_BASE + 1, ...; tuning trials use 0, 1, ...: never the same run."""
@@ -51,8 +54,12 @@ def add_common_arguments(p: argparse.ArgumentParser, default_name: str, smoke: d
     g.add_argument("--asha", action="store_true", help="stop unpromising tuning trials early (ASHA on epochs)")
     g.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (cell i uses seed + i)")
     g = p.add_argument_group("where it runs")
-    g.add_argument("--address", default=None,
-                   help="Ray cluster to join ('auto' on a cluster node); default: RAY_ADDRESS, else a local Ray")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument("--address", default=None,
+                       help="Ray cluster to join (HOST:PORT); default: RAY_ADDRESS, else the Ray that `ray start` "
+                       "runs on this machine (on a cluster's head node: the cluster), else a new local Ray")
+    where.add_argument("--local", action="store_true",
+                       help="always start a private local Ray, even where a cluster runs on this machine")
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per training process")
     g.add_argument("--gpus-per-worker", type=int, default=0, choices=(0, 1), help="1: one GPU per training process")
     g.add_argument("--max-concurrent", type=int, default=None, help="cap on trials running at once")
@@ -122,9 +129,9 @@ def run_study_script(args: argparse.Namespace, argv: list[str] | None, plan_cell
     print(f"{describe(plan)}; output in {out}", flush=True)
     started = time.perf_counter()
     try:
-        check_storage(args, plan)
+        prepare_cluster(args, plan)
         history = run_plan(plan, address=args.address)
-    except ConfigError as err:
+    except (ConfigError, ConnectionError, ClusterNotReady) as err:
         return fail(err)
     print(f"all cells finished in {time.perf_counter() - started:.0f} s", flush=True)
     return _report(report, out, args, command, history)
@@ -177,38 +184,8 @@ def fail(err: Exception) -> int:
     return 2
 
 
-SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "fuse.s3fs",
-                      "fuse.gcsfuse", "fuse.juicefs", "efs")
-
-
-def check_storage(args: argparse.Namespace, plan) -> None:
-    """On a cluster of several hosts, trial state must live where every node sees it: refuse a local folder."""
-    import ray
-
-    from gradalign.ray_adapter import connect
-
-    connect(args.address)
-    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
-    problem = storage_problem(hosts, plan.storage or str(plan.out_dir))
-    if problem:
-        raise ConfigError("storage", plan.storage or str(plan.out_dir), problem)
-
-
-def storage_problem(hosts: set[str], storage: str) -> str | None:
-    """Why `storage` cannot serve a cluster on `hosts` (None when it can)."""
-    if len(hosts) <= 1 or "://" in storage or _filesystem(storage) in SHARED_FILESYSTEMS:
-        return None
-    return (f"the cluster spans {len(hosts)} hosts but this is a local folder that the other hosts cannot see; pass "
-            "--storage s3://BUCKET/PATH (or gs://..., or a folder on NFS mounted on every node)")
-
-
-def _filesystem(path: str) -> str:
-    """The filesystem type holding `path` (longest matching mount point in /proc/mounts)."""
-    try:
-        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
-    except OSError:
-        return "unknown"
-    target = str(Path(path).resolve())
-    best = max((m for m in mounts if target.startswith(m[0].rstrip("/") + "/") or target == m[0]),
-               key=lambda m: len(m[0]), default=("", "unknown"))
-    return best[1]
+def prepare_cluster(args: argparse.Namespace, plan) -> None:
+    """Join the cluster (or start a local Ray), say which, and refuse one that cannot run the plan's cells."""
+    connection = join_or_start(args.address, args.local)
+    check_cluster(connection, multi_worker=any(cell.workers > 1 for cell in plan.cells),
+                  storage=plan.storage or str(plan.out_dir))

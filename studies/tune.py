@@ -34,6 +34,7 @@ from gradalign.ray_adapter import (
 )
 
 import trainables
+from studies.cluster_checks import ClusterNotReady, check_cluster, join_or_start
 from studies.common import ProgressPrinter, best_row, format_params, write_figures
 
 
@@ -95,8 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--gpu", action="store_true", help="one GPU per worker")
     g.add_argument("--max-concurrent", type=int, default=None, help="cap on concurrent trials (default: as many as the CPUs allow)")
     g.add_argument("--max-failures", type=int, default=1, help="retries per trial, each resuming from its checkpoint (default %(default)s)")
-    g.add_argument("--address", default=None, help="join this Ray cluster (also read from RAY_ADDRESS); default: start Ray locally")
-    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray (default: all)")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument("--address", default=None,
+                       help="Ray cluster to join (HOST:PORT); default: RAY_ADDRESS, else the Ray that `ray start` runs "
+                       "on this machine (on a cluster's head node: the cluster), else a new local Ray")
+    where.add_argument("--local", action="store_true",
+                       help="always start a private local Ray, even where a cluster runs on this machine")
+    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of a Ray started here (default: all)")
     return p.parse_args(argv)
 
 
@@ -158,15 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         space, settings, execution = build(args)
         space.validate()  # before Ray starts
-        if args.address or args.num_cpus:
-            from gradalign.ray_adapter import connect
-
-            connect(args.address, num_cpus=args.num_cpus)
+        connection = join_or_start(args.address, args.local, num_cpus=args.num_cpus)
+        check_cluster(connection, multi_worker=args.workers > 1, storage=settings.storage_path,
+                      storage_fix="pass an --out folder on NFS (or another filesystem) mounted on every node")
         progress = ProgressPrinter(settings.num_samples, space.param_names,
                                    epochs=None if args.budget_steps else args.epochs)
         results = run_study(trainables.gradalign_trainable, space, settings, execution, address=args.address,
                             callbacks=[progress])
-    except ConfigError as err:
+    except (ConfigError, ConnectionError, ClusterNotReady) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,6 @@ def ray_cluster():
 
     from gradalign.ray_adapter import connect
 
-    resources = connect(num_cpus=2)
+    resources = connect(num_cpus=2, local=True)  # never a `ray start` cluster that happens to run on this machine
     yield resources
     ray.shutdown()

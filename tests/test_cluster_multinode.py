@@ -2,8 +2,10 @@
 study joins it by address, its trials land on both nodes, and its state lives in a shared storage folder."""
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -47,8 +49,12 @@ DRIVER = textwrap.dedent("""
 @pytest.mark.slow
 def test_study_joins_a_two_node_cluster_and_uses_both_nodes(tmp_path):
     out, storage = tmp_path / "study", tmp_path / "shared"
+    # A Ray temp folder of its own (short: socket paths are limited), so that no other study on this machine finds
+    # this cluster as "the latest `ray start`" while it runs.
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     proc = subprocess.run([sys.executable, "-c", DRIVER, str(ROOT / "studies" / "batch_scaling.py"), str(out),
-                           str(storage)], capture_output=True, text=True, timeout=1200)
+                           str(storage)], capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "RAY_TMPDIR": ray_tmp})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])

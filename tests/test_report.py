@@ -47,7 +47,9 @@ def report_path(history, cells, tmp_path_factory):
         tmp_path_factory.mktemp("report") / "study.html", history, cells,
         summary={"target": TARGET, "finding": "gradalign keeps <accuracy> up to B=512"}, warnings=warnings,
         provenance={"command": "python -m studies.batch_scaling --smoke-test"},
-        budget={"epochs": 30, "counted in": "examples", "seeds": 3}, title="Synthetic batch-scaling study")
+        budget={"epochs": 30, "counted in": "examples", "seeds": 3}, title="Synthetic batch-scaling study",
+        verdict=["Large-batch SGD stays within 1 point of <b>small-batch SGD</b> up to B = 256.",
+                 "GradAlign − large-batch SGD at B = 512: +5.0 points."])
 
 
 def _trace(fig, name):
@@ -125,6 +127,9 @@ def test_report_is_self_contained_with_every_section_and_figure(report_path):
     assert "python -m studies.batch_scaling --smoke-test" in text and "abc1234" in text
     assert "gradalign keeps &lt;accuracy&gt;" in text  # user text is escaped
     assert "at the upper edge of" in text and "significant at 0.05" in text
+    verdict = text.index('<div id="verdict"')  # the verdict opens the report, before tables and figures
+    assert verdict < text.index('<section id="figures">') and verdict < text.index('<section id="cells">')
+    assert "of &lt;b&gt;small-batch SGD&lt;/b&gt; up to B = 256" in text
 
 
 def test_report_degrades_on_partial_and_federated_studies(history, tmp_path):
@@ -187,6 +192,7 @@ def test_report_renders_in_headless_chromium_without_js_errors(report_path, tmp_
     assert match, f"no probe output (rc={run.returncode}); stderr tail:\n{run.stderr[-2000:]}"
     probe = json.loads(html.unescape(match.group(1)))
     assert probe["errors"] == [] and probe["plotly"], probe
+    assert 'id="verdict"' in run.stdout and run.stdout.index('id="verdict"') < run.stdout.index('data-figure=')
     rendered = {f["id"]: f for f in probe["figures"]}
     for fig_id in FIGURE_IDS:
         assert rendered[fig_id]["svg"] > 0 and rendered[fig_id]["traces"] > 0, rendered

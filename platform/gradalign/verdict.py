@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-__all__ = ["protocol_sentence", "test_standard_error", "scaling_facts", "scaling_sentences", "federated_facts",
+__all__ = ["protocol_sentence", "accuracy_standard_error", "scaling_facts", "scaling_sentences", "federated_facts",
            "federated_sentences"]
 
 NAMES = {"sgd": "small-batch SGD", "large_batch_sgd": "large-batch SGD", "gradalign": "GradAlign",
@@ -49,7 +49,7 @@ def _finite(value: Any) -> bool:
         return False
 
 
-def test_standard_error(test_size: int, accuracy: float) -> float:
+def accuracy_standard_error(test_size: int, accuracy: float) -> float:
     """The binomial standard error of one run's test accuracy on `test_size` examples."""
     return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / test_size) if test_size else math.nan
 
@@ -62,7 +62,7 @@ def protocol_sentence(trials_per_cell: int, seeds: int, budget: str, test_size: 
             f"configuration re-ran with {seeds} new seeds whose test accuracy is reported (mean, 95% CI, n); "
             f"budget: {budget}.")
     if test_size and accuracy is not None and _finite(accuracy):
-        se = test_standard_error(test_size, accuracy)
+        se = accuracy_standard_error(test_size, accuracy)
         text += (f" On the {test_size}-example test set one run's accuracy near {100 * accuracy:.0f}% has a "
                  f"standard error of {100 * se:.1f} points, so smaller differences between single runs are noise.")
     return text

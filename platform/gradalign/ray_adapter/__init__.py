@@ -7,9 +7,11 @@ What lives here, in the order a study uses it:
    Ray starts, by building a `TrainConfig` at every range endpoint.
 2. `TrialExecution` -- how one trial runs (workers, CPUs per worker, where Train runs keep their checkpoints), and
    `plan_concurrency` -- the Tune resources of a trial and how many trials fit at once on the cluster.
-3. `connect` -- join a running cluster (`address` / `RAY_ADDRESS`) or start a local one with the `train_driver`
-   custom resource that Train-driver trials hold instead of a CPU.
-4. `run_study` -- build (or restore) the `Tuner`: seeded TPE via `OptunaSearch`, optional ASHA on `epochs` (examples seen / training set), bounded
+3. `connect_ray` / `connect` -- join a running cluster (`address`, `RAY_ADDRESS`, else the latest `ray start` on
+   this machine, as `ray.init()` does; bounded: `ClusterUnreachable` after ~30 s) or start a local one with the
+   `train_driver` custom resource that Train-driver trials hold instead of a CPU; `RayConnection` says which.
+4. `run_study` -- build (or restore) the `Tuner`: seeded TPE via `OptunaSearch`, optional ASHA on `epochs` (examples
+   seen / training set), bounded
    retries, and `OptunaMirror`, which copies every finished trial into a SQLite Optuna study for optuna-dashboard.
 5. `results_table` -- one tidy frame, a row per trial per reported evaluation, with configuration, metrics and
    `provenance()`; `sync_optuna_study` re-syncs the SQLite study from it.
@@ -21,7 +23,8 @@ the library never imports `trainables`.
 from __future__ import annotations
 
 from ._common import DRIVER_RESOURCE, GROUP_SEEDS, LOSS_PENALTY, METRICS, final_status, penalise
-from .execution import TrialExecution, connect, plan_concurrency
+from .connection import ClusterUnreachable, RayConnection, connect, connect_ray
+from .execution import TrialExecution, plan_concurrency
 from .mirror import OptunaMirror, sync_optuna_study
 from .results import results_table, write_results_table
 from .space import Range, SearchSpace
@@ -40,6 +43,9 @@ __all__ = [
     "final_status",
     "plan_concurrency",
     "connect",
+    "connect_ray",
+    "RayConnection",
+    "ClusterUnreachable",
     "make_searcher",
     "make_scheduler",
     "OptunaMirror",

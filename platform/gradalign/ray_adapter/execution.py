@@ -1,18 +1,17 @@
-"""How a trial runs (in process or as a Ray Train driver), how many run at once, and connecting to Ray."""
+"""How a trial runs (in process or as a Ray Train driver) and how many run at once. (`connect` moved to
+`connection.py`; it is still importable from here.)"""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
-
-import ray
+from typing import Any, Mapping
 
 from gradalign.config import (
     ConfigError,
 )
 
 from ._common import DRIVER_RESOURCE, _is_absolute_uri, _is_finite, _join, _read_json
+from .connection import connect  # noqa: F401  (re-exported: study.py and older callers import it from here)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,49 +111,3 @@ def plan_concurrency(
             raise ConfigError("max_concurrent_trials", max_concurrent, "must be >= 1")
         fits = min(fits, max_concurrent)
     return resources, max(1, fits)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Connecting
-# ---------------------------------------------------------------------------------------------------------------
-def connect(
-    address: str | None = None,
-    num_cpus: int | None = None,
-    driver_slots: int | None = None,
-    runtime_env: Mapping[str, Any] | None = None,
-    include_dashboard: bool = True,
-) -> dict[str, float]:
-    """Join a running Ray cluster (`address`, else `RAY_ADDRESS`) or start a local one; return its resources.
-
-    A local cluster gets `driver_slots` (default: its CPU count) units of the `train_driver` resource. Workers
-    import `gradalign` from the installed package; on a cluster without it pass
-    `runtime_env={"py_modules": [...]}`. Reuses an already initialised Ray (e.g. a test session's).
-
-    The dashboard stays on (bound to localhost) because Ray Train's `PlacementGroupCleaner` needs its State API:
-    without it the placement group of a trial that Tune stops (ASHA) outlives the trial and starves every later one
-    (ray issue 54305). Every worker process also learns its cluster's address, so the cleaner still finds the right
-    cluster when several Ray instances share the host.
-    """
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        env = dict(runtime_env or {})
-        env.setdefault("worker_process_setup_hook", _address_pinning_hook())
-        if address:
-            ray.init(address=address, runtime_env=env, logging_level="WARNING")
-        else:
-            cpus = num_cpus or os.cpu_count() or 1
-            ray.init(address="local", num_cpus=cpus, resources={DRIVER_RESOURCE: driver_slots or cpus},
-                     include_dashboard=include_dashboard, runtime_env=env, logging_level="WARNING")
-    return dict(ray.cluster_resources())
-
-
-def _address_pinning_hook() -> Callable[[], None]:
-    # A nested function is pickled by value, so worker processes need not import this (heavy) module.
-    def pin_ray_address() -> None:
-        import os
-
-        import ray
-
-        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
-
-    return pin_ray_address
