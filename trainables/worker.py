@@ -18,14 +18,16 @@ import torch
 from gradalign.comm import TorchDistributedComm
 from gradalign.config import TrainConfig
 from gradalign.ray_adapter import penalise
+from gradalign.ray_adapter.records import update_record
 from gradalign.training import Trainer
 
-from trainables.state import from_bytes, state_file, to_bytes, write_history
+from trainables.state import from_bytes, state_file, to_bytes
 
 
 def train_loop_per_worker(loop_config: dict) -> list[dict]:
     """Train `TrainConfig.from_dict(loop_config["config"])` on this worker's clients; returns the (penalised) metrics
-    history. Rank 0 also saves the history as JSON to `loop_config["history_path"]` (if given) after each checkpoint.
+    history. Rank 0 also writes the history and one more training into the trial record at
+    `loop_config["history_path"]` (if given) after each checkpoint (`gradalign.ray_adapter.records`).
 
     On resume the restored epoch's metrics are reported once more (without a checkpoint): if the driver died after
     that checkpoint was saved but before Tune recorded its metrics, the row is not lost (a duplicate is harmless:
@@ -56,6 +58,6 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
             with open(os.path.join(folder, state_file(context.get_world_rank())), "wb") as f:
                 f.write(to_bytes(trainer.state_dict()))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        if context.get_world_rank() == 0:
-            write_history(history_path, [penalise(m) for m in trainer.history])
+        if context.get_world_rank() == 0 and history_path:
+            update_record(history_path, [penalise(m) for m in trainer.history], trained_epoch=metrics["epoch"])
     return [penalise(m) for m in trainer.history]

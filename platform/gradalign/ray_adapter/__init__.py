@@ -11,8 +11,10 @@ What lives here, in the order a study uses it:
    custom resource that Train-driver trials hold instead of a CPU.
 4. `run_study` -- build (or restore) the `Tuner`: seeded TPE via `OptunaSearch`, optional ASHA on `epoch`, bounded
    retries, and `OptunaMirror`, which copies every finished trial into a SQLite Optuna study for optuna-dashboard.
-5. `results_table` -- one tidy frame, a row per trial per reported epoch, with configuration, metrics and
-   `provenance()`; `sync_optuna_study` re-syncs the SQLite study from it.
+5. `TrialRecords` -- per trial *configuration*, what it has trained (written by the trainable every epoch): the
+   ground truth a resumed study reconciles with Tune's older snapshot, so that no finished trial runs again.
+6. `results_table` -- one tidy frame, a row per trial per reported epoch, with configuration, metrics and
+   `provenance()`; `sync_optuna_study` makes the SQLite study agree with it.
 
 The trainable itself (what a trial runs) lives in the `trainables` package; `run_study` takes it as an argument, so
 the library never imports `trainables`.
@@ -23,9 +25,10 @@ from __future__ import annotations
 from ._common import DRIVER_RESOURCE, LOSS_PENALTY, METRICS, final_status, penalise
 from .execution import TrialExecution, connect, plan_concurrency
 from .mirror import OptunaMirror, sync_optuna_study
+from .records import RecordCloser, TrialRecord, TrialRecords, trial_key
 from .results import results_table, write_results_table
 from .space import Range, SearchSpace
-from .study import StudySettings, make_scheduler, make_searcher, run_study
+from .study import StudySettings, flat_settings, make_scheduler, make_searcher, run_study, setting_changes
 
 __all__ = [
     "METRICS",
@@ -42,7 +45,13 @@ __all__ = [
     "make_searcher",
     "make_scheduler",
     "OptunaMirror",
+    "TrialRecord",
+    "TrialRecords",
+    "RecordCloser",
+    "trial_key",
     "run_study",
+    "flat_settings",
+    "setting_changes",
     "results_table",
     "write_results_table",
     "sync_optuna_study",
