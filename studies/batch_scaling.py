@@ -29,7 +29,7 @@ from gradalign.config import ALGORITHMS, DATASETS, MODELS, ConfigError
 from gradalign.ray_adapter import Range, SearchSpace
 from studies.cells import Cell, save_table
 from studies.reporting import build_report
-from studies.study_cli import add_common_arguments, apply_defaults, describe_study, range_arg, run_study_script
+from studies.study_cli import add_common_arguments, describe_study, parse_study_args, range_arg, run_study_script
 
 SMOKE = dict(batch_sizes=[32, 128], epochs=3, trials_per_cell=2, seeds=2, target=0.5)
 
@@ -104,7 +104,7 @@ def plan_cells(args: argparse.Namespace) -> tuple[Cell, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = apply_defaults(build_parser().parse_args(argv))
+    args = parse_study_args(build_parser(), argv)
     describe = describe_study("batch-scaling", args, f"{args.epochs} epochs of {args.dataset}/{args.model}")
     return run_study_script(args, argv, plan_cells, validate, report, describe)
 

@@ -32,7 +32,7 @@ from gradalign.partition import describe_partition, partition
 from gradalign.ray_adapter import Range, SearchSpace
 from studies.cells import Cell, save_table
 from studies.reporting import build_report
-from studies.study_cli import add_common_arguments, apply_defaults, describe_study, range_arg, run_study_script
+from studies.study_cli import add_common_arguments, describe_study, parse_study_args, range_arg, run_study_script
 
 SMOKE = dict(splits=["dirichlet:0.1"], rounds=6, eval_every=3, trials_per_cell=2, seeds=2, target=0.5,
              algorithms=["fedavg", "fedga"], references=["gradalign"])
@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=5, help="evaluate (and report) every this many rounds")
     g.add_argument("--target", type=float, default=0.8, help="target test accuracy for rounds-to-target, in (0, 1]")
     g.add_argument("--preset", choices=("paper",), help="'paper': one class per client, 10 clients, half of them "
-                   "per round, K=5, FedAvg vs SCAFFOLD vs FedGA with 5 seeds (the paper's setting on digits)")
+                   "per round, K=5, FedAvg vs SCAFFOLD vs FedGA with 5 seeds (the paper's setting on digits); "
+                   "options you give explicitly keep your values")
     g = p.add_argument_group("nuisance parameters, re-tuned in every cell")
     g.add_argument("--lr-range", type=range_arg, default=(0.01, 1.0), metavar="LOW,HIGH", help="client step size (log)")
     g.add_argument("--beta-range", type=range_arg, default=(1e-5, 1.0), metavar="LOW,HIGH", help="β of FedGA (log)")
@@ -166,15 +167,7 @@ def federated_figures(history: pd.DataFrame, cells: pd.DataFrame) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.preset == "paper":
-        for key, value in PAPER.items():
-            if getattr(args, key) == parser.get_default(key):
-                setattr(args, key, value)
-        if args.name == "federated":
-            args.name = "federated-paper"
-    args = apply_defaults(args)
+    args = parse_study_args(build_parser(), argv, presets={"paper": PAPER})
     describe = describe_study("federated", args,
                               f"{args.rounds} rounds of {args.dataset}/{args.model} over {args.clients} clients")
     return run_study_script(args, argv, plan_cells, validate, report, describe)
