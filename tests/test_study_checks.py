@@ -131,6 +131,19 @@ def test_more_seeds_are_refused_unless_asked_for_then_accepted(tmp_path, capsys,
         batch_scaling.main([*TINY, "--out", out])
 
 
+def test_a_federated_study_with_nan_coordinates_resumes(tmp_path, no_ray):
+    out = str(tmp_path / "study")
+    argv = ["--splits", "one_class", "--algorithms", "fedavg", "--references", "--rounds", "4", "--eval-every", "2",
+            "--trials-per-cell", "1", "--seeds", "1", "--out", out]
+    args = study_cli.parse_study_args(federated.build_parser(), argv)
+    plan = cells.StudyPlan(name=args.name, out_dir=tmp_path / "study", cells=federated.plan_cells(args),
+                           **study_cli.common_settings(args))
+    assert all(c.coords["alpha"] != c.coords["alpha"] for c in plan.cells)  # NaN: one class per client has none
+    record_plan(plan)
+    with pytest.raises(RayStarted):  # the same settings (NaN included) resume
+        federated.main(argv)
+
+
 # -- damaged tables -----------------------------------------------------------------------------------------------
 def test_a_damaged_table_is_named_by_report_only_and_set_aside_by_a_run(tmp_path, capsys):
     plan = _started_study(tmp_path, [*TINY, "--out", str(tmp_path / "study")])

@@ -35,6 +35,9 @@ from .execution import TrialExecution
 KEY_EXCLUDED = ("data_dir", "download")
 """Config entries that do not change what a trial computes (where the data lives), left out of its key."""
 
+_ALL_MAX_AGE_S = 60.0
+"""How long `TrialRecords.all()` reuses what it read."""
+
 FROM_RECORD = "from_record"
 """Set (True) in the one result a trial reports when its configuration was answered from its record, untrained."""
 
@@ -130,9 +133,16 @@ class TrialRecords:
         return sorted(os.path.basename(i.path)[:-5] for i in infos if i.path.endswith(".json"))
 
     def all(self) -> list[TrialRecord]:
-        """Every record, oldest first."""
-        records = [r for r in (self.read(k) for k in self.keys()) if r is not None]
-        return sorted(records, key=lambda r: (r.created, r.key))
+        """Every record, oldest first. Read once per minute at most: after a restore every cell's searcher asks,
+        and on an object store each record is a request."""
+        cached = self.__dict__.get("_all")
+        if cached is None or time.monotonic() - cached[0] > _ALL_MAX_AGE_S:
+            records = [r for r in (self.read(k) for k in self.keys()) if r is not None]
+            cached = self._all = (time.monotonic(), sorted(records, key=lambda r: (r.created, r.key)))
+        return list(cached[1])
+
+    def __getstate__(self) -> dict:  # (pickled with the searchers that use it)
+        return {k: v for k, v in self.__dict__.items() if k != "_all"}
 
 
 def update_record(uri: str, history: list[dict[str, Any]], trained_epoch: int | None) -> None:

@@ -351,9 +351,14 @@ def setting_changes(saved: Mapping[str, Any] | None, now: Mapping[str, Any], lim
     if saved is None:
         return []
     kept = [k for k in saved.keys() | now.keys() if k.rsplit(".", 1)[-1] not in KEY_EXCLUDED]
-    changed = sorted(k for k in kept if saved.get(k) != now.get(k))
+    changed = sorted(k for k in kept if not _same(saved.get(k), now.get(k)))
     lines = [f"{k}: {_show(saved.get(k))} -> {_show(now.get(k))}" for k in changed[:limit]]
     return lines + ([f"and {len(changed) - limit} more"] if len(changed) > limit else [])
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON (so that NaN, e.g. the alpha of a split without one, equals NaN)."""
+    return json.dumps(a, sort_keys=True, default=repr) == json.dumps(b, sort_keys=True, default=repr)
 
 
 def _show(value: Any) -> str:
