@@ -37,7 +37,7 @@ from gradalign.verdict import protocol_sentence, scaling_facts, scaling_sentence
 from studies.cells import Cell, save_table
 from studies.reporting import build_report, print_outcome
 from studies.study_cli import (
-    add_common_arguments, apply_defaults, check_common, describe_study, range_arg, run_study_script, split_sizes,
+    add_common_arguments, describe_study, parse_study_args, range_arg, run_study_script, split_sizes,
 )
 
 SMOKE = dict(batch_sizes=[32, 128], epochs=3, trials_per_cell=2, seeds=2, target=0.5)
@@ -101,7 +101,6 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("epochs", args.epochs, "must be a positive number")
     if args.budget_steps is not None and args.budget_steps < 1:
         raise ConfigError("budget_steps", args.budget_steps, "must be a positive integer")
-    check_common(args)
     resolve_budget(args)
 
 
@@ -148,7 +147,7 @@ def plan_cells(args: argparse.Namespace) -> tuple[Cell, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = apply_defaults(build_parser().parse_args(argv))
+    args = parse_study_args(build_parser(), argv)
     describe = describe_study("batch-scaling", args, f"{args.dataset}/{args.model}")
     return run_study_script(args, argv, plan_cells, validate, report, describe)
 

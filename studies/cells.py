@@ -3,8 +3,15 @@
 A *cell* is one setting of the scientific parameters (e.g. algorithm x batch size). In each cell the nuisance
 parameters (step size, β, momentum, ...) are re-tuned with Ray Tune + Optuna on the validation split, then the best
 configuration is re-run with seeds of its own (disjoint from the tuning seeds), whose test metrics are the result.
-Every finished phase of every cell is written to `<out>/cells/<cell>/{tune,seeds}.parquet`
-before the next starts, so an interrupted study resumes where it stopped and nothing computed is lost.
+Every finished phase of every cell is written to `<out>/cells/<cell>/{tune,seed}.parquet` before the next starts.
+
+An interrupted study (even killed with SIGKILL) resumes where it stopped when the same command is run again: each
+trial keeps a record of what it trained, keyed by its configuration (`<out>/trials/<phase>/`, see
+`gradalign.ray_adapter.records`), and those records, not Tune's snapshot of the experiment (taken at most every
+~10 s), decide what is left to do. A finished trial is never trained again, an unfinished one loses at most the
+evaluation interval in flight, and `optuna.db` holds one finished Optuna trial per tuning trial of the tables. The
+folder remembers the study's settings (`study.json`, see `settings_file`): re-running it with other settings is
+refused.
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ from ray import tune
 from gradalign.analysis import COUNTER, rank_trials
 from gradalign.config import ALIGNING_ALGORITHMS, ConfigError, TrainConfig
 from gradalign.ray_adapter import (
-    GROUP_SEEDS, OptunaMirror, SearchSpace, StudySettings, TrialExecution, connect, make_scheduler, make_searcher,
-    plan_concurrency, results_table,
+    GROUP_SEEDS, OptunaMirror, RecordCloser, SearchSpace, StudySettings, TrialExecution, TrialRecords, connect,
+    make_scheduler, make_searcher, plan_concurrency, results_table, sync_optuna_study,
 )
+from gradalign.ray_adapter.records import FROM_RECORD
 from studies.cell_search import CELL, CellMirror, CellScheduler, CellSearch, FixedConfigs
+from studies.settings_file import check_plan, record_plan
 from trainables import gradalign_trainable
 
 Log = Callable[[str], None]
@@ -94,8 +103,19 @@ class StudyPlan:
             cell.space.validate()
 
 
-def run_plan(plan: StudyPlan, address: str | None = None, log: Log = print) -> pd.DataFrame:
-    """Tune every cell, re-run its best configuration with each seed; return the history of every trial."""
+class StudyFailed(RuntimeError):
+    """A cell cannot go on: every trial of one of its phases failed. The message names the cell and the first error."""
+
+
+def run_plan(plan: StudyPlan, address: str | None = None, log: Log = print,
+             extend_seeds: bool = False) -> pd.DataFrame:
+    """Tune every cell, re-run its best configuration with each seed; return the history of every trial.
+
+    A study folder remembers its settings (`settings_file`): other settings are refused (`ConfigError`) before
+    anything runs, except more seeds when `extend_seeds`.
+    """
+    check_plan(plan, extend_seeds)
+    record_plan(plan)
     started = time.perf_counter()
     log(f"tuning {len(plan.cells)} cells x {plan.trials_per_cell} trials")
     tuned = run_phase(plan, "tune", address, log)
@@ -114,76 +134,132 @@ def run_plan(plan: StudyPlan, address: str | None = None, log: Log = print) -> p
 def run_phase(plan: StudyPlan, phase: str, address: str | None, log: Log,
               best: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, pd.DataFrame]:
     """Run one phase ('tune' or 'seed') of every cell that has not finished it yet, as one Tune experiment per
-    worker count, and save each cell's rows as soon as its experiment ends. Returns {cell key: rows}."""
-    done = {c.key: _load(plan.out_dir / "cells" / c.key / f"{phase}.parquet") for c in plan.cells}
+    worker count, and save each cell's rows once its experiment ends. Returns {cell key: rows}.
+
+    A cell's phase is finished when its table is saved (and, for the seed phase, holds every seed of the plan). The
+    experiment of a worker count always holds every cell of that count, so a restarted study restores the same
+    experiment; trials that Tune's older snapshot forgot are answered from their records (`TrialRecords`).
+    """
+    done = {c.key: _finished_rows(plan, c, phase, log) for c in plan.cells}
     todo = [c for c in plan.cells if done[c.key] is None]
     if len(todo) < len(plan.cells):
         log(f"  {phase}: {len(plan.cells) - len(todo)} cells already finished, {len(todo)} to run")
     for workers in sorted({c.workers for c in todo}):
-        group = [c for c in todo if c.workers == workers]
-        table, owner = _run_experiment(plan, phase, group, address, log, best)
-        for cell in group:
-            rows = tag(table[table["trial_id"].map(owner) == cell.key], plan, cell, phase)
+        group = [c for c in plan.cells if c.workers == workers]
+        table, errors = _run_experiment(plan, phase, group, address, log, best)
+        for cell in [c for c in group if done[c.key] is None]:
+            rows = tag(table[table[CELL] == cell.key].drop(columns=CELL), plan, cell, phase)
+            _check_some_trial_ran(rows, cell, phase, plan.objective, errors.get(cell.key, []))
+            if phase == "tune":  # the Optuna copy agrees with the table before the table counts as saved
+                sync_optuna_study(rows, _optuna_db(plan), cell.key, cell.space, ((plan.objective, "max"),))
             save_table(rows, plan.out_dir / "cells" / cell.key / phase)
             done[cell.key] = rows
     return done
 
 
 def _run_experiment(plan: StudyPlan, phase: str, cells: Sequence[Cell], address: str | None, log: Log,
-                    best: Mapping[str, Mapping[str, Any]] | None) -> tuple[pd.DataFrame, dict[str, str]]:
-    storage = plan.storage or str(plan.out_dir.resolve())
-    # The experiment's name depends on the cells it runs, so a changed plan never restores a mismatched one.
-    digest = hashlib.sha1(",".join(c.key for c in cells).encode()).hexdigest()[:8]
+                    best: Mapping[str, Mapping[str, Any]] | None) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """Run (or restore) one Tune experiment over `cells`; returns its results table (with a `cell` column) and the
+    errors of its failed trials per cell."""
+    storage = (plan.storage or str(plan.out_dir.resolve())).rstrip("/")
+    # The experiment's name depends on its cells (and seeds), so a changed plan never restores a mismatched one.
+    what = [c.key for c in cells] + ([f"seeds={list(plan.seeds)}"] if phase == "seed" else [])
+    digest = hashlib.sha1(",".join(what).encode()).hexdigest()[:8]
     name = f"{phase}-w{cells[0].workers}-{digest}"
+    # Trial records and states are shared by every experiment of the phase: keyed by configuration, they answer
+    # any experiment that runs a configuration again (a restored one, or a later one that extends the seeds).
     execution = TrialExecution(workers=cells[0].workers, cpus_per_worker=plan.cpus_per_worker,
-                               use_gpu=plan.gpus_per_worker > 0, storage_path=f"{storage.rstrip('/')}/{name}")
+                               use_gpu=plan.gpus_per_worker > 0, storage_path=f"{storage}/trials/{phase}")
     resources, concurrency = plan_concurrency(execution, connect(address), plan.max_concurrent)
     fn = tune.with_resources(tune.with_parameters(gradalign_trainable, execution=execution), resources)
-    path = f"{storage.rstrip('/')}/{name}"
-    if tune.Tuner.can_restore(path):
+    if phase == "seed":
+        # Seed runs are a fixed list: a new experiment answers the finished ones from their records at once and
+        # resumes the others from their states. (Restoring one instead lost the runs Tune had not snapshotted yet:
+        # its searcher had handed them out, so they were never started again.)
+        name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = f"{storage}/{name}"
+    if phase == "tune" and tune.Tuner.can_restore(path):
         log(f"  {phase}: resuming {path}")
         tuner = tune.Tuner.restore(path, trainable=fn, resume_errored=True)
     else:
-        index = {c.key: i for i, c in enumerate(plan.cells)}
-        if phase == "tune":
-            settings = {c.key: StudySettings(name=c.key, storage_path=str(plan.out_dir.resolve()),
-                                             num_samples=plan.trials_per_cell, objectives=((plan.objective, "max"),),
-                                             seed=plan.sampler_seed + index[c.key], asha=plan.asha) for c in cells}
-            group = {GROUP_SEEDS: list(plan.tuning_seeds)} if len(plan.tuning_seeds) > 1 else {}
-            search = CellSearch({c.key: make_searcher(c.space, settings[c.key]) for c in cells},
-                                {c.key: plan.trials_per_cell for c in cells}, plan.objective, "max", extra=group)
-            scheduler = CellScheduler({c.key: make_scheduler(settings[c.key], plan.budget_epochs)
-                                       for c in cells}) if plan.asha else None
-            optuna_db = f"sqlite:///{plan.out_dir.resolve() / 'optuna.db'}"
-            mirror = CellMirror({c.key: OptunaMirror(optuna_db, c.key, c.space, ((plan.objective, "max"),))
-                                 for c in cells})
-            callbacks, samples = [mirror, TrialLine("  tune")], plan.trials_per_cell * len(cells)
-        else:
-            configs = [{**best[c.key], "seed": seed, CELL: c.key} for c in cells for seed in plan.seeds]
-            search, scheduler = FixedConfigs(configs, plan.objective, "max"), None
-            callbacks, samples = [TrialLine("  seed")], len(configs)
+        search, scheduler, callbacks, samples = _phase_search(plan, phase, cells, execution, best)
         tuner = tune.Tuner(
             fn,
             tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=samples,
                                         max_concurrent_trials=concurrency, reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=callbacks,
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                      callbacks=[*callbacks, RecordCloser(execution)],
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
     log(f"  {phase}: {len(cells)} cells, {execution.workers} worker(s) per trial, up to {concurrency} trials at once")
     grid = tuner.fit()
-    return results_table(grid, execution), _cell_of_trials(grid)
-
-
-def _cell_of_trials(grid: tune.ResultGrid) -> dict[str, str]:
-    """trial_id -> cell key (the `cell` entry every trial's config carries)."""
-    owner = {}
+    errors: dict[str, list[str]] = {}
     for result in grid:
-        frame = result.metrics_dataframe
-        has_id = frame is not None and len(frame) and "trial_id" in frame
-        trial_id = str(frame["trial_id"].iloc[-1]) if has_id else Path(result.path).name
-        owner[trial_id] = result.config.get(CELL)
-    return owner
+        if result.error is not None:
+            errors.setdefault(result.config.get(CELL), []).append(f"{result.path}: {_last_line(result.error)}")
+    return results_table(grid, execution, config_columns=(CELL,)), errors
+
+
+def _phase_search(plan: StudyPlan, phase: str, cells: Sequence[Cell], execution: TrialExecution,
+                  best: Mapping[str, Mapping[str, Any]] | None):
+    """Searcher, scheduler, callbacks and number of trials of a new experiment of `phase` over `cells`."""
+    if phase == "seed":
+        configs = [{**best[c.key], "seed": seed, CELL: c.key} for c in cells for seed in plan.seeds]
+        return FixedConfigs(configs, plan.objective, "max"), None, [TrialLine("  seed")], len(configs)
+    index = {c.key: i for i, c in enumerate(plan.cells)}
+    settings = {c.key: StudySettings(name=c.key, storage_path=str(plan.out_dir.resolve()),
+                                     num_samples=plan.trials_per_cell, objectives=((plan.objective, "max"),),
+                                     seed=plan.sampler_seed + index[c.key], asha=plan.asha) for c in cells}
+    records = TrialRecords(execution)
+    group = {GROUP_SEEDS: list(plan.tuning_seeds)} if len(plan.tuning_seeds) > 1 else {}
+    search = CellSearch({c.key: make_searcher(c.space, settings[c.key], records, match={CELL: c.key}) for c in cells},
+                        {c.key: plan.trials_per_cell for c in cells}, plan.objective, "max", extra=group)
+    scheduler = CellScheduler({c.key: make_scheduler(settings[c.key], plan.budget_epochs)
+                               for c in cells}) if plan.asha else None
+    mirror = CellMirror({c.key: OptunaMirror(_optuna_db(plan), c.key, c.space, ((plan.objective, "max"),), execution)
+                         for c in cells})
+    return search, scheduler, [mirror, TrialLine("  tune")], plan.trials_per_cell * len(cells)
+
+
+def _optuna_db(plan: StudyPlan) -> str:
+    return f"sqlite:///{plan.out_dir.resolve() / 'optuna.db'}"
+
+
+def _check_some_trial_ran(rows: pd.DataFrame, cell: Cell, phase: str, objective: str, errors: Sequence[str]) -> None:
+    """Refuse to go on with a cell none of whose trials reported the objective (every one failed)."""
+    if objective in rows and rows[objective].notna().any():
+        return
+    if rows.empty:
+        raise StudyFailed(f"the {phase} experiment returned no trial of cell {cell.key}")
+    first = errors[0] if errors else "no error recorded"
+    raise StudyFailed(f"every {phase} trial of cell {cell.key} ({rows['trial_id'].nunique()} trials) failed; the "
+                      f"first error: {first} (each trial's error.txt has the traceback). Fix the cause and re-run the "
+                      "same command: the failed trials are retried, nothing else is run again")
+
+
+def _finished_rows(plan: StudyPlan, cell: Cell, phase: str, log: Log) -> pd.DataFrame | None:
+    """The saved rows of a cell's finished phase; None if the phase must (still) run: no table yet, a damaged one
+    (set aside and rebuilt from the trial records, without training), or seed runs of other seeds than the plan's."""
+    path = plan.out_dir / "cells" / cell.key / f"{phase}.parquet"
+    if not path.exists():
+        return None
+    try:
+        rows = pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 -- truncated or not Parquet at all: pyarrow raises several kinds
+        aside = path.with_suffix(".parquet.damaged")
+        path.replace(aside)
+        log(f"  {cell.key}: {path} is damaged ({type(err).__name__}); moved to {aside.name}, rebuilding it from the "
+            "trial records (nothing is trained again)")
+        return None
+    if phase == "seed" and "seed" in rows and set(rows["seed"]) != set(plan.seeds):
+        return None
+    return rows
+
+
+def _last_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
 
 
 def best_config(tuned: pd.DataFrame, objective: str) -> dict[str, Any]:
@@ -222,10 +298,20 @@ def save_table(table: pd.DataFrame, stem: Path) -> None:
 
 
 def load_history(out_dir: Path) -> pd.DataFrame:
-    """Every finished phase of every cell under `out_dir` (a partial study gives what it has)."""
-    parts = [pd.read_parquet(p) for p in sorted((out_dir / "cells").glob("*/*.parquet"))]
+    """Every finished phase of every cell under `out_dir` (a partial study gives what it has).
+
+    Raises `StudyFailed` naming the file when a table is damaged, or when there is nothing to report yet.
+    """
+    parts = []
+    for path in sorted((out_dir / "cells").glob("*/*.parquet")):
+        try:
+            parts.append(pd.read_parquet(path))
+        except Exception as err:  # noqa: BLE001 -- truncated or not Parquet at all: pyarrow raises several kinds
+            raise StudyFailed(f"{path} is damaged ({type(err).__name__}: {_last_line(err)}): re-run the study's "
+                              "command without --report-only to rebuild it from the trial records (nothing is trained "
+                              "again)") from None
     if not parts:
-        raise FileNotFoundError(f"no finished cell under {out_dir}/cells: nothing to report yet")
+        raise StudyFailed(f"no finished cell under {out_dir}/cells: nothing to report yet")
     return pd.concat(parts, ignore_index=True)
 
 
@@ -250,13 +336,9 @@ class TrialLine(tune.Callback):
             params.pop("beta", None)
         val, test = result.get("val_accuracy", float("nan")), result.get("test_accuracy", float("nan"))
         cell = trial.config.get(CELL, "")
+        how = result.get("status", how) + (", from its record: not trained again" if result.get(FROM_RECORD) else "")
         print(f"{self.prefix} #{self.count} {cell}: {_short(params)} -> val acc {val:.3f} (test {test:.3f}) after "
-              f"{result.get('epochs', 0):.3g} epochs, {result.get('steps', 0)} steps ({result.get('status', how)})",
-              flush=True)
-
-
-def _load(path: Path) -> pd.DataFrame | None:
-    return pd.read_parquet(path) if path.exists() else None
+              f"{result.get('epochs', 0):.3g} epochs, {result.get('steps', 0)} steps ({how})", flush=True)
 
 
 def _coords(cell: Cell) -> str:

@@ -37,7 +37,7 @@ from gradalign.ray_adapter import Range, SearchSpace
 from studies.cells import Cell, save_table
 from studies.reporting import build_report, print_outcome
 from studies.study_cli import (
-    add_common_arguments, apply_defaults, check_common, describe_study, range_arg, run_study_script, split_sizes,
+    add_common_arguments, describe_study, parse_study_args, range_arg, run_study_script, split_sizes,
 )
 
 SMOKE = dict(splits=["dirichlet:0.1"], communications=8, trials_per_cell=2, seeds=2, target=0.5,
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target validation accuracy for communications-to-target, in (0, 1]")
     g.add_argument("--preset", choices=("paper",), help="'paper': one class per client, 10 clients, half of them "
                    "per round, K=5, FedAvg vs SCAFFOLD vs FedGA with 5 seeds, 200 communications (the paper's "
-                   "setting, scaled down)")
+                   "setting, scaled down); options you give explicitly keep your values")
     g = p.add_argument_group("nuisance parameters, re-tuned in every cell")
     g.add_argument("--lr-range", type=range_arg, default=(0.01, 1.0), metavar="LOW,HIGH", help="client step size (log)")
     g.add_argument("--beta-range", type=range_arg, default=(1e-5, 1.0), metavar="LOW,HIGH", help="β of FedGA (log)")
@@ -117,7 +117,6 @@ def validate(args: argparse.Namespace) -> None:
                           "must be a positive even number (FedGA and GradAlign communicate twice per round)")
     if not 0 < args.target <= 1:
         raise ConfigError("target", args.target, "target accuracy must lie in (0, 1]")
-    check_common(args)
     n_train = split_sizes(args, clients=args.clients)["train"]
     args.budget_epochs = args.communications * args.clients * args.client_batch * max(args.local_steps) / n_train
 
@@ -173,15 +172,7 @@ def federated_figures(history: pd.DataFrame, cells: pd.DataFrame) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.preset == "paper":
-        for key, value in PAPER.items():
-            if getattr(args, key) == parser.get_default(key):
-                setattr(args, key, value)
-        if args.name == "federated":
-            args.name = "federated-paper"
-    args = apply_defaults(args)
+    args = parse_study_args(build_parser(), argv, presets={"paper": PAPER})
     describe = describe_study("federated", args, f"{args.communications} communications per run of "
                               f"{args.dataset}/{args.model} over {args.clients} clients")
     return run_study_script(args, argv, plan_cells, validate, report, describe)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, Mapping
 
 from gradalign.config import ConfigError
+from gradalign.data import DatasetCorruptError, DatasetNotFoundError
 from gradalign.export import FORMATS, ExportUnavailable, find_browser, parse_formats
 from studies.cluster_checks import (  # noqa: F401  (storage_problem: re-exported)
     ClusterNotReady, check_cluster, join_or_start, storage_problem,
@@ -78,21 +81,65 @@ def add_common_arguments(p: argparse.ArgumentParser, default_name: str, smoke: d
                    "--report-only")
     g = p.add_argument_group("modes")
     g.add_argument("--smoke-test", action="store_true",
-                   help="the whole pipeline on a tiny budget (" + ", ".join(f"{k}={v}" for k, v in smoke.items()) + ")")
+                   help="the whole pipeline on a tiny budget (" + ", ".join(f"{k}={v}" for k, v in smoke.items()) + "); "
+                   "options you give explicitly keep your values")
     g.add_argument("--report-only", action="store_true",
                    help="rebuild the report from the output folder (finished or partial study) without training")
+    g.add_argument("--extend-seeds", action="store_true",
+                   help="accept a larger --seeds for a study folder started with fewer seeds: only the runs of the "
+                   "new seeds are trained (any other change of settings is refused)")
     p.set_defaults(_smoke=smoke, _default_name=default_name)
 
 
-def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
+_UNSET = object()
+
+
+def parse_study_args(parser: argparse.ArgumentParser, argv: list[str] | None = None,
+                     presets: Mapping[str, Mapping[str, Any]] | None = None) -> argparse.Namespace:
+    """Parse `argv`, then apply `--smoke-test` (or `--preset NAME`, one of `presets`) to every option the user did not
+    give explicitly: explicit values always win, and are then validated like any other (`--smoke-test --seeds 0`
+    is refused, not replaced). Both at once are refused. Prints which values the preset set."""
+    args = parser.parse_args(argv)
+    # An option given on the command line overwrites a marker put in its place beforehand; defaults do not.
+    marked = parser.parse_args(argv, namespace=argparse.Namespace(**{k: _UNSET for k in vars(args)}))
+    explicit = {k for k, v in vars(marked).items() if v is not _UNSET}
+    chosen = []
+    if getattr(args, "preset", None):
+        chosen.append((f"--preset {args.preset}", (presets or {})[args.preset], f"{args._default_name}-{args.preset}"))
     if args.smoke_test:
-        for key, value in args._smoke.items():
+        chosen.append(("--smoke-test", args._smoke, f"{args._default_name}-smoke"))
+    if len(chosen) > 1:
+        parser.error(f"{chosen[0][0]} and {chosen[1][0]} set the same options differently; use one of them "
+                     "(and give any value you want to change explicitly)")
+    for label, values, name in chosen:
+        applied = {k: v for k, v in values.items() if k not in explicit}
+        for key, value in applied.items():
             setattr(args, key, value)
-        if args.name == args._default_name:
-            args.name = f"{args.name}-smoke"
+        if "name" not in explicit:
+            args.name = name
+        kept = [f"--{k.replace('_', '-')}" for k in values if k in explicit]
+        print(f"{label}: {', '.join(f'{k}={v}' for k, v in applied.items())}"
+              + (f" (your {', '.join(kept)} kept)" if kept else ""), flush=True)
     if args.out is None:
         args.out = str(Path("results") / args.name)
     return args
+
+
+def validate_common(args: argparse.Namespace) -> None:
+    """Refuse impossible tuning and execution options, naming the option and the value."""
+    if args.trials_per_cell < 1:
+        raise ConfigError("trials_per_cell", args.trials_per_cell, "each cell needs at least one tuning trial")
+    if args.seeds < 1:
+        raise ConfigError("seeds", args.seeds, "the best configuration of each cell needs at least one seed run")
+    if not (args.cpus_per_worker > 0 and math.isfinite(args.cpus_per_worker)):
+        raise ConfigError("cpus_per_worker", args.cpus_per_worker, "must be a positive number")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError("max_concurrent", args.max_concurrent, "must be >= 1")
+    for name in ("tuning_seeds", "eval_points"):
+        if getattr(args, name) < 1:
+            raise ConfigError(name, getattr(args, name), "must be >= 1")
+    if not 0 < args.val_fraction < 1:
+        raise ConfigError("val_fraction", args.val_fraction, "must lie in (0, 1): tuning needs a validation split")
 
 
 def common_settings(args: argparse.Namespace) -> dict:
@@ -104,12 +151,15 @@ def common_settings(args: argparse.Namespace) -> dict:
 
 def run_study_script(args: argparse.Namespace, argv: list[str] | None, plan_cells, validate, report,
                      describe) -> int:
-    """The body every study script shares: report-only, or validate -> plan -> run every cell -> report.
+    """The body every study script shares: report-only, or validate -> plan -> check -> run every cell -> report.
 
     `plan_cells(args)` and `validate(args)` must raise ConfigError (or ValueError) on bad input, before Ray starts;
     `report(out, args, command, history)` writes the report; `describe(plan)` is the opening progress line.
+    Before Ray starts, the datasets must be present (or --download given), the output folder writable, and a study
+    already in the folder must have been started with the same settings.
     """
-    from studies.cells import StudyPlan, load_history, run_plan
+    from studies.cells import StudyFailed, StudyPlan, load_history, run_plan
+    from studies.settings_file import check_plan
 
     out = Path(args.out).resolve()
     command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
@@ -119,20 +169,32 @@ def run_study_script(args: argparse.Namespace, argv: list[str] | None, plan_cell
     except ExportUnavailable as err:
         return fail(err)
     if args.report_only:
-        return _report(report, out, args, command, load_history(out))
+        try:
+            history = load_history(out)
+        except StudyFailed as err:
+            return fail(err)
+        return _report(report, out, args, command, history)
     try:
+        validate_common(args)
         validate(args)
         plan = StudyPlan(name=args.name, out_dir=out, cells=plan_cells(args), budget_epochs=args.budget_epochs,
                          **common_settings(args))
-    except (ConfigError, ValueError, FileNotFoundError) as err:  # (a dataset that is not there)
+        check_datasets(plan)
+        check_writable(out, "out")
+        if plan.storage and "://" not in plan.storage:
+            check_writable(Path(plan.storage), "storage")
+        check_plan(plan, extend_seeds=args.extend_seeds)
+    except (ConfigError, ValueError, DatasetNotFoundError, DatasetCorruptError) as err:
         return fail(err)
     print(f"{describe(plan)}; output in {out}", flush=True)
     started = time.perf_counter()
     try:
         prepare_cluster(args, plan)
-        history = run_plan(plan, address=args.address)
+        history = run_plan(plan, address=args.address, extend_seeds=args.extend_seeds)
     except (ConfigError, ConnectionError, ClusterNotReady) as err:
         return fail(err)
+    except StudyFailed as err:
+        return fail(err, code=1)
     print(f"all cells finished in {time.perf_counter() - started:.0f} s", flush=True)
     return _report(report, out, args, command, history)
 
@@ -163,14 +225,29 @@ def split_sizes(args: argparse.Namespace, clients: int | None = None) -> dict[st
     return args.split_sizes
 
 
-def check_common(args: argparse.Namespace) -> None:
-    """Refuse bad values of the shared options (by name) before anything starts."""
-    for name in ("trials_per_cell", "seeds", "tuning_seeds", "eval_points"):
-        value = getattr(args, name)
-        if value < 1:
-            raise ConfigError(name, value, "must be >= 1")
-    if not 0 < args.val_fraction < 1:
-        raise ConfigError("val_fraction", args.val_fraction, "must lie in (0, 1): tuning needs a validation split")
+def check_datasets(plan) -> None:
+    """Load every dataset the plan's cells use, once, in this process: a missing one (without --download) raises
+    `DatasetNotFoundError` naming the files and how to get them, before Ray starts. With --download, this is where
+    it is downloaded (once, not by every trial at the same time)."""
+    from gradalign.data import clear_cache, load_dataset
+
+    needed = {(c.space.fixed.get("dataset", "digits"), c.space.fixed.get("data_dir", "data"),
+               bool(c.space.fixed.get("download", False))) for c in plan.cells}
+    for name, data_dir, download in sorted(needed):
+        load_dataset(name, data_dir=data_dir, download=download)
+    clear_cache()  # the trials load their own copies: do not keep one in the driver
+
+
+def check_writable(folder: Path, option: str) -> None:
+    """Create `folder` if needed and write a file into it; `ConfigError` naming the option if that fails."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(option, str(folder), f"cannot write there ({err.strerror or err}); choose a folder you "
+                          "can write to") from None
 
 
 def describe_study(kind: str, args: argparse.Namespace, budget: str):
@@ -179,9 +256,9 @@ def describe_study(kind: str, args: argparse.Namespace, budget: str):
                          f"tuning trials + {len(plan.seeds)} seeds, {budget}")
 
 
-def fail(err: Exception) -> int:
+def fail(err: Exception, code: int = 2) -> int:
     print(f"error: {err}", file=sys.stderr)
-    return 2
+    return code
 
 
 def prepare_cluster(args: argparse.Namespace, plan) -> None:

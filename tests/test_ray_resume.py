@@ -1,5 +1,5 @@
 """A study whose driver is killed (SIGKILL) part-way resumes: every trial completes once, no finished evaluation
-interval is trained again, and the Optuna SQLite study agrees with the results table.
+interval is trained again (counted in the trial records), and the Optuna SQLite study agrees with the results table.
 
 The killed driver runs its own local Ray, as `studies/tune.py` does on a workstation: Ray dies with it, and so do the
 Tune records that were not yet synced to storage -- the realistic failure.
@@ -21,9 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 TRIALS, EPOCHS, EVALUATIONS = 6, 4, 4  # 4 log-spaced evaluations (e.g. after updates 1, 5, 29, 162 at B=32)
 
 
-def saved_histories(study_dir: Path) -> dict[str, list[dict]]:
-    """Per trial, the metrics history saved with its latest checkpoint (rewritten atomically every evaluation)."""
+def saved_records(study_dir: Path) -> dict[str, dict]:
+    """Per trial configuration, its record (history, trainings, Tune trial ids), rewritten atomically every
+    evaluation."""
     return {p.stem: json.loads(p.read_text()) for p in (study_dir / "history").glob("*.json")}
+
+
+def saved_histories(study_dir: Path) -> dict[str, list[dict]]:
+    """Per trial configuration, the metrics history saved with its latest checkpoint."""
+    return {key: record["history"] for key, record in saved_records(study_dir).items()}
 
 
 def reported_rows(experiment: Path) -> list[dict]:
@@ -62,17 +68,22 @@ def test_killed_study_resumes_without_running_anything_twice(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming study 'killed'" in second.stdout
 
-    # Every trial ran once: as many trials as asked for, each with every evaluation once in the table.
+    # Every trial ran once: as many trials as asked for, each with every evaluation once in the table ...
     table = pd.read_parquet(study_dir / "results.parquet")
     assert table["trial_id"].nunique() == TRIALS
-    assert len(list(experiment.glob("*/result.json"))) == TRIALS  # no trial was started again under a new id
+    records = saved_records(study_dir)
+    assert len(records) == TRIALS  # ... and no configuration beyond the budget was trained
+    assert set(table["trial_id"]) == {r["trial_ids"][0] for r in records.values()}
+    for key, record in records.items():  # each epoch was trained (and saved) once
+        epochs = [epoch for epoch, _ in record["trained"]]
+        assert len(epochs) == len(set(epochs)), (key, record["trained"])
     for trial_id, rows in table.groupby("trial_id"):
         assert list(rows["evaluation"]) == list(range(1, EVALUATIONS + 1)), trial_id
     assert set(table["trial_status"]) == {"completed"}
     # No evaluation saved before the kill was trained again (a retrained one would have another wall_time) ...
     final = saved_histories(study_dir)
-    for trial_id, history in at_kill.items():
-        assert final[trial_id][:len(history)] == history, trial_id
+    for key, history in at_kill.items():
+        assert final[key][:len(history)] == history, key
     # ... and Tune was told each evaluation at most twice (once trained, at most once re-reported on resume).
     assert max(Counter((r["trial_id"], r["evaluation"]) for r in reported_rows(experiment)).values()) <= 2
 

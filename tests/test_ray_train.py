@@ -1,5 +1,8 @@
 """Ray Train execution of a trial: 2 TorchTrainer workers reproduce one process, and trials resume from checkpoints."""
 
+import json
+import time
+
 import pytest
 
 from gradalign.config import TrainConfig
@@ -12,6 +15,19 @@ TINY = dict(dataset="digits", model="mlp", algorithm="gradalign", batch_size=64,
 TRAJECTORY = ("train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy", "grad_variance")
 
 
+TRAIN_ACTORS = ("TrainController", "RayTrainWorker", "DatasetManager")
+"""Per-run actors of Ray Train (Ray Data's detached, cluster-wide `AutoscalingCoordinator` is not one)."""
+
+
+def alive_train_actors() -> set[str]:
+    import ray
+    from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address  # (other Ray instances may run on this machine)
+    return {a.actor_id for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
+            if a.class_name in TRAIN_ACTORS}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_train_workers_reproduce_single_process_float64(ray_cluster, tmp_path):
@@ -19,7 +35,13 @@ def test_two_train_workers_reproduce_single_process_float64(ray_cluster, tmp_pat
     expected = Trainer(config).fit()
 
     execution = TrialExecution(workers=2, storage_path=str(tmp_path))
+    before = alive_train_actors()
     history = fit_torch_trainer(config, execution, "equivalence")
+    # No Ray Train actor of the run outlives it (fit() in the main thread used to keep its TrainController alive).
+    deadline = time.monotonic() + 30
+    while alive_train_actors() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not alive_train_actors() - before
 
     assert [m["evaluation"] for m in history] == [1, 2]
     for got, want in zip(history, expected):
@@ -36,7 +58,7 @@ def test_two_train_workers_reproduce_single_process_float64(ray_cluster, tmp_pat
 
 def test_in_process_trial_resumes_without_repeating_evaluations(tmp_path):
     config = TrainConfig(**{**TINY, "epochs": 3, "algorithm": "sgd", "beta": None})  # evaluations at 21, 42, 61
-    state = str(tmp_path / "state" / "trial.pt")
+    state, record = str(tmp_path / "state" / "trial.pt"), tmp_path / "history" / "trial.json"
     unbroken = train_in_process(config, str(tmp_path / "other.pt"), lambda m: None)
 
     class Crash(Exception):
@@ -47,15 +69,16 @@ def test_in_process_trial_resumes_without_repeating_evaluations(tmp_path):
     def crash_at_evaluation_2(metrics):
         reports.append(metrics["evaluation"])
         if metrics["evaluation"] == 2:
-            raise Crash  # the process dies after reporting evaluation 2 but before saving it
+            raise Crash  # the process dies (or Tune stops the trial) while evaluation 2 is being reported
 
     with pytest.raises(Crash):
-        train_in_process(config, state, crash_at_evaluation_2)
+        train_in_process(config, state, crash_at_evaluation_2, history_path=str(record))
     resumed = []
-    history = train_in_process(config, state, lambda m: resumed.append(m["evaluation"]))
+    history = train_in_process(config, state, lambda m: resumed.append(m["evaluation"]), history_path=str(record))
 
     assert reports == [1, 2]
-    assert resumed == [1, 2, 3]  # 1 re-reported (restored), 2 (in flight) redone, then 3
+    assert resumed == [2, 3]  # 2 was saved before it was reported: re-reported (restored), not retrained
+    assert [e for e, _ in json.loads(record.read_text())["trained"]] == [1, 2, 3]  # each trained once
     strip = lambda h: [{k: v for k, v in m.items() if k != "wall_time"} for m in h]  # noqa: E731
     assert strip(history) == strip(unbroken)  # bit-for-bit the uninterrupted run
 

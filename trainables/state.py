@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 
 import pyarrow.fs
@@ -43,9 +42,3 @@ def read_if_exists(uri: str) -> bytes | None:
         return None
     with fs.open_input_stream(path) as f:
         return f.read()
-
-
-def write_history(uri: str | None, history: list[dict]) -> None:
-    """Save the metrics history beside the checkpoint (JSON, readable without torch; see `results_table`)."""
-    if uri:
-        write_atomic(uri, json.dumps(history).encode())

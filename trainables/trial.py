@@ -1,14 +1,18 @@
 """The Tune function trainable: one trial = one GradAlign training run, reported to Tune at every evaluation.
 
 One worker: the trial trains in its own process (`LocalComm`, no TorchTrainer, no process group: start-up costs
-nothing), keeping its state in a stable per-trial file. More workers: the trial is the Ray Train driver (Ray 2.60's
-V2 pattern) -- it builds and fits a `TorchTrainer` named after the trial, whose `TuneReportCallback` forwards rank 0's
-per-evaluation reports to Tune. Either way a restarted trial (retry, or a restored study) resumes from its latest
-checkpoint and a diverged run ends early with finite penalty metrics and status 'diverged'.
+nothing), keeping its state in a stable per-configuration file. More workers: the trial is the Ray Train driver (Ray
+2.60's V2 pattern) -- it builds and fits a `TorchTrainer` named after the configuration, whose `TuneReportCallback`
+forwards rank 0's per-evaluation reports to Tune. Either way the trial's record (`gradalign.ray_adapter.records`) is
+keyed by its configuration: a configuration that already finished is answered from its record without training, and
+an unfinished one resumes from its latest checkpoint, whichever Tune trial runs it (a retry, a restored trial, or a
+re-suggestion after a restore). A diverged run ends early with finite penalty metrics and status 'diverged'.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any, Callable
 
 import ray.train
@@ -20,22 +24,28 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from gradalign.comm import LocalComm
 from gradalign.config import TrainConfig
 from gradalign.ray_adapter import GROUP_SEEDS, TrialExecution, penalise
+from gradalign.ray_adapter._common import COUNTER
+from gradalign.ray_adapter.records import FROM_RECORD, TrialRecords, update_record
 from gradalign.seed_group import build_trainer
 
-from trainables.state import from_bytes, read_if_exists, to_bytes, write_atomic, write_history
+from trainables.state import from_bytes, read_if_exists, to_bytes, write_atomic
 from trainables.worker import train_loop_per_worker
 
 
 def gradalign_trainable(config: dict[str, Any], execution: TrialExecution) -> None:
     """Tune function trainable. `config` holds TrainConfig fields; wrap with `tune.with_parameters(..., execution=)`."""
     train_config = TrainConfig.from_dict(config)
-    trial_id = tune.get_context().get_trial_id()
+    record = TrialRecords(execution).start(config, tune.get_context().get_trial_id())
+    if record.finished:  # trained before (the study was restored, or the configuration re-suggested): answer
+        tune.report({**record.history[-1], FROM_RECORD: True})
+        return
     if execution.in_process:
-        train_in_process(train_config, execution.state_path(trial_id), tune.report,
-                         history_path=execution.history_path(trial_id), threads=max(1, int(execution.cpus_per_worker)))
+        train_in_process(train_config, execution.state_path(record.key), tune.report,
+                         history_path=execution.history_path(record.key),
+                         threads=max(1, int(execution.cpus_per_worker)))
     else:
-        history = fit_torch_trainer(train_config, execution, f"train-{trial_id}", callbacks=[TuneReportCallback()],
-                                    history_path=execution.history_path(trial_id))
+        history = fit_torch_trainer(train_config, execution, f"train-{record.key}", callbacks=[TuneReportCallback()],
+                                    history_path=execution.history_path(record.key))
         # Report the final metrics once more after fit(): a trial that finished just before a driver crash
         # otherwise keeps a stale last result when the study is restored.
         tune.report(history[-1])
@@ -52,10 +62,11 @@ def train_in_process(
     history. A config whose extras hold several `group_seeds` trains them side by side (`SeedGroup`) and reports
     their mean.
 
-    The state is saved to `state_path` after each report (atomically), and loaded from it if present, so a
-    restarted trial loses at most the evaluation interval in flight; the metrics history is saved beside it to
-    `history_path`. On resume the restored evaluation is reported again: if the previous process died after saving
-    it but before Tune recorded it, it is not lost (the results table keeps the last report of each evaluation).
+    After each evaluation the state is saved to `state_path` (atomically) and the trial record at `history_path`
+    (if given) gets the history and one more training, both *before* the evaluation is reported: a process stopped
+    or killed at any moment loses at most the evaluation interval in flight. The state is loaded from `state_path`
+    if present; on resume the restored evaluation is reported again (the previous process may have died before Tune
+    recorded it; the results table keeps the last report of each evaluation).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -67,9 +78,10 @@ def train_in_process(
             report(penalise(trainer.history[-1]))
     while not trainer.done:
         metrics = penalise(trainer.train_until_eval())
-        report(metrics)
         write_atomic(state_path, to_bytes(trainer.state_dict()))
-        write_history(history_path, [penalise(m) for m in trainer.history])
+        if history_path:
+            update_record(history_path, [penalise(m) for m in trainer.history], trained_evaluation=metrics[COUNTER])
+        report(metrics)
     return [penalise(m) for m in trainer.history]
 
 
@@ -83,7 +95,8 @@ def fit_torch_trainer(
     """Fit a `TorchTrainer` of `execution.workers` workers on `config`; returns rank 0's (penalised) metrics history.
 
     The run is called `name` and kept under `execution.train_storage`: fitting the same name again resumes from its
-    latest checkpoint. Worker-group and controller retries are bounded by `execution`.
+    latest checkpoint. Worker-group and controller retries are bounded by `execution`. No Ray Train actor outlives
+    the call (see `_fit_without_leaking_the_controller`).
     """
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
@@ -105,4 +118,20 @@ def fit_torch_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    return trainer.fit().return_value
+    return _fit_without_leaking_the_controller(trainer).return_value
+
+
+def _fit_without_leaking_the_controller(trainer: ray.train.torch.TorchTrainer) -> ray.train.Result:
+    """`trainer.fit()`, then restore the SIGINT handler it installed.
+
+    Called from the main thread, Ray Train 2.60's `fit()` installs a SIGINT handler that holds the handle of its
+    `TrainController` actor and never removes it: the controller then stays alive after `fit()` returns, until the
+    process exits. Putting the previous handler back drops the last handle, and Ray ends the actor.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()  # (in a Tune trial: no handler is installed)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)

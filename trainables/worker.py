@@ -1,7 +1,7 @@
 """The per-worker loop of a Ray Train `TorchTrainer`: each worker trains its block of the clients.
 
 The `Trainer` splits the clients by `comm.rank / comm.world_size` and all-reduces through `TorchDistributedComm`
-(the process group TorchTrainer set up). Every epoch each worker writes its own state into the checkpoint folder
+(the process group TorchTrainer set up). At every evaluation each worker writes its own state into the checkpoint folder
 (Ray Train merges the workers' folders) and all report together; a restarted run (same Train run name) resumes
 from the latest checkpoint without repeating finished evaluations.
 """
@@ -18,18 +18,21 @@ import torch
 from gradalign.comm import TorchDistributedComm
 from gradalign.config import TrainConfig
 from gradalign.ray_adapter import GROUP_SEEDS, penalise
+from gradalign.ray_adapter._common import COUNTER
+from gradalign.ray_adapter.records import update_record
 from gradalign.seed_group import build_trainer
 
-from trainables.state import from_bytes, state_file, to_bytes, write_history
+from trainables.state import from_bytes, state_file, to_bytes
 
 
 def train_loop_per_worker(loop_config: dict) -> list[dict]:
     """Train `TrainConfig.from_dict(loop_config["config"])` on this worker's clients; returns the (penalised) metrics
-    history. Rank 0 also saves the history as JSON to `loop_config["history_path"]` (if given) after each checkpoint.
+    history. Rank 0 also writes the history and one more training into the trial record at
+    `loop_config["history_path"]` (if given) after each checkpoint (`gradalign.ray_adapter.records`).
 
     On resume the restored evaluation's metrics are reported once more (without a checkpoint): if the driver died after
     that checkpoint was saved but before Tune recorded its metrics, the row is not lost (a duplicate is harmless:
-    the results table keeps the last report per epoch).
+    the results table keeps the last report per evaluation).
     """
     config = TrainConfig.from_dict(loop_config["config"])
     history_path = loop_config.get("history_path")
@@ -57,6 +60,6 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
             with open(os.path.join(folder, state_file(context.get_world_rank())), "wb") as f:
                 f.write(to_bytes(trainer.state_dict()))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        if context.get_world_rank() == 0:
-            write_history(history_path, [penalise(m) for m in trainer.history])
+        if context.get_world_rank() == 0 and history_path:
+            update_record(history_path, [penalise(m) for m in trainer.history], trained_evaluation=metrics[COUNTER])
     return [penalise(m) for m in trainer.history]

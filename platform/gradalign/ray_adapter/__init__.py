@@ -13,8 +13,11 @@ What lives here, in the order a study uses it:
 4. `run_study` -- build (or restore) the `Tuner`: seeded TPE via `OptunaSearch`, optional ASHA on `epochs` (examples
    seen / training set), bounded
    retries, and `OptunaMirror`, which copies every finished trial into a SQLite Optuna study for optuna-dashboard.
-5. `results_table` -- one tidy frame, a row per trial per reported evaluation, with configuration, metrics and
-   `provenance()`; `sync_optuna_study` re-syncs the SQLite study from it.
+5. `TrialRecords` -- per trial *configuration*, what it has trained (written by the trainable at every
+   evaluation): the ground truth a resumed study reconciles with Tune's older snapshot, so that no finished trial
+   runs again.
+6. `results_table` -- one tidy frame, a row per trial per reported evaluation, with configuration, metrics and
+   `provenance()`; `sync_optuna_study` makes the SQLite study agree with it.
 
 The trainable itself (what a trial runs) lives in the `trainables` package; `run_study` takes it as an argument, so
 the library never imports `trainables`.
@@ -26,9 +29,10 @@ from ._common import DRIVER_RESOURCE, GROUP_SEEDS, LOSS_PENALTY, METRICS, final_
 from .connection import ClusterUnreachable, RayConnection, connect, connect_ray
 from .execution import TrialExecution, plan_concurrency
 from .mirror import OptunaMirror, sync_optuna_study
+from .records import RecordCloser, TrialRecord, TrialRecords, trial_key
 from .results import results_table, write_results_table
 from .space import Range, SearchSpace
-from .study import StudySettings, make_scheduler, make_searcher, run_study
+from .study import StudySettings, flat_settings, make_scheduler, make_searcher, run_study, setting_changes
 
 __all__ = [
     "METRICS",
@@ -49,7 +53,13 @@ __all__ = [
     "make_searcher",
     "make_scheduler",
     "OptunaMirror",
+    "TrialRecord",
+    "TrialRecords",
+    "RecordCloser",
+    "trial_key",
     "run_study",
+    "flat_settings",
+    "setting_changes",
     "results_table",
     "write_results_table",
     "sync_optuna_study",

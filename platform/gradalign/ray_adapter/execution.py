@@ -56,17 +56,18 @@ class TrialExecution:
         """Where the TorchTrainer runs `train-<trial_id>` keep their checkpoints."""
         return _join(self.storage_path, "train")
 
-    def state_path(self, trial_id: str) -> str:
-        """Checkpoint file of an in-process trial (stable per trial, so a restarted trial resumes)."""
-        return _join(self.storage_path, "state", f"{trial_id}.pt")
+    def state_path(self, trial_key: str) -> str:
+        """Checkpoint file of an in-process trial (stable per trial configuration, so a restarted trial resumes)."""
+        return _join(self.storage_path, "state", f"{trial_key}.pt")
 
-    def history_path(self, trial_id: str) -> str:
-        """JSON list of the trial's per-evaluation metrics, rewritten after every checkpoint (see `results_table`)."""
-        return _join(self.storage_path, "history", f"{trial_id}.json")
+    def history_path(self, trial_key: str) -> str:
+        """The trial's record (its per-evaluation metrics, ...), rewritten after every checkpoint (see `records`)."""
+        return _join(self.storage_path, "history", f"{trial_key}.json")
 
-    def saved_history(self, trial_id: str) -> list[dict[str, Any]]:
+    def saved_history(self, trial_key: str) -> list[dict[str, Any]]:
         """The metrics history the trial saved with its latest checkpoint ([] if none)."""
-        return (_read_json(self.history_path(trial_id)) or []) if self.storage_path else []
+        saved = _read_json(self.history_path(trial_key)) if self.storage_path else None
+        return (saved.get("history") or []) if isinstance(saved, dict) else (saved or [])
 
 
 def plan_concurrency(

@@ -11,6 +11,8 @@ import pandas as pd
 from ray import tune
 
 from ._common import COUNTER, _is_finite, _plain, final_status
+from .execution import TrialExecution
+from .records import TrialRecords
 from .space import SearchSpace
 
 
@@ -18,18 +20,23 @@ from .space import SearchSpace
 # Optuna SQLite mirror (for optuna-dashboard)
 # ---------------------------------------------------------------------------------------------------------------
 class OptunaMirror(tune.Callback):
-    """Copies every finished Tune trial into an Optuna study in SQLite, once (keyed by the Tune trial id).
+    """Copies every finished Tune trial into an Optuna study in SQLite, once (keyed by the trial's id).
 
     Tune's pickled searcher is the source of truth for sampling; this study is a read-only copy for
     optuna-dashboard. Each write is one SQLite transaction made when the trial ends, so a hard kill of the driver
-    leaves no RUNNING rows behind, and a restored study that finishes the same trial again does not duplicate it.
+    leaves no RUNNING rows behind. Given the trials' `execution`, a trial's id is the one its record gives
+    (`records.TrialRecords`: the first Tune trial that ran its configuration), so a restored study that finishes
+    the same trial again, or runs its configuration again under a new Tune trial, does not duplicate it.
+    `sync_optuna_study` makes the study agree with the final results table.
     """
 
-    def __init__(self, storage: str, study_name: str, space: SearchSpace, objectives: Sequence[tuple[str, str]]):
+    def __init__(self, storage: str, study_name: str, space: SearchSpace, objectives: Sequence[tuple[str, str]],
+                 execution: TrialExecution | None = None):
         self.storage = storage
         self.study_name = study_name
         self.space = space
         self.objectives = tuple(objectives)
+        self.execution = execution
         self._study: optuna.Study | None = None
         self._intermediate: dict[str, dict[int, float]] = {}
 
@@ -50,9 +57,15 @@ class OptunaMirror(tune.Callback):
                 self._study.set_metric_names([metric for metric, _ in self.objectives])
         return self._study
 
+    def _id(self, trial) -> str:
+        execution = getattr(self, "execution", None)  # (absent in mirrors pickled before records existed)
+        if execution is None or not execution.storage_path:
+            return trial.trial_id
+        return TrialRecords(execution).trial_id_of(trial.config, default=trial.trial_id)
+
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if COUNTER in result and self.objectives[0][0] in result:
-            self._intermediate.setdefault(trial.trial_id, {})[int(result[COUNTER])] = float(result[self.objectives[0][0]])
+            self._intermediate.setdefault(self._id(trial), {})[int(result[COUNTER])] = float(result[self.objectives[0][0]])
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._add_safely(trial, error=False)
@@ -63,7 +76,7 @@ class OptunaMirror(tune.Callback):
     def _add_safely(self, trial, error: bool) -> None:
         # The SQLite study is a copy: a failure to write it must not end the study (the final sync retries).
         try:
-            self.add(trial.trial_id, trial.config, trial.last_result, error=error)
+            self.add(self._id(trial), trial.config, trial.last_result, error=error)
         except Exception as exc:  # noqa: BLE001
             warnings.warn(f"could not copy trial {trial.trial_id} to the Optuna study {self.storage}: {exc!r}")
 
@@ -112,9 +125,18 @@ def sync_optuna_study(
     space: SearchSpace,
     objectives: Sequence[tuple[str, str]],
 ) -> int:
-    """Add to the SQLite study every trial of the results table that it lacks (e.g. one that ended while the driver
-    was being killed), from the trial's last evaluation; returns how many were added."""
+    """Make the SQLite study hold exactly the trials of the results table, one Optuna trial each.
+
+    A trial of the table that the study lacks (e.g. one that ended while the driver was being killed) is added from
+    its last evaluation. If the study holds anything else -- a trial the table does not have, one trial twice, a
+    trial that is not finished -- it is rebuilt from the table. Returns how many trials were added.
+    """
     mirror = OptunaMirror(storage, study_name, space, objectives)
+    ids = [t.user_attrs.get("tune_trial_id") for t in mirror.study().get_trials(deepcopy=False)]
+    finished = all(t.state.is_finished() for t in mirror.study().get_trials(deepcopy=False))
+    if set(ids) - set(table["trial_id"].astype(str)) or len(ids) != len(set(ids)) or not finished:
+        optuna.delete_study(study_name=study_name, storage=storage)
+        mirror = OptunaMirror(storage, study_name, space, objectives)
     known = mirror.known_trial_ids()
     metric = objectives[0][0]
     added = 0
