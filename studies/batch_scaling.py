@@ -1,16 +1,19 @@
 """How far does data-parallel training scale? Accuracy and steps-to-target versus global batch size, tuned per cell.
 
-    python studies/batch_scaling.py                  # a real study on the bundled digits data (~10 min, 2 cores)
-    python studies/batch_scaling.py --smoke-test     # the whole pipeline in ~2 minutes
-    python studies/batch_scaling.py --report-only --out results/batch-scaling   # rebuild the report, no training
-    python studies/batch_scaling.py --address auto --dataset cifar10 --model lenet --batch-sizes 128 512 2048 \\
-        --trials-per-cell 24 --workers 4 --gpus-per-worker 1 --storage s3://bucket/gradalign   # on a cluster
+    python studies/batch_scaling.py                  # MNIST-1D, 1-D CNN, B = 64..1024 (under 10 min on 2 cores)
+    python studies/batch_scaling.py --smoke-test     # the whole pipeline on digits in about 2 minutes
+    python studies/batch_scaling.py --report-only --out results/batch-scaling --export png,pdf   # rebuild the report
+    python studies/batch_scaling.py --dataset cifar10 --model lenet --batch-sizes 128 512 2048 --download \\
+        --trials-per-cell 24 --workers 4 --gpus-per-worker 1 --storage s3://bucket/gradalign   # on a cluster's head
 
 The method of Shallue et al. (2018) and Google's tuning playbook:
 - scientific: global batch size B (the parallelism) x algorithm. Small-batch SGD at batch b is the reference;
   large-batch SGD and GradAlign at B split B into B/b micro-batches (GradAlign's clients) of that same b, so
   GradAlign emulates the reference's implicit regularisation at any parallelism;
-- nuisance, re-tuned in every cell with Ray Tune + Optuna (TPE) on the validation split: step size, β, momentum;
+- nuisance, re-tuned in every cell with Ray Tune + Optuna (TPE) on the validation split: step size and β
+  (momentum fixed at 0.9 by default, or searched with --momentum-range; a 10% linear warmup and a cosine decay, as
+  large-batch training needs); each tuning trial is scored on two seeds, so that a step size at the edge of
+  stability, which collapses on other seeds, is less likely to be chosen;
 - fixed: dataset, model, the micro-batch b, and the budget: the same number of training examples for every cell
   (--epochs x training-set size, rounded up to a multiple of every batch size), or the same number of steps
   (--budget-steps);
@@ -40,44 +43,51 @@ from studies.study_cli import (
     add_common_arguments, describe_study, parse_study_args, range_arg, run_study_script, split_sizes,
 )
 
-SMOKE = dict(batch_sizes=[32, 128], epochs=3, trials_per_cell=2, seeds=2, target=0.5)
+SMOKE = dict(dataset="digits", model="mlp", batch_sizes=[32, 128], epochs=3, trials_per_cell=2, tuning_seeds=1, seeds=2,
+             target=0.5, eval_points=10)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("scientific axes")
-    g.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 512],
+    g.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 512, 1024],
                    help="global batch sizes B to compare (the degree of parallelism)")
     g.add_argument("--algorithms", nargs="+", default=["sgd", "large_batch_sgd", "gradalign"], choices=ALGORITHMS,
                    metavar="ALG", help="'sgd' is the small-batch reference at batch --micro-batch; the others run at "
                    f"every B (choices: {', '.join(ALGORITHMS)})")
-    g.add_argument("--micro-batch", type=int, default=16,
+    g.add_argument("--micro-batch", type=int, default=32,
                    help="b: the reference's batch size, and each micro-batch (client) of GradAlign / large-batch SGD")
     g.add_argument("--workers", type=int, nargs="+", default=[1],
                    help="training processes per trial (1 = in the trial's process; >1 = Ray Train workers); "
                    "several values make the number of workers a scientific axis too")
     g = p.add_argument_group("fixed parameters and budget")
-    g.add_argument("--dataset", default="digits", choices=DATASETS)
-    g.add_argument("--model", default="mlp", choices=MODELS)
-    g.add_argument("--epochs", type=float, default=30,
+    g.add_argument("--dataset", default="mnist1d", choices=DATASETS,
+                   help="default mnist1d: generated offline, small enough for a CPU, hard enough to scale badly")
+    g.add_argument("--model", default="cnn", choices=MODELS, help="default cnn (the MNIST-1D paper's 1-D CNN)")
+    g.add_argument("--epochs", type=float, default=20,
                    help="budget: every run sees EPOCHS x (training-set size) examples, rounded up to a multiple of "
                    "every batch size so that every cell sees exactly the same number")
     g.add_argument("--budget-steps", type=int, default=None,
                    help="budget in steps instead: every run takes this many updates (large batches then see more "
                    "examples)")
-    g.add_argument("--target", type=float, default=0.9,
+    g.add_argument("--target", type=float, default=0.6,
                    help="target validation accuracy for steps-to-target, in (0, 1]")
     g.add_argument("--tolerance", type=float, default=0.01,
                    help="the verdict says up to which B each algorithm stays within this much test accuracy of the "
                    "small-batch reference (default 0.01: one percentage point)")
     g = p.add_argument_group("nuisance parameters, re-tuned in every cell")
-    g.add_argument("--lr-range", type=range_arg, default=(0.01, 3.0), metavar="LOW,HIGH",
+    g.add_argument("--lr-range", type=range_arg, default=(0.001, 0.5), metavar="LOW,HIGH",
                    help="step-size search range (log-uniform)")
-    g.add_argument("--beta-range", type=range_arg, default=(1e-5, 3.0), metavar="LOW,HIGH",
+    g.add_argument("--beta-range", type=range_arg, default=(1e-4, 1.0), metavar="LOW,HIGH",
                    help="GradAlign's β search range (log-uniform)")
-    g.add_argument("--momentum-range", type=range_arg, default=(0.0, 0.95), metavar="LOW,HIGH",
-                   help="momentum search range (uniform); 'none' keeps momentum at 0")
-    add_common_arguments(p, default_name="batch-scaling", smoke=SMOKE)
+    g.add_argument("--momentum-range", type=range_arg, default=None, metavar="LOW,HIGH",
+                   help="momentum search range (uniform); default 'none': fixed at --momentum")
+    g.add_argument("--momentum", type=float, default=0.9, help="the fixed momentum when it is not searched")
+    g.add_argument("--lr-schedule", default="cosine", choices=("constant", "linear", "cosine"),
+                   help="step-size decay over the budget (default cosine, to zero at the end)")
+    g.add_argument("--warmup", type=float, default=0.1,
+                   help="fraction of each run's steps over which the step size rises linearly from 0 (default 0.1)")
+    add_common_arguments(p, default_name="batch-scaling", smoke=SMOKE, tuning_seeds=2)
     return p
 
 
@@ -124,9 +134,12 @@ def resolve_budget(args: argparse.Namespace) -> None:
 
 
 def plan_cells(args: argparse.Namespace) -> tuple[Cell, ...]:
-    fixed = dict(dataset=args.dataset, model=args.model, budget_examples=args.budget_examples,
+    fixed = dict(dataset=args.dataset, model=args.model, num_samples=args.num_samples,
+                 budget_examples=args.budget_examples,
                  budget_steps=args.budget_steps, val_fraction=args.val_fraction, eval_points=args.eval_points,
-                 data_dir=str(Path(args.data_dir).resolve()), download=args.download, seed=0)
+                 lr_schedule=args.lr_schedule, warmup=args.warmup,
+                 data_dir=str(Path(args.data_dir).resolve()), download=args.download, seed=0,
+                 **({} if args.momentum_range else {"momentum": args.momentum}))
     ranges = dict(lr=Range(*args.lr_range, log=True),
                   momentum=Range(*args.momentum_range) if args.momentum_range else None)
     cells = []

@@ -1,11 +1,12 @@
 """Federated learning under heterogeneous clients: FedAvg, FedProx, SCAFFOLD and FedGA, tuned per cell.
 
-    python studies/federated.py                   # a real study on the bundled digits data (~10 min, 2 cores)
-    python studies/federated.py --smoke-test      # the whole pipeline in ~2 minutes
+    python studies/federated.py                   # MNIST-1D, three label-skew levels (about 10 min, 2 cores)
+    python studies/federated.py --smoke-test      # the whole pipeline on digits in about 2 minutes
     python studies/federated.py --preset paper    # the paper's setting, scaled down: one class per client
     python studies/federated.py --report-only --out results/federated
 
-- scientific: data heterogeneity (Dirichlet alpha over labels, or one class per client), the fraction of clients
+- scientific: data heterogeneity (Hsu et al.'s Dirichlet label mix at equal client sizes, or one class per
+  client), the fraction of clients
   per round (participation) and the local steps K; algorithms FedAvg, FedProx, SCAFFOLD, FedGA, with GradAlign
   (K = 1, all clients) and large-batch SGD as references;
 - nuisance, re-tuned in every cell with Ray Tune + Optuna on the validation split: client step size, β (FedGA,
@@ -34,13 +35,14 @@ from gradalign import figures as F
 from gradalign.algorithms import communications_per_update
 from gradalign.config import DATASETS, FEDERATED_ALGORITHMS, MODELS, ConfigError, TrainConfig
 from gradalign.ray_adapter import Range, SearchSpace
+from gradalign.verdict import federated_facts, federated_sentences, protocol_sentence
 from studies.cells import Cell, save_table
 from studies.reporting import build_report, print_outcome
 from studies.study_cli import (
     add_common_arguments, describe_study, parse_study_args, range_arg, run_study_script, split_sizes,
 )
 
-SMOKE = dict(splits=["dirichlet:0.1"], communications=8, trials_per_cell=2, seeds=2, target=0.5,
+SMOKE = dict(dataset="digits", splits=["dirichlet:0.1"], communications=8, eval_points=8, trials_per_cell=2, seeds=2, target=0.5,
              algorithms=["fedavg", "fedga"], references=["gradalign"])
 PAPER = dict(splits=["one_class"], clients=10, participation=[0.5], local_steps=[5], communications=200,
              algorithms=["fedavg", "scaffold", "fedga"], references=[], seeds=5, trials_per_cell=8)
@@ -50,8 +52,9 @@ REFERENCES = ("gradalign", "large_batch_sgd")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("scientific axes")
-    g.add_argument("--splits", nargs="+", default=["dirichlet:0.1", "dirichlet:10", "one_class"],
-                   help="client data splits: 'dirichlet:ALPHA' (smaller alpha = more heterogeneous), 'one_class', 'iid'")
+    g.add_argument("--splits", nargs="+", default=["dirichlet:10", "dirichlet:0.3", "one_class"],
+                   help="client data splits: 'dirichlet:ALPHA' (each client's label mix ~ Dir(ALPHA x global mix), equal "
+                   "client sizes; smaller alpha = more heterogeneous), 'one_class', 'iid'")
     g.add_argument("--participation", type=float, nargs="+", default=[0.5], help="fractions of clients per round")
     g.add_argument("--local-steps", type=int, nargs="+", default=[5], help="K: local steps per round")
     g.add_argument("--algorithms", nargs="+", default=list(FEDERATED_ALGORITHMS), choices=FEDERATED_ALGORITHMS,
@@ -59,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--references", nargs="*", default=list(REFERENCES), choices=REFERENCES, metavar="ALG",
                    help="data-parallel references over all clients, one step per round (gradalign, large_batch_sgd)")
     g = p.add_argument_group("fixed parameters and budget")
-    g.add_argument("--dataset", default="digits", choices=DATASETS)
-    g.add_argument("--model", default="mlp", choices=MODELS)
+    g.add_argument("--dataset", default="mnist1d", choices=DATASETS, help="default mnist1d (generated offline)")
+    g.add_argument("--model", default="mlp", choices=MODELS, help="default mlp (the MNIST-1D paper's MLP)")
     g.add_argument("--clients", type=int, default=10, help="number of clients")
     g.add_argument("--client-batch", type=int, default=16, help="examples per client per local step")
     g.add_argument("--communications", type=int, default=80,
@@ -122,7 +125,8 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def plan_cells(args: argparse.Namespace) -> tuple[Cell, ...]:
-    base = dict(dataset=args.dataset, model=args.model, clients=args.clients, seed=0, download=args.download,
+    base = dict(dataset=args.dataset, model=args.model, num_samples=args.num_samples, clients=args.clients, seed=0,
+                download=args.download,
                 batch_size=args.clients * args.client_batch, val_fraction=args.val_fraction,
                 eval_points=args.eval_points, data_dir=str(Path(args.data_dir).resolve()))
     lr = Range(*args.lr_range, log=True)
@@ -178,6 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     return run_study_script(args, argv, plan_cells, validate, report, describe)
 
 
+def verdict(args: argparse.Namespace):
+    """The report's opening sentences: protocol, then per setting the best algorithm and FedGA's differences."""
+    def sentences(history: pd.DataFrame, cells: pd.DataFrame, sig: pd.DataFrame) -> list[str]:
+        budget = (f"{args.communications} communications per run ({args.communications} rounds of FedAvg, FedProx and "
+                  f"SCAFFOLD, {args.communications // 2} of FedGA)")
+        test_size = getattr(args, "split_sizes", {}).get("test")
+        protocol = protocol_sentence(args.trials_per_cell, args.seeds, budget, test_size, cells["acc_mean"].mean(),
+                                     args.tuning_seeds)
+        return [protocol, *federated_sentences(federated_facts(cells, sig))]
+    return sentences
+
+
 def report(out: Path, args: argparse.Namespace, command: str, history: pd.DataFrame) -> int:
     save_table(history, out / "history")
     ranges = {}  # per algorithm: only what was searched for it
@@ -205,7 +221,7 @@ def report(out: Path, args: argparse.Namespace, command: str, history: pd.DataFr
                         title="GradAlign federated study: heterogeneity and participation", command=command,
                         budget=budget, search_ranges=ranges, reference=None,
                         comparisons=(("fedga", "fedavg"), ("fedga", "scaffold"), ("fedga", "fedprox")),
-                        figures=federated_figures, export=args.export)
+                        figures=federated_figures, export=args.export, verdict=verdict(args))
     print_outcome(out, path)
     return 0
 

@@ -138,7 +138,8 @@ def _collapse_warnings(history: pd.DataFrame, group: Sequence[str], num_classes:
         others = trials[(trials["cell"] == row.cell) & (trials["trial_id"] != row.trial_id)]["acc_final"]
         out.append(f"{row.cell}: the seed-{int(row.seed)} run collapsed to {row.acc_final:.3f} test accuracy (the "
                    f"cell's other seeds: {', '.join(f'{v:.3f}' for v in others)}) without diverging: the chosen "
-                   "configuration sits at the edge of stability (try --tuning-seeds 2 or a narrower lr range)")
+                   "configuration sits at the edge of stability (score the tuning on more seeds, --tuning-seeds, or "
+                   "narrow the lr range)")
     return out
 
 

@@ -40,12 +40,13 @@ def export_arg(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def add_common_arguments(p: argparse.ArgumentParser, default_name: str, smoke: dict) -> None:
+def add_common_arguments(p: argparse.ArgumentParser, default_name: str, smoke: dict, tuning_seeds: int = 1) -> None:
     g = p.add_argument_group("tuning and seeds (tuning reads the validation split; the seed runs report the test split)")
     g.add_argument("--trials-per-cell", type=int, default=8, help="Optuna (TPE) trials per cell")
-    g.add_argument("--tuning-seeds", type=int, default=1,
+    g.add_argument("--tuning-seeds", type=int, default=tuning_seeds,
                    help="seeds each tuning trial trains side by side, scored by their mean (robust to a configuration "
-                   "at the edge of stability; costs that many runs per trial). Tuning seeds are 0, 1, ...")
+                   "at the edge of stability; costs that many runs per trial). Tuning seeds are 0, 1, ... "
+                   f"(default {tuning_seeds})")
     g.add_argument("--seeds", type=int, default=3,
                    help=f"seeds the best configuration of each cell is re-run with ({SEED_BASE}, {SEED_BASE + 1}, ...: "
                    "disjoint from the tuning seeds, so no final run repeats a tuning trial)")
@@ -74,6 +75,9 @@ def add_common_arguments(p: argparse.ArgumentParser, default_name: str, smoke: d
                    "default: $GRADALIGN_STORAGE, else the output folder")
     g.add_argument("--data-dir", default="data", help="where downloadable datasets live")
     g.add_argument("--download", action="store_true", help="allow downloading datasets into --data-dir")
+    g.add_argument("--num-samples", type=int, default=None,
+                   help="mnist1d only: examples to generate (default: the canonical 5000 = 4000 train / 1000 test; "
+                   "a multiple of 10); a larger test set narrows the confidence intervals")
     g.add_argument("--export", type=export_arg, default=(), metavar="FORMATS",
                    help=f"also write every report figure as <out>/figures/<figure>.<format>, for papers; "
                    f"FORMATS: comma-separated, any of {','.join(FORMATS)}. Needs Chrome or Chromium (checked before "
@@ -219,7 +223,8 @@ def split_sizes(args: argparse.Namespace, clients: int | None = None) -> dict[st
     from gradalign.data import load_dataset
     from gradalign.splits import with_validation
 
-    data = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download, num_clients=clients)
+    data = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download, num_clients=clients,
+                        num_samples=args.num_samples)
     split = with_validation(data, args.val_fraction, 0)
     args.split_sizes = {"train": len(split.y_train), "val": len(split.y_val), "test": len(split.y_test)}
     return args.split_sizes
@@ -232,9 +237,9 @@ def check_datasets(plan) -> None:
     from gradalign.data import clear_cache, load_dataset
 
     needed = {(c.space.fixed.get("dataset", "digits"), c.space.fixed.get("data_dir", "data"),
-               bool(c.space.fixed.get("download", False))) for c in plan.cells}
-    for name, data_dir, download in sorted(needed):
-        load_dataset(name, data_dir=data_dir, download=download)
+               bool(c.space.fixed.get("download", False)), c.space.fixed.get("num_samples")) for c in plan.cells}
+    for name, data_dir, download, num_samples in sorted(needed, key=str):
+        load_dataset(name, data_dir=data_dir, download=download, num_samples=num_samples)
     clear_cache()  # the trials load their own copies: do not keep one in the driver
 
 

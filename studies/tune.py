@@ -1,6 +1,6 @@
 """Tune one algorithm on one setting with Ray Tune + Optuna, locally or on a running Ray cluster.
 
-    python studies/tune.py                                   # GradAlign on digits, 16 trials, a few minutes on 2 CPUs
+    python studies/tune.py                                   # GradAlign on MNIST-1D, 16 trials, a few minutes on 2 CPUs
     python studies/tune.py --algorithm fedprox --mu 1e-3 1 --name digits-fedprox
     python studies/tune.py --workers 2 --asha                # each trial = a 2-worker Ray Train run
     python studies/tune.py --name my-study                   # again, after a crash or Ctrl-C: resumes it
@@ -57,8 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--time-budget", type=float, default=None, help="seconds after which no new trial starts (default: none)")
 
     g = p.add_argument_group("fixed setting")
-    g.add_argument("--dataset", choices=DATASETS, default="digits", help="dataset (default %(default)s; digits needs no download)")
-    g.add_argument("--model", choices=MODELS, default="mlp", help="model (default %(default)s)")
+    g.add_argument("--dataset", choices=DATASETS, default="mnist1d",
+                   help="dataset (default %(default)s, generated offline; digits is bundled; others need --download)")
+    g.add_argument("--model", choices=MODELS, default="cnn", help="model (default %(default)s)")
     g.add_argument("--algorithm", choices=ALGORITHMS, default="gradalign", help="algorithm to tune (default %(default)s)")
     g.add_argument("--clients", type=int, default=8, help="clients m; every batch size must be divisible by it (default %(default)s)")
     g.add_argument("--epochs", type=float, default=5,
@@ -73,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "configurations at the edge of stability, at that many runs per trial (default %(default)s)")
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="(default %(default)s)")
     g.add_argument("--data-dir", default="data", help="dataset folder (made absolute: trials run in other folders)")
+    g.add_argument("--download", action="store_true", help="allow downloading the dataset into --data-dir")
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="fix any other TrainConfig field, e.g. --set participation=0.5 (repeatable)")
 
@@ -111,7 +113,7 @@ def build(args: argparse.Namespace) -> tuple[SearchSpace, StudySettings, TrialEx
     fixed = dict(dataset=args.dataset, model=args.model, algorithm=args.algorithm, clients=args.clients,
                  epochs=args.epochs, budget_steps=args.budget_steps, val_fraction=args.val_fraction,
                  partition=args.partition, seed=args.seed, dtype=args.dtype,
-                 data_dir=os.path.abspath(args.data_dir))
+                 data_dir=os.path.abspath(args.data_dir), download=args.download)
     if args.tuning_seeds < 1:
         raise ConfigError("tuning_seeds", args.tuning_seeds, "must be >= 1")
     if args.tuning_seeds > 1:

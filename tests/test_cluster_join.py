@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_STUDY = ["--batch-sizes", "32", "--algorithms", "gradalign", "--micro-batch", "16", "--epochs", "1",
+TINY_STUDY = ["--dataset", "digits", "--model", "mlp", "--batch-sizes", "32", "--algorithms", "gradalign", "--micro-batch", "16", "--epochs", "1",
               "--trials-per-cell", "1", "--seeds", "1", "--target", "0.3", "--name", "join"]
 # Trial actors (Tune's function trainables) the head's GCS has seen, printed by a driver that joins it with Ray's own
 # `ray.init()` (no address: the latest `ray start` under RAY_TMPDIR, with the auth `ray start` chose).
@@ -125,7 +125,7 @@ def test_local_option_starts_a_private_ray_beside_the_cluster(head, tmp_path):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("script, args", [
     ("batch_scaling.py", [*TINY_STUDY, "--workers", "2"]),
-    ("tune.py", ["--workers", "2", "--trials", "1", "--epochs", "1", "--name", "join"]),
+    ("tune.py", ["--dataset", "digits", "--model", "mlp", "--workers", "2", "--trials", "1", "--epochs", "1", "--name", "join"]),
 ])
 def test_multi_worker_study_on_a_cluster_without_train_driver_is_refused_before_any_trial(head, tmp_path, script,
                                                                                           args):

@@ -32,7 +32,7 @@ DRIVER = textwrap.dedent("""
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     try:
-        rc = subprocess.run([sys.executable, study, "--address", cluster.address, "--batch-sizes", "32",
+        rc = subprocess.run([sys.executable, study, "--address", cluster.address, "--dataset", "digits", "--model", "mlp", "--batch-sizes", "32",
                              "--algorithms", "gradalign", "--epochs", "1", "--eval-points", "4", "--trials-per-cell", "2", "--seeds", "2",
                              "--max-concurrent", "2", "--target", "0.3", "--out", out, "--storage", storage,
                              "--name", "two-nodes"], timeout=900).returncode

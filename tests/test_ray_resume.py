@@ -42,7 +42,7 @@ def reported_rows(experiment: Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_killed_study_resumes_without_running_anything_twice(tmp_path):
-    cmd = [sys.executable, "studies/tune.py", "--name", "killed", "--out", str(tmp_path), "--local", "--num-cpus", "2",
+    cmd = [sys.executable, "studies/tune.py", "--dataset", "digits", "--model", "mlp", "--name", "killed", "--out", str(tmp_path), "--local", "--num-cpus", "2",
            "--trials", str(TRIALS), "--epochs", str(EPOCHS), "--algorithm", "gradalign", "--clients", "4",
            "--batch-sizes", "32", "64", "--lr", "0.01", "0.5", "--sampler-seed", "3",
            "--set", f"eval_points={EVALUATIONS}"]

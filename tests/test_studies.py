@@ -72,7 +72,7 @@ def _trial_ids(out):
 @pytest.mark.slow
 def test_batch_scaling_end_to_end_resume_and_report_only(tmp_path, ray_cluster):
     out = tmp_path / "study"
-    argv = ["--batch-sizes", "64", "--algorithms", "sgd", "large_batch_sgd", "gradalign", "--epochs", "2",
+    argv = ["--dataset", "digits", "--model", "mlp", "--batch-sizes", "64", "--micro-batch", "16", "--algorithms", "sgd", "large_batch_sgd", "gradalign", "--epochs", "2",
             "--trials-per-cell", "2", "--seeds", "2", "--target", "0.5", "--eval-points", "4", "--out", str(out),
             "--name", "e2e"]
     assert batch_scaling.main(argv) == 0
@@ -112,7 +112,7 @@ def test_batch_scaling_end_to_end_resume_and_report_only(tmp_path, ray_cluster):
 @pytest.mark.slow
 def test_federated_end_to_end(tmp_path, ray_cluster):
     out = tmp_path / "fed"
-    argv = ["--splits", "one_class", "--algorithms", "fedavg", "fedga", "--references", "--communications", "4",
+    argv = ["--dataset", "digits", "--model", "mlp", "--splits", "one_class", "--algorithms", "fedavg", "fedga", "--references", "--communications", "4",
             "--trials-per-cell", "1", "--seeds", "2", "--target", "0.3", "--out", str(out)]
     assert federated.main(argv) == 0
     history = pd.read_parquet(out / "history.parquet")

@@ -22,7 +22,8 @@ from studies import batch_scaling, cells, federated, study_cli
 from studies.cell_search import CELL, CellSearch
 from studies.settings_file import record_plan
 
-TINY = ["--batch-sizes", "32", "--algorithms", "sgd", "gradalign", "--epochs", "2", "--trials-per-cell", "2",
+TINY = ["--dataset", "digits", "--model", "mlp", "--batch-sizes", "32", "--algorithms", "sgd", "gradalign", "--micro-batch", "16",
+        "--epochs", "2", "--trials-per-cell", "2",
         "--seeds", "2", "--target", "0.5"]
 
 
@@ -82,7 +83,7 @@ def test_smoke_test_refuses_bad_explicit_values(tmp_path, capsys, no_ray, argv, 
 # -- refused before Ray starts ------------------------------------------------------------------------------------
 def test_missing_dataset_is_refused_before_ray_starts(tmp_path, capsys, no_ray):
     out = tmp_path / "study"
-    argv = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "no-data"), "--out", str(out), *TINY[:4]]
+    argv = [*TINY[4:8], "--dataset", "cifar10", "--model", "mlp", "--data-dir", str(tmp_path / "no-data"), "--out", str(out)]
     assert batch_scaling.main(argv) == 2
     err = capsys.readouterr().err
     assert "dataset 'cifar10' not found" in err and "--download" in err
@@ -109,7 +110,7 @@ def _started_study(tmp_path, argv):
 
 @pytest.mark.parametrize("change,said", [
     (["--epochs", "3"], "space.fixed.budget_examples: 2592 -> 3904 (every cell)"),
-    (["--lr-range", "0.01,1"], "space.lr.high: 3.0 -> 1.0 (every cell)"),
+    (["--lr-range", "0.001,1"], "space.lr.high: 0.5 -> 1.0 (every cell)"),
     (["--batch-sizes", "32", "64"], "cells added: gradalign-B64"),
     (["--trials-per-cell", "3"], "trials_per_cell: 2 -> 3"),
 ])
@@ -134,7 +135,7 @@ def test_more_seeds_are_refused_unless_asked_for_then_accepted(tmp_path, capsys,
 
 def test_a_federated_study_with_nan_coordinates_resumes(tmp_path, no_ray):
     out = str(tmp_path / "study")
-    argv = ["--splits", "one_class", "--algorithms", "fedavg", "--references", "--communications", "4",
+    argv = ["--dataset", "digits", "--model", "mlp", "--splits", "one_class", "--algorithms", "fedavg", "--references", "--communications", "4",
             "--trials-per-cell", "1", "--seeds", "1", "--out", out]
     args = study_cli.parse_study_args(federated.build_parser(), argv)
     federated.validate(args)

@@ -25,7 +25,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CELLS, TRIALS, SEEDS, EVALUATIONS = ("sgd-B16", "gradalign-B32"), 2, 2, 2
-STUDY = ["studies/batch_scaling.py", "--batch-sizes", "32", "--algorithms", "sgd", "gradalign", "--micro-batch", "16",
+STUDY = ["studies/batch_scaling.py", "--dataset", "digits", "--model", "mlp", "--batch-sizes", "32", "--algorithms", "sgd", "gradalign", "--micro-batch", "16",
          "--epochs", "2", "--eval-points", str(EVALUATIONS), "--trials-per-cell", str(TRIALS), "--seeds", str(SEEDS),
          "--target", "0.5", "--name", "killed"]
 

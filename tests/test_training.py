@@ -153,3 +153,31 @@ def test_cli_help_run_and_bad_input(tmp_path):
     assert (out / "metrics.csv").read_text().count("\n") == 5
     diverged = run("--epochs", "3", "--lr", "10000", "--out", str(tmp_path / "div"))
     assert diverged.returncode == 3 and "status diverged" in diverged.stdout and "Traceback" not in diverged.stderr
+
+
+def test_step_size_schedules_warm_up_and_decay_over_the_budget():
+    from gradalign.training import lr_factor
+
+    assert [lr_factor("constant", 0.0, t, 10) for t in range(10)] == [1.0] * 10
+    warm = [lr_factor("cosine", 0.2, t, 10) for t in range(10)]
+    assert warm[:2] == [0.5, 1.0] and warm[2] == 1.0 and all(a > b for a, b in zip(warm[2:], warm[3:])) and warm[-1] > 0
+    linear = [lr_factor("linear", 0.0, t, 4) for t in range(4)]
+    assert linear == [1.0, 0.75, 0.5, 0.25]
+    with pytest.raises(ValueError, match="warmup=1.5"):
+        digits_config(warmup=1.5)
+
+
+def test_a_scheduled_run_resumes_bit_for_bit():
+    """The schedule's factor comes from the update count: a resumed run continues it exactly."""
+    cfg = digits_config(algorithm="fedavg", local_steps=2, epochs=3, lr_schedule="cosine", warmup=0.2, eval_points=4)
+    straight = Trainer(cfg).fit()
+    first = Trainer(cfg)
+    first.train_until_eval()
+    first.train_until_eval()
+    resumed = Trainer(cfg)
+    resumed.load_state_dict(first.state_dict())
+    rest = resumed.fit()
+    assert rest[-1]["test_accuracy"] == straight[-1]["test_accuracy"]
+    assert rest[-1]["train_loss"] == pytest.approx(straight[-1]["train_loss"])
+    constant = Trainer(cfg.replace(lr_schedule="constant", warmup=0.0)).fit()
+    assert constant[-1]["train_loss"] != pytest.approx(straight[-1]["train_loss"])  # the schedule did act

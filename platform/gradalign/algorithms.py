@@ -87,10 +87,17 @@ class Algorithm(abc.ABC):
         self.grad_fn = make_grad_fn(model, loss_fn)
         self.optimizer = self.make_optimizer()
         self._sent: list[int] = []  # sizes of this update's counted exchanges (see `all_reduce`)
+        self.lr_scale = 1.0
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         return torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Scale the step size `config.lr` for the next update (the learning-rate schedule's factor)."""
+        self.lr_scale = scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * scale
 
     @abc.abstractmethod
     def step(self, batch: RoundBatch) -> StepResult:

@@ -18,6 +18,7 @@ ALGORITHMS = ("sgd", "large_batch_sgd", "gradalign", "fedavg", "fedprox", "scaff
 FEDERATED_ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedga")
 # Algorithms that evaluate per-client gradients at displaced parameters.
 ALIGNING_ALGORITHMS = ("gradalign", "fedga")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 PARTITIONS = ("iid", "dirichlet", "dirichlet_by_class", "sorted", "one_class", "natural")
 DTYPES = ("float32", "float64")
 
@@ -58,6 +59,10 @@ class TrainConfig:
     """Alignment coefficient of GradAlign / FedGA; None means lr / 2 (matches small-batch SGD's implicit regulariser)."""
     momentum: float = 0.0
     """Heavy-ball momentum of the server optimizer, in [0, 1)."""
+    lr_schedule: str = "constant"
+    """How the step size changes over the budget: 'constant', or 'linear' / 'cosine' decay to zero at the end."""
+    warmup: float = 0.0
+    """Fraction of the budget's updates over which the step size rises linearly from 0 (large batches need it)."""
     weight_decay: float = 0.0
     """L2 weight decay (server optimizer for data-parallel algorithms, local steps for federated ones)."""
     local_steps: int = 1
@@ -121,6 +126,9 @@ class TrainConfig:
         _choice("algorithm", self.algorithm, ALGORITHMS)
         _choice("partition", self.partition, PARTITIONS)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if not _finite(self.warmup) or not 0 <= self.warmup < 1:
+            raise ConfigError("warmup", self.warmup, "must lie in [0, 1): a fraction of the budget")
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         for name in ("batch_size", "clients", "local_steps", "diag_every", "eval_points"):
             value = getattr(self, name)

@@ -25,6 +25,10 @@ class FederatedAlgorithm(Algorithm):
         c = self.config
         return torch.optim.SGD(self.model.parameters(), lr=c.server_lr, momentum=c.momentum)
 
+    def set_lr_scale(self, scale: float) -> None:
+        """The schedule scales the clients' local step size; the server step size stays."""
+        self.lr_scale = scale
+
     def starts(self, params: Params, batch: RoundBatch) -> tuple[Params | None, float | None, Alignment | None]:
         """Each local client's starting point (None: all start at x), plus the loss and diagnostics if computed."""
         return None, None, None
@@ -54,7 +58,8 @@ class FederatedAlgorithm(Algorithm):
                     _, alignment, _ = self.reduce_moments(grads, losses, batch, counted=False)
             direction = self.local_direction(grads, local, params, batch)
             decay = c.weight_decay
-            local = {n: local[n] - c.lr * (direction[n] + decay * local[n] if decay else direction[n]) for n in grads}
+            lr = c.lr * self.lr_scale
+            local = {n: local[n] - lr * (direction[n] + decay * local[n] if decay else direction[n]) for n in grads}
         origin = start if start is not None else params
         update = sum_clients({n: origin[n] - local[n] for n in local})
         extra = self.extra_sums(params, local, batch)
@@ -109,7 +114,7 @@ class Scaffold(FederatedAlgorithm):
         c = self.config
         old = self._controls(batch)
         x = torch.cat([p.reshape(-1) for p in params.values()])
-        new = old - self.server_control + (x - flatten_rows(final)) / (c.local_steps * c.lr)
+        new = old - self.server_control + (x - flatten_rows(final)) / (c.local_steps * c.lr * self.lr_scale)
         for row, cid in enumerate(batch.client_ids):
             self.client_controls[cid] = new[row].clone()
         return (new - old).sum(0)

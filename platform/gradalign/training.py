@@ -95,6 +95,18 @@ def eval_schedule(total_updates: int, points: int = 40, every: int | None = None
     return sorted(m for m in marks if 1 <= m <= total_updates)
 
 
+def lr_factor(schedule: str, warmup: float, update: int, total: int) -> float:
+    """The step size's factor for update `update` (0-based) of `total`: a linear warmup over the first `warmup`
+    fraction of the updates, then constant, or a linear / cosine decay towards zero at the end of the budget."""
+    warm = int(round(warmup * total))
+    if update < warm:
+        return (update + 1) / warm
+    if schedule == "constant":
+        return 1.0
+    progress = (update - warm) / max(total - warm, 1)
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def resolve_device(requested: str, override: str | torch.device | None = None) -> torch.device:
     if override is not None:
         return torch.device(override)
@@ -182,6 +194,8 @@ class Trainer:
         first = True
         while self.rounds < self.schedule[self.evaluation]:  # (diagnostics at least once per interval: its first)
             batch = self.next_batch(diagnose=first)
+            c = self.config
+            self.algorithm.set_lr_scale(lr_factor(c.lr_schedule, c.warmup, self.rounds, self.total_updates))
             result = self.algorithm.step(batch)
             first = False
             self.steps += result.steps

@@ -120,9 +120,11 @@ def scaling_sentences(facts: Mapping[str, Any], target: float | None = None, x: 
             name, drop, holds = _name(algorithm, start=True), f["first_drop"], f["holds_up_to"]
             if drop is None and holds is not None:
                 out.append(f"{name} stays within {_tolerance(tol)} of it at every B up to {holds:g}.")
+            elif drop is not None and holds is not None:
+                out.append(f"{name} stays within {_tolerance(tol)} of it up to B = {holds:g}; at B = {drop[x]:g} it "
+                           f"is {_points(drop['diff'])} points ({_ci(drop)}).")
             elif drop is not None:
-                where = f"up to B = {holds:g}" if holds is not None else "not even at the smallest B"
-                out.append(f"{name} stays within {_tolerance(tol)} of it {where}; at B = {drop[x]:g} it is "
+                out.append(f"{name} is more than {_tolerance(tol)} below it already at the smallest B = {drop[x]:g}: "
                            f"{_points(drop['diff'])} points ({_ci(drop)}).")
     fitted = {a: f for a, f in facts["fits"].items() if _finite(f["B_crit"])}
     if fitted:
