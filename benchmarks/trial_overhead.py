@@ -11,12 +11,15 @@ the per-trial wall time):
 2. `platform, 1 worker`: `run_study` with trials that train in the Tune trial's own process (what the studies use);
 3. `bare TorchTrainer`: a `ray.train.torch.TorchTrainer` of 2 workers whose loop builds the same Trainer and fits it,
    reporting once at the end (Ray Train's own fixed cost);
-4. `platform, 2 workers`: `run_study` with Ray Train trials of 2 workers (reports, checkpoints and records at every
-   evaluation).
+4. `platform, 2 workers`: `run_study` with Ray Train trials of 2 workers (each saves its state and rank 0 the
+   trial's record at every evaluation; reports to Tune every few seconds and at the end).
 
-Per trial: wall time, the training inside it (the Trainer's own wall time, evaluations included), the overhead
-(wall - training) and the share of the wall time spent training; the last column puts each row's overhead beside
-its reference (row 1 for row 2, row 3 for row 4). Asserts nothing.
+Each row splits its wall time into a fixed part, paid once per study (Ray Tune's start-up, the first trial process
+importing torch and loading the data, shutdown), and the steady per-trial time (between the first and the last
+trial's end), which is what hundreds of trials multiply. Per trial: the training inside it (the Trainer's own wall
+time, evaluations included), the overhead (per trial - training), the share of the per-trial time spent training,
+and the overhead beside its reference row's (row 1 for row 2, row 3 for row 4). Then the number of Ray actors still
+alive: none should outlive its study. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import torch
 
 from gradalign.comm import TorchDistributedComm
 from gradalign.config import TrainConfig
+from ray import tune
+
 from gradalign.ray_adapter import Range, SearchSpace, StudySettings, TrialExecution, connect, results_table, run_study
 from gradalign.training import Trainer
 from trainables import gradalign_trainable
@@ -40,32 +45,60 @@ from trainables import gradalign_trainable
 LR = (0.05, 0.2)
 
 
-def optuna_loop(fixed: dict, trials: int) -> tuple[float, float]:
-    training = []
+class Timing:
+    """Per-row timings: the whole run, and when each trial ended (to split a fixed cost from the per-trial cost)."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+        self.training: list[float] = []
+        self.start = self.stop = 0.0
+
+    def row(self, name: str) -> tuple:
+        """(name, trials, wall, fixed, per trial, training per trial). Per trial: the steady state, between the first
+        and the last trial's end; fixed: what is left of the wall time (start-up, the first trial's extra, shutdown).
+        With one trial, all of it counts as per trial."""
+        n, wall = len(self.ends), self.stop - self.start
+        per_trial = (self.ends[-1] - self.ends[0]) / (n - 1) if n > 1 else wall
+        return name, n, wall, wall - n * per_trial, per_trial, sum(self.training) / n
+
+
+class EndTimes(tune.Callback):
+    def __init__(self, timing: Timing):
+        self.timing = timing
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.timing.ends.append(time.perf_counter())
+
+
+def optuna_loop(fixed: dict, trials: int) -> tuple:
+    timing = Timing()
 
     def objective(trial: optuna.Trial) -> float:
         config = TrainConfig(**fixed, lr=trial.suggest_float("lr", *LR, log=True))
         history = Trainer(config).fit()
-        training.append(history[-1]["wall_time"])
+        timing.training.append(history[-1]["wall_time"])
         return history[-1]["val_accuracy"]
 
+    timing.start = time.perf_counter()
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
-    start = time.perf_counter()
-    study.optimize(objective, n_trials=trials)
-    return (time.perf_counter() - start) / trials, sum(training) / trials
+    study.optimize(objective, n_trials=trials, callbacks=[lambda *_: timing.ends.append(time.perf_counter())])
+    timing.stop = time.perf_counter()
+    return timing.row("optuna loop")
 
 
-def platform_trials(fixed: dict, trials: int, workers: int) -> tuple[float, float]:
+def platform_trials(fixed: dict, trials: int, workers: int) -> tuple:
+    timing = Timing()
     with tempfile.TemporaryDirectory() as tmp:
         settings = StudySettings(name=f"overhead-{workers}", storage_path=tmp, num_samples=trials,
                                  max_concurrent_trials=1, seed=0)
         space = SearchSpace(fixed=fixed, lr=Range(*LR, log=True))
-        start = time.perf_counter()
+        timing.start = time.perf_counter()
         results = run_study(gradalign_trainable, space, settings, TrialExecution(workers=workers),
-                            log=lambda s: None)
-        wall = (time.perf_counter() - start) / trials
+                            callbacks=[EndTimes(timing)], log=lambda s: None)
+        timing.stop = time.perf_counter()
         table = results_table(results)
-    return wall, table.groupby("trial_id")["wall_time"].max().mean()
+    timing.training = list(table.groupby("trial_id")["wall_time"].max())
+    return timing.row(f"platform, {workers} worker{'s' if workers > 1 else ''}")
 
 
 def _bare_loop(loop_config: dict) -> float:
@@ -76,19 +109,28 @@ def _bare_loop(loop_config: dict) -> float:
     return history[-1]["wall_time"]
 
 
-def bare_torch_trainer(fixed: dict, trials: int) -> tuple[float, float]:
-    walls, training = [], []
+def bare_torch_trainer(fixed: dict, trials: int) -> tuple:
+    timing = Timing()
     with tempfile.TemporaryDirectory() as tmp:
+        timing.start = time.perf_counter()
         for k in range(trials):
             trainer = ray.train.torch.TorchTrainer(
                 _bare_loop, train_loop_config={**fixed, "lr": LR[0]},
                 scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                 run_config=ray.train.RunConfig(name=f"bare-{k}", storage_path=tmp))
-            start = time.perf_counter()
-            result = trainer.fit()
-            walls.append(time.perf_counter() - start)
-            training.append(result.return_value)
-    return sum(walls) / trials, sum(training) / trials
+            timing.training.append(trainer.fit().return_value)
+            timing.ends.append(time.perf_counter())
+        timing.stop = time.perf_counter()
+    return timing.row("bare TorchTrainer")
+
+
+def alive_actors() -> int:
+    """Ray actors alive now (Ray Train's controllers and workers, Tune's trial actors, ...)."""
+    import ray
+    from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address
+    return len(list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,21 +153,25 @@ def main(argv: list[str] | None = None) -> None:
     cpus = connect(local=True)["CPU"]  # a private Ray: never someone's `ray start` cluster
     init = time.perf_counter() - start
 
-    rows = [("optuna loop", *optuna_loop(fixed, args.trials)),
-            ("platform, 1 worker", *platform_trials(fixed, args.trials, 1))]
+    rows = [optuna_loop(fixed, args.trials), platform_trials(fixed, args.trials, 1)]
     if not args.skip_train:
-        rows += [("bare TorchTrainer", *bare_torch_trainer(fixed, args.trials)),
-                 ("platform, 2 workers", *platform_trials(fixed, args.trials, 2))]
+        rows += [bare_torch_trainer(fixed, args.trials), platform_trials(fixed, args.trials, 2)]
+    time.sleep(2)  # (Ray ends a finished Train run's actors asynchronously)
+    leftover = alive_actors()
 
     print(f"\nmachine: {cpus:g} CPUs, load average {os.getloadavg()[0]:.1f}; ray.init {init:.1f} s; {args.trials} "
           f"trials per row, one at a time; sgd on {args.dataset}/{args.model}, {args.epochs:g} epochs, batch 64")
-    print(f"{'row':<20} {'wall/trial s':>12} {'training s':>11} {'overhead s':>11} {'training share':>15} "
-          f"{'overhead vs ref':>16}")
-    for i, (name, wall, training) in enumerate(rows):
-        overhead = wall - training
+    print("per trial: the steady state (between the first and the last trial's end); fixed: the rest of the row's wall "
+          "time, once per study (start-up, the first trial's imports and data, shutdown)")
+    print(f"{'row':<20} {'wall s':>7} {'fixed s':>8} {'per trial s':>12} {'training s':>11} {'overhead s':>11} "
+          f"{'training share':>15} {'overhead - ref s':>17}")
+    for i, (name, n, wall, fixed_s, per_trial, training) in enumerate(rows):
+        overhead = per_trial - training
         ref = rows[i - 1] if i % 2 else None
-        versus = f"{overhead / (ref[1] - ref[2]):.1f}x" if ref and ref[1] - ref[2] > 0 else "-"
-        print(f"{name:<20} {wall:>12.2f} {training:>11.2f} {overhead:>11.2f} {training / wall:>14.0%} {versus:>16}")
+        versus = f"{overhead - (ref[4] - ref[5]):+.2f}" if ref else "-"
+        print(f"{name:<20} {wall:>7.1f} {fixed_s:>8.1f} {per_trial:>12.2f} {training:>11.2f} {overhead:>11.2f} "
+              f"{training / per_trial:>14.0%} {versus:>17}")
+    print(f"Ray actors alive after the last row: {leftover}")
 
 
 if __name__ == "__main__":

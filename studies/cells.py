@@ -30,8 +30,8 @@ from ray import tune
 from gradalign.analysis import COUNTER, rank_trials
 from gradalign.config import ALIGNING_ALGORITHMS, ConfigError, TrainConfig
 from gradalign.ray_adapter import (
-    GROUP_SEEDS, OptunaMirror, RecordCloser, SearchSpace, StudySettings, TrialExecution, TrialRecords, connect,
-    make_scheduler, make_searcher, plan_concurrency, results_table, sync_optuna_study,
+    GROUP_SEEDS, OptunaMirror, RecordCloser, SearchSpace, StudySettings, TrialExecution, TrialRecords, asha_rungs,
+    connect, make_scheduler, make_searcher, plan_concurrency, results_table, sync_optuna_study,
 )
 from gradalign.ray_adapter.records import FROM_RECORD
 from studies.cell_search import CELL, CellMirror, CellScheduler, CellSearch, FixedConfigs
@@ -125,14 +125,33 @@ def run_plan(plan: StudyPlan, address: str | None = None, log: Log = print,
         log(f"  {cell.key}: best of {tuned[cell.key]['trial_id'].nunique()} trials: {_short(best[cell.key])}")
     log(f"re-running each cell's best configuration with seeds {list(plan.seeds)} (tuning used {list(plan.tuning_seeds)}) "
         f"({time.perf_counter() - started:.0f} s into the study)")
-    seeded = run_phase(plan, "seed", address, log, best=best)
+    seeded = run_phase(plan, "seed", address, log, best=best, costs=trial_seconds(tuned))
     history = pd.concat([t for c in plan.cells for t in (tuned[c.key], seeded[c.key])], ignore_index=True)
     save_table(history, plan.out_dir / "history")
     return history
 
 
+def trial_seconds(tables: Mapping[str, pd.DataFrame]) -> dict[str, float]:
+    """Each cell's mean training seconds per trial (the last `wall_time` of each of its trials)."""
+    out = {}
+    for key, rows in tables.items():
+        last = rows.sort_values(COUNTER).groupby("trial_id")["wall_time"].last() if len(rows) else pd.Series()
+        out[key] = float(last.mean()) if len(last) else 0.0
+    return out
+
+
+def throughput(history: pd.DataFrame, seconds: float, cpus: float) -> str:
+    """'N trials trained for T s ... S% of the CPUs' time': how much of the machine the study spent training.
+    (Trials answered from records by a resumed study count the training they did when they ran.)"""
+    last = history.sort_values(COUNTER).groupby(["phase", "cell", "trial_id"])["wall_time"].last()
+    share = last.sum() / (seconds * cpus) if seconds > 0 else float("nan")
+    return (f"{len(last)} trials trained for {last.sum():.0f} s in all, in {seconds:.0f} s on {cpus:g} CPUs: "
+            f"{share:.0%} of the CPUs' time went to training")
+
+
 def run_phase(plan: StudyPlan, phase: str, address: str | None, log: Log,
-              best: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, pd.DataFrame]:
+              best: Mapping[str, Mapping[str, Any]] | None = None,
+              costs: Mapping[str, float] | None = None) -> dict[str, pd.DataFrame]:
     """Run one phase ('tune' or 'seed') of every cell that has not finished it yet, as one Tune experiment per
     worker count, and save each cell's rows once its experiment ends. Returns {cell key: rows}.
 
@@ -146,7 +165,7 @@ def run_phase(plan: StudyPlan, phase: str, address: str | None, log: Log,
         log(f"  {phase}: {len(plan.cells) - len(todo)} cells already finished, {len(todo)} to run")
     for workers in sorted({c.workers for c in todo}):
         group = [c for c in plan.cells if c.workers == workers]
-        table, errors = _run_experiment(plan, phase, group, address, log, best)
+        table, errors = _run_experiment(plan, phase, group, address, log, best, costs)
         for cell in [c for c in group if done[c.key] is None]:
             rows = tag(table[table[CELL] == cell.key].drop(columns=CELL), plan, cell, phase)
             _check_some_trial_ran(rows, cell, phase, plan.objective, errors.get(cell.key, []))
@@ -158,7 +177,8 @@ def run_phase(plan: StudyPlan, phase: str, address: str | None, log: Log,
 
 
 def _run_experiment(plan: StudyPlan, phase: str, cells: Sequence[Cell], address: str | None, log: Log,
-                    best: Mapping[str, Mapping[str, Any]] | None) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+                    best: Mapping[str, Mapping[str, Any]] | None,
+                    costs: Mapping[str, float] | None = None) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """Run (or restore) one Tune experiment over `cells`; returns its results table (with a `cell` column) and the
     errors of its failed trials per cell."""
     storage = (plan.storage or str(plan.out_dir.resolve())).rstrip("/")
@@ -168,8 +188,11 @@ def _run_experiment(plan: StudyPlan, phase: str, cells: Sequence[Cell], address:
     name = f"{phase}-w{cells[0].workers}-{digest}"
     # Trial records and states are shared by every experiment of the phase: keyed by configuration, they answer
     # any experiment that runs a configuration again (a restored one, or a later one that extends the seeds).
+    asha = phase == "tune" and plan.asha  # trials report the evaluations where ASHA decides
+    rungs = asha_rungs(StudySettings(name=name, storage_path=storage, asha=asha), plan.budget_epochs)
     execution = TrialExecution(workers=cells[0].workers, cpus_per_worker=plan.cpus_per_worker,
-                               use_gpu=plan.gpus_per_worker > 0, storage_path=f"{storage}/trials/{phase}")
+                               use_gpu=plan.gpus_per_worker > 0, storage_path=f"{storage}/trials/{phase}",
+                               report_rungs=rungs)
     resources, concurrency = plan_concurrency(execution, connect(address), plan.max_concurrent)
     fn = tune.with_resources(tune.with_parameters(gradalign_trainable, execution=execution), resources)
     if phase == "seed":
@@ -182,7 +205,7 @@ def _run_experiment(plan: StudyPlan, phase: str, cells: Sequence[Cell], address:
         log(f"  {phase}: resuming {path}")
         tuner = tune.Tuner.restore(path, trainable=fn, resume_errored=True)
     else:
-        search, scheduler, callbacks, samples = _phase_search(plan, phase, cells, execution, best)
+        search, scheduler, callbacks, samples = _phase_search(plan, phase, cells, execution, best, costs)
         tuner = tune.Tuner(
             fn,
             tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=samples,
@@ -202,10 +225,14 @@ def _run_experiment(plan: StudyPlan, phase: str, cells: Sequence[Cell], address:
 
 
 def _phase_search(plan: StudyPlan, phase: str, cells: Sequence[Cell], execution: TrialExecution,
-                  best: Mapping[str, Mapping[str, Any]] | None):
-    """Searcher, scheduler, callbacks and number of trials of a new experiment of `phase` over `cells`."""
+                  best: Mapping[str, Mapping[str, Any]] | None, costs: Mapping[str, float] | None = None):
+    """Searcher, scheduler, callbacks and number of trials of a new experiment of `phase` over `cells`.
+
+    Seed runs go longest first (by `costs`, the cells' seconds per tuning trial): the last runs to finish are then
+    short ones, and the CPUs do not wait long on one straggler at the end."""
     if phase == "seed":
-        configs = [{**best[c.key], "seed": seed, CELL: c.key} for c in cells for seed in plan.seeds]
+        longest_first = sorted(cells, key=lambda c: -(costs or {}).get(c.key, 0.0))
+        configs = [{**best[c.key], "seed": seed, CELL: c.key} for c in longest_first for seed in plan.seeds]
         return FixedConfigs(configs, plan.objective, "max"), None, [TrialLine("  seed")], len(configs)
     index = {c.key: i for i, c in enumerate(plan.cells)}
     settings = {c.key: StudySettings(name=c.key, storage_path=str(plan.out_dir.resolve()),

@@ -162,7 +162,7 @@ def run_study_script(args: argparse.Namespace, argv: list[str] | None, plan_cell
     Before Ray starts, the datasets must be present (or --download given), the output folder writable, and a study
     already in the folder must have been started with the same settings.
     """
-    from studies.cells import StudyFailed, StudyPlan, load_history, run_plan
+    from studies.cells import StudyFailed, StudyPlan, load_history, run_plan, throughput
     from studies.settings_file import check_plan
 
     out = Path(args.out).resolve()
@@ -191,6 +191,10 @@ def run_study_script(args: argparse.Namespace, argv: list[str] | None, plan_cell
     except (ConfigError, ValueError, DatasetNotFoundError, DatasetCorruptError) as err:
         return fail(err)
     print(f"{describe(plan)}; output in {out}", flush=True)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own experiment banner and TensorBoard hints: not ours
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # (one 'study created' line per cell)
     started = time.perf_counter()
     try:
         prepare_cluster(args, plan)
@@ -199,8 +203,15 @@ def run_study_script(args: argparse.Namespace, argv: list[str] | None, plan_cell
         return fail(err)
     except StudyFailed as err:
         return fail(err, code=1)
-    print(f"all cells finished in {time.perf_counter() - started:.0f} s", flush=True)
+    seconds = time.perf_counter() - started
+    print(f"all cells finished in {seconds:.0f} s; {throughput(history, seconds, _cluster_cpus())}", flush=True)
     return _report(report, out, args, command, history)
+
+
+def _cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1.0
 
 
 def _report(report, out: Path, args: argparse.Namespace, command: str, history) -> int:

@@ -172,7 +172,7 @@ def test_bad_arguments_exit_2_naming_the_value(argv, bad, capsys):
 @pytest.mark.slow
 def test_trial_overhead_prints_its_rows(ray_cluster, capsys):
     trial_overhead = _load("trial_overhead")
-    trial_overhead.main(["--trials", "1", "--epochs", "0.3", "--skip-train"])
+    trial_overhead.main(["--trials", "2", "--epochs", "0.3", "--skip-train"])
     out = capsys.readouterr().out
     for row in ("optuna loop", "platform, 1 worker"):
         assert row in out

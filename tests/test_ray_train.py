@@ -9,6 +9,7 @@ from gradalign.config import TrainConfig
 from gradalign.ray_adapter import LOSS_PENALTY, TrialExecution, penalise
 from gradalign.training import Trainer
 from trainables import fit_torch_trainer, train_in_process
+from trainables.worker import WorkerStates
 
 TINY = dict(dataset="digits", model="mlp", algorithm="gradalign", batch_size=64, clients=4, lr=0.1, beta=0.05,
             epochs=2, eval_every=21, seed=3, dtype="float64")  # 41 updates, evaluated after 21 and 41
@@ -34,9 +35,10 @@ def test_two_train_workers_reproduce_single_process_float64(ray_cluster, tmp_pat
     config = TrainConfig(**TINY)
     expected = Trainer(config).fit()
 
-    execution = TrialExecution(workers=2, storage_path=str(tmp_path))
+    execution = TrialExecution(workers=2, storage_path=str(tmp_path), report_interval_s=0.0)
+    record = tmp_path / "record.json"
     before = alive_train_actors()
-    history = fit_torch_trainer(config, execution, "equivalence")
+    history = fit_torch_trainer(config, execution, "equivalence", history_path=str(record))
     # No Ray Train actor of the run outlives it (fit() in the main thread used to keep its TrainController alive).
     deadline = time.monotonic() + 30
     while alive_train_actors() - before and time.monotonic() < deadline:
@@ -51,9 +53,16 @@ def test_two_train_workers_reproduce_single_process_float64(ray_cluster, tmp_pat
         assert got["communications"] == want["communications"] and got["values_sent"] == want["values_sent"]
     assert history[-1]["status"] == "completed"
 
-    # Fitting the same run name again resumes from its last checkpoint: nothing is retrained.
-    again = fit_torch_trainer(config, execution, "equivalence")
+    # Fitting the same run name again resumes from the workers' saved states: nothing is retrained.
+    again = fit_torch_trainer(config, execution, "equivalence", history_path=str(record))
     assert again == history
+    # Killed while the workers saved evaluation 2 (worker 1 never wrote its file): both go back to evaluation 1,
+    # the latest both hold, and only evaluation 2 is trained again, to the same numbers.
+    WorkerStates(execution.worker_state_dir("equivalence"), rank=1, world=2).delete(2)
+    resumed = fit_torch_trainer(config, execution, "equivalence", history_path=str(record))
+    strip = lambda h: [{k: v for k, v in m.items() if k != "wall_time"} for m in h]  # noqa: E731
+    assert strip(resumed) == strip(history)
+    assert [e for e, _ in json.loads(record.read_text())["trained"]] == [1, 2, 2]
 
 
 def test_in_process_trial_resumes_without_repeating_evaluations(tmp_path):

@@ -1,4 +1,4 @@
-"""Saving and restoring a `Trainer`'s state: one file per process, so every rank keeps its own clients' state."""
+"""Saving and restoring a `Trainer`'s state as bytes, and writing them atomically to a local path or URI."""
 
 from __future__ import annotations
 
@@ -7,11 +7,6 @@ import os
 
 import pyarrow.fs
 import torch
-
-
-def state_file(rank: int) -> str:
-    """Name of rank `rank`'s state file inside a checkpoint folder."""
-    return f"trainer-rank{rank}.pt"
 
 
 def to_bytes(state: dict) -> bytes:

@@ -1,12 +1,14 @@
-"""The Tune function trainable: one trial = one GradAlign training run, reported to Tune at every evaluation.
+"""The Tune function trainable: one trial = one GradAlign training run, saved and recorded at every evaluation and
+reported to Tune on a schedule (`trainables.reporting`: the last evaluation, ASHA's rungs, otherwise every few seconds).
 
 One worker: the trial trains in its own process (`LocalComm`, no TorchTrainer, no process group: start-up costs
 nothing), keeping its state in a stable per-configuration file. More workers: the trial is the Ray Train driver (Ray
 2.60's V2 pattern) -- it builds and fits a `TorchTrainer` named after the configuration, whose `TuneReportCallback`
-forwards rank 0's per-evaluation reports to Tune. Either way the trial's record (`gradalign.ray_adapter.records`) is
-keyed by its configuration: a configuration that already finished is answered from its record without training, and
-an unfinished one resumes from its latest checkpoint, whichever Tune trial runs it (a retry, a restored trial, or a
-re-suggestion after a restore). A diverged run ends early with finite penalty metrics and status 'diverged'.
+forwards rank 0's reports to Tune; each worker keeps its own state files. Either way the trial's record
+(`gradalign.ray_adapter.records`) is keyed by its configuration: a configuration that already finished is answered
+from its record without training, and an unfinished one resumes from its latest saved evaluation, whichever Tune trial
+runs it (a retry, a restored trial, or a re-suggestion after a restore). A diverged run ends early with finite
+penalty metrics and status 'diverged'.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from gradalign.ray_adapter._common import COUNTER
 from gradalign.ray_adapter.records import FROM_RECORD, TrialRecords, update_record
 from gradalign.seed_group import build_trainer
 
+from trainables.reporting import ReportSchedule
 from trainables.state import from_bytes, read_if_exists, to_bytes, write_atomic
 from trainables.worker import train_loop_per_worker
 
@@ -42,7 +45,8 @@ def gradalign_trainable(config: dict[str, Any], execution: TrialExecution) -> No
     if execution.in_process:
         train_in_process(train_config, execution.state_path(record.key), tune.report,
                          history_path=execution.history_path(record.key),
-                         threads=max(1, int(execution.cpus_per_worker)))
+                         threads=max(1, int(execution.cpus_per_worker)),
+                         schedule=ReportSchedule(execution.report_interval_s, execution.report_rungs))
     else:
         history = fit_torch_trainer(train_config, execution, f"train-{record.key}", callbacks=[TuneReportCallback()],
                                     history_path=execution.history_path(record.key))
@@ -57,31 +61,35 @@ def train_in_process(
     report: Callable[[dict], None],
     history_path: str | None = None,
     threads: int | None = None,
+    schedule: ReportSchedule | None = None,
 ) -> list[dict]:
-    """Train in this process, calling `report(metrics)` after every evaluation; returns the (penalised) metrics
-    history. A config whose extras hold several `group_seeds` trains them side by side (`SeedGroup`) and reports
-    their mean.
+    """Train in this process, calling `report(metrics)` after the evaluations `schedule` picks (every one without a
+    schedule; always the last); returns the (penalised) metrics history. A config whose extras hold several
+    `group_seeds` trains them side by side (`SeedGroup`) and reports their mean.
 
-    After each evaluation the state is saved to `state_path` (atomically) and the trial record at `history_path`
-    (if given) gets the history and one more training, both *before* the evaluation is reported: a process stopped
+    After *every* evaluation the state is saved to `state_path` (atomically) and the trial record at `history_path`
+    (if given) gets the history and one more training, both before the evaluation is reported: a process stopped
     or killed at any moment loses at most the evaluation interval in flight. The state is loaded from `state_path`
     if present; on resume the restored evaluation is reported again (the previous process may have died before Tune
     recorded it; the results table keeps the last report of each evaluation).
     """
     if threads:
         torch.set_num_threads(threads)
+    schedule = schedule or ReportSchedule(0.0)
     trainer = build_trainer(config, config.extras.get(GROUP_SEEDS), comm=LocalComm())
     saved = read_if_exists(state_path)
     if saved is not None:
         trainer.load_state_dict(from_bytes(saved))
         if trainer.history:
+            schedule.restored(trainer.history[-1])
             report(penalise(trainer.history[-1]))
     while not trainer.done:
         metrics = penalise(trainer.train_until_eval())
         write_atomic(state_path, to_bytes(trainer.state_dict()))
         if history_path:
             update_record(history_path, [penalise(m) for m in trainer.history], trained_evaluation=metrics[COUNTER])
-        report(metrics)
+        if schedule.due(metrics, last=trainer.done):
+            report(metrics)
     return [penalise(m) for m in trainer.history]
 
 
@@ -94,13 +102,17 @@ def fit_torch_trainer(
 ) -> list[dict]:
     """Fit a `TorchTrainer` of `execution.workers` workers on `config`; returns rank 0's (penalised) metrics history.
 
-    The run is called `name` and kept under `execution.train_storage`: fitting the same name again resumes from its
-    latest checkpoint. Worker-group and controller retries are bounded by `execution`. No Ray Train actor outlives
-    the call (see `_fit_without_leaking_the_controller`).
+    The run is called `name` and kept under `execution.train_storage`; each worker saves its state after every
+    evaluation under `execution.worker_state_dir(name)` (`trainables.worker`), so fitting the same name again, or a
+    worker-group retry, resumes from the latest evaluation every worker saved. Worker-group and controller retries
+    are bounded by `execution`. No Ray Train actor outlives the call (see `_fit_without_leaking_the_controller`).
     """
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "history_path": history_path,
+                           "state_dir": execution.worker_state_dir(name),
+                           "report_interval_s": execution.report_interval_s,
+                           "report_rungs": list(execution.report_rungs),
                            GROUP_SEEDS: config.extras.get(GROUP_SEEDS)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=execution.workers,
@@ -115,7 +127,6 @@ def fit_torch_trainer(
                 max_failures=execution.max_failures,
                 controller_failure_limit=execution.controller_failure_limit,
             ),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
     return _fit_without_leaking_the_controller(trainer).return_value

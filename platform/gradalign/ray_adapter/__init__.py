@@ -32,7 +32,7 @@ from .mirror import OptunaMirror, sync_optuna_study
 from .records import RecordCloser, TrialRecord, TrialRecords, trial_key
 from .results import results_table, write_results_table
 from .space import Range, SearchSpace
-from .study import StudySettings, flat_settings, make_scheduler, make_searcher, run_study, setting_changes
+from .study import StudySettings, asha_rungs, flat_settings, make_scheduler, make_searcher, run_study, setting_changes
 
 __all__ = [
     "METRICS",
@@ -51,6 +51,7 @@ __all__ = [
     "RayConnection",
     "ClusterUnreachable",
     "make_searcher",
+    "asha_rungs",
     "make_scheduler",
     "OptunaMirror",
     "TrialRecord",

@@ -33,6 +33,12 @@ class TrialExecution:
     """Ray Train worker-group retries per trial (each resumes from the latest checkpoint)."""
     controller_failure_limit: int = 2
     """Ray Train controller retries (e.g. workers that cannot be scheduled); Ray's default -1 retries for ever."""
+    report_interval_s: float = 5.0
+    """At most one intermediate report to Tune every this many seconds (0: every evaluation). Every evaluation is
+    still saved and recorded; the last one, and the first at or past each of `report_rungs`, are always reported
+    (`trainables.reporting`)."""
+    report_rungs: tuple[float, ...] = ()
+    """`epochs` at which the scheduler decides (ASHA's rungs; set by the study from its scheduler)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
@@ -45,6 +51,8 @@ class TrialExecution:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(name, value, "must be an integer >= 0 (bounded retries)")
+        if not _is_finite(self.report_interval_s) or self.report_interval_s < 0:
+            raise ConfigError("report_interval_s", self.report_interval_s, "must be a number of seconds >= 0")
 
     @property
     def in_process(self) -> bool:
@@ -59,6 +67,10 @@ class TrialExecution:
     def state_path(self, trial_key: str) -> str:
         """Checkpoint file of an in-process trial (stable per trial configuration, so a restarted trial resumes)."""
         return _join(self.storage_path, "state", f"{trial_key}.pt")
+
+    def worker_state_dir(self, run_name: str) -> str:
+        """Folder of a Ray Train run's per-worker state files (stable per run name, so a refitted run resumes)."""
+        return _join(self.storage_path, "state", run_name)
 
     def history_path(self, trial_key: str) -> str:
         """The trial's record (its per-evaluation metrics, ...), rewritten after every checkpoint (see `records`)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -230,10 +231,24 @@ def make_scheduler(settings: StudySettings, max_epochs: float) -> TrialScheduler
         time_attr="epochs",
         metric=settings.metric,
         mode=settings.mode,
-        max_t=max(max_epochs, settings.grace_period) + 1,
+        max_t=_asha_max_t(settings, max_epochs),
         grace_period=settings.grace_period,
         reduction_factor=settings.reduction_factor,
     )
+
+
+def _asha_max_t(settings: StudySettings, max_epochs: float) -> float:
+    return max(max_epochs, settings.grace_period) + 1
+
+
+def asha_rungs(settings: StudySettings, max_epochs: float) -> tuple[float, ...]:
+    """The `epochs` at which `make_scheduler`'s ASHA decides (its rungs, as Ray's `_Bracket` computes them; () without
+    ASHA): trials report their first evaluation at or past each (`TrialExecution.report_rungs`)."""
+    if not settings.asha:
+        return ()
+    max_t, rf = _asha_max_t(settings, max_epochs), settings.reduction_factor
+    count = int(math.log(max_t / settings.grace_period) / math.log(rf) + 1)
+    return tuple(settings.grace_period * rf ** k for k in range(count))
 
 
 def run_study(
@@ -269,6 +284,8 @@ def run_study(
     fingerprint, fingerprint_path = _fingerprint(space, settings, execution), _join(settings.storage_path, "study.json")
     _check_same_study(settings, _read_json(fingerprint_path), fingerprint)
     resources, concurrency = plan_concurrency(execution, connect(address), settings.max_concurrent_trials)
+    max_epochs = float(space.fixed.get("epochs", TrainConfig.epochs))
+    execution = dataclasses.replace(execution, report_rungs=asha_rungs(settings, max_epochs))
     fn = tune.with_resources(tune.with_parameters(trainable, execution=execution), resources)
 
     mirror = OptunaMirror(settings.optuna_storage, settings.name, space, settings.objectives, execution)
@@ -277,7 +294,6 @@ def run_study(
         tuner = tune.Tuner.restore(settings.experiment_path, trainable=fn, resume_errored=True)
     else:
         _write_json(fingerprint_path, fingerprint)
-        max_epochs = float(space.fixed.get("epochs", TrainConfig.epochs))
         tuner = tune.Tuner(
             fn,
             tune_config=tune.TuneConfig(
