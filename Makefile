@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test browser study smoke train bench clean
+.PHONY: install test lint format browser study smoke train bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,17 @@ browser:
 		|| echo "chromium could not be installed: the browser test will be skipped"
 
 # One intra-op thread per process: tests run several trials at once on small machines.
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=12 tests
+
+# ruff: lint and format check (configuration in pyproject.toml); `make format` rewrites the files.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 study: $(STAMP)
 	$(PY) studies/batch_scaling.py

@@ -45,7 +45,8 @@ def parse_models(value: str) -> tuple[str, ...]:
     for name in models:
         if name not in MODELS:
             raise argparse.ArgumentTypeError(
-                f"invalid model {name!r}: choose from {', '.join(MODELS)} (comma-separated)")
+                f"invalid model {name!r}: choose from {', '.join(MODELS)} (comma-separated)"
+            )
     return models
 
 
@@ -58,6 +59,7 @@ def _int_at_least(minimum: int):
         if number < minimum:
             raise argparse.ArgumentTypeError(f"invalid value {value!r}: must be an integer >= {minimum}")
         return number
+
     return parse
 
 
@@ -76,7 +78,7 @@ def train_one(name: str, data, seed: int, steps: int, eval_every: int, print_eve
     best, start = 0.0, time.perf_counter()
     for step in range(1, steps + 1):
         first = ((step - 1) * BATCH_SIZE) % n  # consecutive batches of the shuffled training set, as the repository
-        loss = F.cross_entropy(model(x[first:first + BATCH_SIZE]), y[first:first + BATCH_SIZE])
+        loss = F.cross_entropy(model(x[first : first + BATCH_SIZE]), y[first : first + BATCH_SIZE])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -85,8 +87,14 @@ def train_one(name: str, data, seed: int, steps: int, eval_every: int, print_eve
         if print_every and step % print_every == 0 and step < steps:
             print(f"#   {name} seed {seed}: step {step}/{steps}, loss {loss.item():.3f}", flush=True)
     final = accuracy(model, data.x_test, data.y_test)
-    return {"model": name, "seed": seed, "final": final, "best": best, "seconds": time.perf_counter() - start,
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "model": name,
+        "seed": seed,
+        "final": final,
+        "best": best,
+        "seconds": time.perf_counter() - start,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -95,12 +103,18 @@ def summarise(runs: list[dict]) -> list[dict]:
     for name in dict.fromkeys(r["model"] for r in runs):
         finals = [r["final"] for r in runs if r["model"] == name]
         mean = statistics.fmean(finals)
-        rows.append({
-            "model": name, "parameters": next(r["parameters"] for r in runs if r["model"] == name),
-            "paper": PAPER_ACCURACY[name], "mean": mean, "n": len(finals), "gap": mean - PAPER_ACCURACY[name],
-            "std": statistics.stdev(finals) if len(finals) > 1 else math.nan,
-            "best": statistics.fmean(r["best"] for r in runs if r["model"] == name),
-        })
+        rows.append(
+            {
+                "model": name,
+                "parameters": next(r["parameters"] for r in runs if r["model"] == name),
+                "paper": PAPER_ACCURACY[name],
+                "mean": mean,
+                "n": len(finals),
+                "gap": mean - PAPER_ACCURACY[name],
+                "std": statistics.stdev(finals) if len(finals) > 1 else math.nan,
+                "best": statistics.fmean(r["best"] for r in runs if r["model"] == name),
+            }
+        )
     return rows
 
 
@@ -110,25 +124,47 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         spread = "-" if math.isnan(r["std"]) else f"{r['std']:.1f}"
         ours = f"{r['mean']:.1f} ± {spread} (n={r['n']})"
-        lines.append(f"{r['model']:>8} {r['parameters']:>7} {r['paper']:>8.0f} {ours:>24} {r['gap']:>+7.1f} "
-                     f"{r['best']:>12.1f}")
+        lines.append(
+            f"{r['model']:>8} {r['parameters']:>7} {r['paper']:>8.0f} {ours:>24} {r['gap']:>+7.1f} {r['best']:>12.1f}"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=parse_models, default=MODELS, metavar="MODELS",
-                        help=f"comma-separated models from {', '.join(MODELS)} (default: all)")
+    parser.add_argument(
+        "--model",
+        type=parse_models,
+        default=MODELS,
+        metavar="MODELS",
+        help=f"comma-separated models from {', '.join(MODELS)} (default: all)",
+    )
     parser.add_argument("--seeds", type=_int_at_least(1), default=3, help="runs per model, seeds 0.. (default: 3)")
-    parser.add_argument("--steps", type=_int_at_least(1), default=STEPS,
-                        help="Adam steps per run (default: %(default)s, the repository's total_steps)")
-    parser.add_argument("--eval-every", type=_int_at_least(1), default=250,
-                        help="steps between test evaluations for the best-seen column (default: %(default)s)")
-    parser.add_argument("--print-every", type=_int_at_least(0), default=2000,
-                        help="steps between progress lines, 0 for none (default: %(default)s)")
+    parser.add_argument(
+        "--steps",
+        type=_int_at_least(1),
+        default=STEPS,
+        help="Adam steps per run (default: %(default)s, the repository's total_steps)",
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=_int_at_least(1),
+        default=250,
+        help="steps between test evaluations for the best-seen column (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--print-every",
+        type=_int_at_least(0),
+        default=2000,
+        help="steps between progress lines, 0 for none (default: %(default)s)",
+    )
     parser.add_argument("--data-dir", default="data", help="where the generated set is cached (default: %(default)s)")
-    parser.add_argument("--num-samples", type=_int_at_least(10), default=None,
-                        help="examples to generate (default: the canonical 5,000, split 4,000/1,000)")
+    parser.add_argument(
+        "--num-samples",
+        type=_int_at_least(10),
+        default=None,
+        help="examples to generate (default: the canonical 5,000, split 4,000/1,000)",
+    )
     parser.add_argument("--threads", type=_int_at_least(1), default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -138,16 +174,24 @@ def main(argv=None) -> list[dict]:
     except ValueError as err:
         parser.error(str(err))
     info = provenance()
-    print(f"# torch {info['torch']} on {info['hardware']}, {torch.get_num_threads()} threads, commit "
-          f"{info['git_commit'][:12]}")
-    print(f"# MNIST-1D: {len(data.y_train)} train / {len(data.y_test)} test; Adam lr {LEARNING_RATE}, batch "
-          f"{BATCH_SIZE}, {args.steps} steps, seeds 0-{args.seeds - 1}", flush=True)
+    print(
+        f"# torch {info['torch']} on {info['hardware']}, {torch.get_num_threads()} threads, commit "
+        f"{info['git_commit'][:12]}"
+    )
+    print(
+        f"# MNIST-1D: {len(data.y_train)} train / {len(data.y_test)} test; Adam lr {LEARNING_RATE}, batch "
+        f"{BATCH_SIZE}, {args.steps} steps, seeds 0-{args.seeds - 1}",
+        flush=True,
+    )
     runs = []
     for name in args.model:
         for seed in range(args.seeds):
             run = train_one(name, data, seed, args.steps, args.eval_every, args.print_every)
-            print(f"# {name} seed {seed}: test accuracy {run['final']:.1f}% (best seen {run['best']:.1f}%), "
-                  f"{run['seconds']:.1f} s", flush=True)
+            print(
+                f"# {name} seed {seed}: test accuracy {run['final']:.1f}% (best seen {run['best']:.1f}%), "
+                f"{run['seconds']:.1f} s",
+                flush=True,
+            )
             runs.append(run)
     rows = summarise(runs)
     print(format_table(rows), flush=True)

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
+
 from gradalign import TrainConfig, gradalign_gradient
 from gradalign.algorithms import ALGORITHM_CLASSES, RoundBatch, build_algorithm
 from gradalign.models import build_model
@@ -47,9 +48,14 @@ from gradalign.provenance import provenance
 
 SHAPES = ((4, 128), (8, 64), (16, 64), (8, 128), (32, 32))
 MNIST_SHAPE, CIFAR_SHAPE, MNIST1D_SHAPE = (1, 28, 28), (3, 32, 32), (1, 40)
-INPUTS = {"mlp": (MNIST_SHAPE, "mnist", "mlp"), "cnn": (MNIST_SHAPE, "mnist", "cnn"),
-          "lenet": (CIFAR_SHAPE, "cifar10", "lenet"), "resnet18": (CIFAR_SHAPE, "cifar10", "resnet18"),
-          "mnist1d_mlp": (MNIST1D_SHAPE, "mnist1d", "mlp"), "mnist1d_cnn": (MNIST1D_SHAPE, "mnist1d", "cnn")}
+INPUTS = {
+    "mlp": (MNIST_SHAPE, "mnist", "mlp"),
+    "cnn": (MNIST_SHAPE, "mnist", "cnn"),
+    "lenet": (CIFAR_SHAPE, "cifar10", "lenet"),
+    "resnet18": (CIFAR_SHAPE, "cifar10", "resnet18"),
+    "mnist1d_mlp": (MNIST1D_SHAPE, "mnist1d", "mlp"),
+    "mnist1d_cnn": (MNIST1D_SHAPE, "mnist1d", "cnn"),
+}
 """Benchmark model name -> (input shape, dataset it stands for, model name of gradalign.models)."""
 ALL_MODELS = ("mlp", "cnn")
 NUM_CLASSES = 10
@@ -72,7 +78,8 @@ def parse_models(value: str) -> tuple[str, ...]:
             models.append(name)
         else:
             raise argparse.ArgumentTypeError(
-                f"invalid model {name!r}{_within(name, value)}: choose from {', '.join(INPUTS)}, all (comma-separated)")
+                f"invalid model {name!r}{_within(name, value)}: choose from {', '.join(INPUTS)}, all (comma-separated)"
+            )
     return tuple(dict.fromkeys(models))
 
 
@@ -88,7 +95,8 @@ def parse_shapes(value: str) -> tuple[tuple[int, int], ...]:
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"invalid shape {item.strip()!r}{_within(item, value)}: expected CLIENTSxB with positive integers, "
-                "comma-separated, e.g. 4x128,32x32") from None
+                "comma-separated, e.g. 4x128,32x32"
+            ) from None
         shapes.append((clients, per_client))
     return tuple(shapes)
 
@@ -102,6 +110,7 @@ def _int_at_least(minimum: int):
         if number < minimum:
             raise argparse.ArgumentTypeError(f"invalid value {value!r}: must be an integer >= {minimum}")
         return number
+
     return parse
 
 
@@ -115,12 +124,26 @@ def make_problem(model_name: str, clients: int, per_client: int, device: torch.d
     return model, x, y
 
 
-def make_step(model_name: str, algorithm: str, clients: int, per_client: int, vmap: bool, device: torch.device,
-              fast_path: bool = True):
+def make_step(
+    model_name: str,
+    algorithm: str,
+    clients: int,
+    per_client: int,
+    vmap: bool,
+    device: torch.device,
+    fast_path: bool = True,
+):
     model, x, y = make_problem(model_name, clients, per_client, device)
     _, dataset, model_kind = INPUTS[model_name]
-    cfg = TrainConfig(algorithm=algorithm, batch_size=clients * per_client, clients=clients, lr=0.01, vmap=vmap,
-                      model=model_kind, dataset=dataset)
+    cfg = TrainConfig(
+        algorithm=algorithm,
+        batch_size=clients * per_client,
+        clients=clients,
+        lr=0.01,
+        vmap=vmap,
+        model=model_kind,
+        dataset=dataset,
+    )
     if algorithm == "gradalign":
         algo = ALGORITHM_CLASSES[algorithm](model, F.cross_entropy, cfg, fast_path=fast_path)
     else:
@@ -131,6 +154,7 @@ def make_step(model_name: str, algorithm: str, clients: int, per_client: int, vm
         algo.step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
+
     step.algorithm = algo
     return step
 
@@ -184,8 +208,9 @@ def floor_ratio(steps: dict, repeats: int, device: torch.device) -> float:
     return statistics.median(times["gradalign"]) / statistics.median(times["large"])
 
 
-def direction_rel_err(model_name: str, clients: int, per_client: int, device: torch.device,
-                      beta: float = CHECK_BETA) -> float:
+def direction_rel_err(
+    model_name: str, clients: int, per_client: int, device: torch.device, beta: float = CHECK_BETA
+) -> float:
     """||fast - vmap|| / ||vmap|| of GradAlign's update direction on the benchmark's model and data."""
     model, x, y = make_problem(model_name, clients, per_client, device)
     batches = [(x[i, 0], y[i, 0]) for i in range(clients)]
@@ -217,7 +242,7 @@ def median_ci(values, level: float = 0.95) -> tuple[float, float, float]:
         raise ValueError("median_ci needs at least one value")
     alpha, j, below = (1.0 - level) / 2, 0, 0.0  # below = P(B < j + 1) as j grows
     while j < n // 2:
-        below += math.comb(n, j) / 2 ** n
+        below += math.comb(n, j) / 2**n
         if below > alpha:
             break
         j += 1
@@ -241,43 +266,75 @@ def time_side_by_side(steps: dict, repeats: int, warmup: int = 3) -> dict[str, l
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=parse_models, default=ALL_MODELS, metavar="MODELS",
-                        help=f"comma-separated models from {', '.join(INPUTS)}, or all (= mlp,cnn; the default)")
-    parser.add_argument("--shapes", type=parse_shapes, default=SHAPES, metavar="SHAPES",
-                        help="comma-separated CLIENTSxB (default: " + ",".join(f"{c}x{b}" for c, b in SHAPES) + ")")
-    parser.add_argument("--repeats", type=_int_at_least(1), default=20,
-                        help="timed repeats per variant, median reported (default: %(default)s)")
-    parser.add_argument("--warmup", type=_int_at_least(0), default=3,
-                        help="untimed steps per variant before timing (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        type=parse_models,
+        default=ALL_MODELS,
+        metavar="MODELS",
+        help=f"comma-separated models from {', '.join(INPUTS)}, or all (= mlp,cnn; the default)",
+    )
+    parser.add_argument(
+        "--shapes",
+        type=parse_shapes,
+        default=SHAPES,
+        metavar="SHAPES",
+        help="comma-separated CLIENTSxB (default: " + ",".join(f"{c}x{b}" for c, b in SHAPES) + ")",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_int_at_least(1),
+        default=20,
+        help="timed repeats per variant, median reported (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=_int_at_least(0),
+        default=3,
+        help="untimed steps per variant before timing (default: %(default)s)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--cudnn-benchmark", action="store_true",
-                        help="let cuDNN time its algorithms per shape (torch.backends.cudnn.benchmark = True)")
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="let cuDNN time its algorithms per shape (torch.backends.cudnn.benchmark = True)",
+    )
     parser.add_argument("--no-loop", action="store_true", help="skip the naive per-client loop (slow for many clients)")
     parser.add_argument("--no-vmap", action="store_true", help="skip the vmap path (GradAlign(fast_path=False))")
-    parser.add_argument("--no-floor", action="store_true",
-                        help="skip the products-only ratio (it records one step's product arguments)")
+    parser.add_argument(
+        "--no-floor", action="store_true", help="skip the products-only ratio (it records one step's product arguments)"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     info = provenance()
-    print(f"# torch {info['torch']} on {info['hardware']}, device {device}, {torch.get_num_threads()} threads, "
-          f"commit {info['git_commit'][:12]}")
+    print(
+        f"# torch {info['torch']} on {info['hardware']}, device {device}, {torch.get_num_threads()} threads, "
+        f"commit {info['git_commit'][:12]}"
+    )
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if device.type == "cuda":
-        print(f"# cuda: TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, "
-              f"cuDNN TF32 {torch.backends.cudnn.allow_tf32}, cuDNN benchmark {torch.backends.cudnn.benchmark}")
-    print(f"# median of {args.repeats} interleaved repeats after {args.warmup} warm-up steps; ratio = time / "
-          "large-batch SGD time at the same global batch; best = the same for the fastest repeat of each; paired = "
-          "median of the per-repeat ratios, 95% CI its distribution-free confidence interval; floor = the ratio of the "
-          "matrix products and convolutions alone (recorded from one step of each, replayed)")
-    print(f"# rel err = ||fast - vmap|| / ||vmap|| of GradAlign's direction (beta={CHECK_BETA}) on this device "
-          "and data, checked before timing")
+        print(
+            f"# cuda: TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, "
+            f"cuDNN TF32 {torch.backends.cudnn.allow_tf32}, cuDNN benchmark {torch.backends.cudnn.benchmark}"
+        )
+    print(
+        f"# median of {args.repeats} interleaved repeats after {args.warmup} warm-up steps; ratio = time / "
+        "large-batch SGD time at the same global batch; best = the same for the fastest repeat of each; paired = "
+        "median of the per-repeat ratios, 95% CI its distribution-free confidence interval; floor = the ratio of the "
+        "matrix products and convolutions alone (recorded from one step of each, replayed)"
+    )
+    print(
+        f"# rel err = ||fast - vmap|| / ||vmap|| of GradAlign's direction (beta={CHECK_BETA}) on this device "
+        "and data, checked before timing"
+    )
     width = max(5, *(len(m) for m in args.model))
-    print(f"{'model':>{width}} {'clients x b':>12} {'batch':>6} {'large-batch ms':>15} {'gradalign ms':>13} "
-          f"{'path':>5} {'ratio':>6} {'best':>6} {'paired':>6} {'95% CI':>9} {'floor':>6} {'vmap ratio':>11} "
-          f"{'loop ratio':>11} {'rel err':>8}")
+    print(
+        f"{'model':>{width}} {'clients x b':>12} {'batch':>6} {'large-batch ms':>15} {'gradalign ms':>13} "
+        f"{'path':>5} {'ratio':>6} {'best':>6} {'paired':>6} {'95% CI':>9} {'floor':>6} {'vmap ratio':>11} "
+        f"{'loop ratio':>11} {'rel err':>8}"
+    )
     for model_name in args.model:
         for clients, per_client in args.shapes:
             rel_err = direction_rel_err(model_name, clients, per_client, device)
@@ -298,14 +355,19 @@ def main(argv=None) -> None:
             path = steps["gradalign"].algorithm.path  # after the steps: a fallback would show here
             vmap = f"{t['vmap'] / t['large']:.2f}x" if "vmap" in t else "-"
             loop = f"{t['loop'] / t['large']:.2f}x" if "loop" in t else "-"
-            print(f"{model_name:>{width}} {f'{clients} x {per_client}':>12} {clients * per_client:>6} "
-                  f"{t['large'] * 1e3:>15.2f} {t['gradalign'] * 1e3:>13.2f} {path:>5} "
-                  f"{t['gradalign'] / t['large']:>5.2f}x {best:>5.2f}x {paired:>5.2f}x {ci:>9} {floor:>6} {vmap:>11} "
-                  f"{loop:>11} {rel_err:>8.1e}",
-                  flush=True)
+            print(
+                f"{model_name:>{width}} {f'{clients} x {per_client}':>12} {clients * per_client:>6} "
+                f"{t['large'] * 1e3:>15.2f} {t['gradalign'] * 1e3:>13.2f} {path:>5} "
+                f"{t['gradalign'] / t['large']:>5.2f}x {best:>5.2f}x {paired:>5.2f}x {ci:>9} {floor:>6} {vmap:>11} "
+                f"{loop:>11} {rel_err:>8.1e}",
+                flush=True,
+            )
             if not rel_err <= REL_ERR_LIMIT:  # also catches nan
-                print(f"# WARNING: {model_name} {clients} x {per_client} on {device}: the fast path's update direction "
-                      f"differs from the vmap path's by rel err {rel_err:.1e} > {REL_ERR_LIMIT:g}", flush=True)
+                print(
+                    f"# WARNING: {model_name} {clients} x {per_client} on {device}: the fast path's update direction "
+                    f"differs from the vmap path's by rel err {rel_err:.1e} > {REL_ERR_LIMIT:g}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -33,11 +33,10 @@ import optuna
 import ray.train
 import ray.train.torch
 import torch
+from ray import tune
 
 from gradalign.comm import TorchDistributedComm
 from gradalign.config import TrainConfig
-from ray import tune
-
 from gradalign.ray_adapter import Range, SearchSpace, StudySettings, TrialExecution, connect, results_table, run_study
 from gradalign.training import Trainer
 from trainables import gradalign_trainable
@@ -89,12 +88,19 @@ def optuna_loop(fixed: dict, trials: int) -> tuple:
 def platform_trials(fixed: dict, trials: int, workers: int) -> tuple:
     timing = Timing()
     with tempfile.TemporaryDirectory() as tmp:
-        settings = StudySettings(name=f"overhead-{workers}", storage_path=tmp, num_samples=trials,
-                                 max_concurrent_trials=1, seed=0)
+        settings = StudySettings(
+            name=f"overhead-{workers}", storage_path=tmp, num_samples=trials, max_concurrent_trials=1, seed=0
+        )
         space = SearchSpace(fixed=fixed, lr=Range(*LR, log=True))
         timing.start = time.perf_counter()
-        results = run_study(gradalign_trainable, space, settings, TrialExecution(workers=workers),
-                            callbacks=[EndTimes(timing)], log=lambda s: None)
+        results = run_study(
+            gradalign_trainable,
+            space,
+            settings,
+            TrialExecution(workers=workers),
+            callbacks=[EndTimes(timing)],
+            log=lambda s: None,
+        )
         timing.stop = time.perf_counter()
         table = results_table(results)
     timing.training = list(table.groupby("trial_id")["wall_time"].max())
@@ -115,9 +121,11 @@ def bare_torch_trainer(fixed: dict, trials: int) -> tuple:
         timing.start = time.perf_counter()
         for k in range(trials):
             trainer = ray.train.torch.TorchTrainer(
-                _bare_loop, train_loop_config={**fixed, "lr": LR[0]},
+                _bare_loop,
+                train_loop_config={**fixed, "lr": LR[0]},
                 scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                run_config=ray.train.RunConfig(name=f"bare-{k}", storage_path=tmp))
+                run_config=ray.train.RunConfig(name=f"bare-{k}", storage_path=tmp),
+            )
             timing.training.append(trainer.fit().return_value)
             timing.ends.append(time.perf_counter())
         timing.stop = time.perf_counter()
@@ -143,8 +151,16 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.trials < 1 or not args.epochs > 0:
         p.error("--trials must be >= 1 and --epochs > 0")
-    fixed = dict(dataset=args.dataset, model=args.model, algorithm="sgd", clients=4, batch_size=64,
-                 epochs=args.epochs, seed=0, data_dir=os.path.abspath("data"))
+    fixed = dict(
+        dataset=args.dataset,
+        model=args.model,
+        algorithm="sgd",
+        clients=4,
+        batch_size=64,
+        epochs=args.epochs,
+        seed=0,
+        data_dir=os.path.abspath("data"),
+    )
 
     torch.set_num_threads(1)  # as in a 1-CPU trial (Ray sets OMP_NUM_THREADS from the trial's CPUs)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -159,18 +175,26 @@ def main(argv: list[str] | None = None) -> None:
     time.sleep(2)  # (Ray ends a finished Train run's actors asynchronously)
     leftover = alive_actors()
 
-    print(f"\nmachine: {cpus:g} CPUs, load average {os.getloadavg()[0]:.1f}; ray.init {init:.1f} s; {args.trials} "
-          f"trials per row, one at a time; sgd on {args.dataset}/{args.model}, {args.epochs:g} epochs, batch 64")
-    print("per trial: the steady state (between the first and the last trial's end); fixed: the rest of the row's wall "
-          "time, once per study (start-up, the first trial's imports and data, shutdown)")
-    print(f"{'row':<20} {'wall s':>7} {'fixed s':>8} {'per trial s':>12} {'training s':>11} {'overhead s':>11} "
-          f"{'training share':>15} {'overhead - ref s':>17}")
-    for i, (name, n, wall, fixed_s, per_trial, training) in enumerate(rows):
+    print(
+        f"\nmachine: {cpus:g} CPUs, load average {os.getloadavg()[0]:.1f}; ray.init {init:.1f} s; {args.trials} "
+        f"trials per row, one at a time; sgd on {args.dataset}/{args.model}, {args.epochs:g} epochs, batch 64"
+    )
+    print(
+        "per trial: the steady state (between the first and the last trial's end); fixed: the rest of the row's wall "
+        "time, once per study (start-up, the first trial's imports and data, shutdown)"
+    )
+    print(
+        f"{'row':<20} {'wall s':>7} {'fixed s':>8} {'per trial s':>12} {'training s':>11} {'overhead s':>11} "
+        f"{'training share':>15} {'overhead - ref s':>17}"
+    )
+    for i, (name, _n, wall, fixed_s, per_trial, training) in enumerate(rows):
         overhead = per_trial - training
         ref = rows[i - 1] if i % 2 else None
         versus = f"{overhead - (ref[4] - ref[5]):+.2f}" if ref else "-"
-        print(f"{name:<20} {wall:>7.1f} {fixed_s:>8.1f} {per_trial:>12.2f} {training:>11.2f} {overhead:>11.2f} "
-              f"{training / per_trial:>14.0%} {versus:>17}")
+        print(
+            f"{name:<20} {wall:>7.1f} {fixed_s:>8.1f} {per_trial:>12.2f} {training:>11.2f} {overhead:>11.2f} "
+            f"{training / per_trial:>14.0%} {versus:>17}"
+        )
     print(f"Ray actors alive after the last row: {leftover}")
 
 

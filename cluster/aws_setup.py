@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from validate import check_ssh_cidr, load_documents, storage_settings  # noqa: E402
+from validate import check_ssh_cidr, load_documents, storage_settings
 
 GPU_YAML = Path(__file__).resolve().parent / "gpu.yaml"
 SG_PLACEHOLDER = "sg-REPLACE-WITH-AWS-SETUP-OUTPUT"
@@ -33,8 +33,7 @@ HEAD_ROLE = "gradalign-ray-head"
 WORKER_ROLE = "gradalign-ray-worker"
 EC2_TRUST = {
     "Version": "2012-10-17",
-    "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"},
-                   "Action": "sts:AssumeRole"}],
+    "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}],
 }
 
 
@@ -44,8 +43,12 @@ def ingress_rules(group_id: str, ssh_cidr: str) -> list[dict]:
     if problems:
         raise ValueError("; ".join(problems))
     return [
-        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
-         "IpRanges": [{"CidrIp": ssh_cidr, "Description": "SSH for ray up / attach / dashboard"}]},
+        {
+            "IpProtocol": "tcp",
+            "FromPort": 22,
+            "ToPort": 22,
+            "IpRanges": [{"CidrIp": ssh_cidr, "Description": "SSH for ray up / attach / dashboard"}],
+        },
         {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": group_id, "Description": "Ray cluster nodes"}]},
     ]
 
@@ -64,11 +67,16 @@ def bucket_policy(bucket: str, prefix: str) -> dict:
     return {
         "Version": "2012-10-17",
         "Statement": [
-            {"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetBucketLocation"],
-             "Resource": f"arn:aws:s3:::{bucket}"},
-            {"Effect": "Allow",
-             "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
-             "Resource": objects},
+            {
+                "Effect": "Allow",
+                "Action": ["s3:ListBucket", "s3:GetBucketLocation"],
+                "Resource": f"arn:aws:s3:::{bucket}",
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
+                "Resource": objects,
+            },
         ],
     }
 
@@ -79,8 +87,11 @@ def head_extra_policy(worker_role_arn: str) -> dict:
         "Version": "2012-10-17",
         "Statement": [
             {"Effect": "Allow", "Action": "iam:PassRole", "Resource": worker_role_arn},
-            {"Effect": "Allow", "Action": ["ssm:GetParameters", "ssm:GetParameter"],
-             "Resource": "arn:aws:ssm:*::parameter/aws/service/deeplearning/*"},
+            {
+                "Effect": "Allow",
+                "Action": ["ssm:GetParameters", "ssm:GetParameter"],
+                "Resource": "arn:aws:ssm:*::parameter/aws/service/deeplearning/*",
+            },
         ],
     }
 
@@ -97,14 +108,17 @@ def plan(config: dict, ssh_cidr: str | None, storage: str | None, region: str | 
         raise ValueError(f"set GRADALIGN_STORAGE in the cluster yaml (or --storage): {storage!r} is a placeholder")
     return {
         "region": region or config["provider"]["region"],
-        "security_group": {"name": f"{config['cluster_name']}-sg",
-                           "ingress": ingress_rules("<this group>", ssh_cidr)},
+        "security_group": {"name": f"{config['cluster_name']}-sg", "ingress": ingress_rules("<this group>", ssh_cidr)},
         "bucket": bucket,
         "roles": {
             WORKER_ROLE: {"inline": {"gradalign-results": bucket_policy(bucket, prefix)}, "managed": []},
-            HEAD_ROLE: {"inline": {"gradalign-results": bucket_policy(bucket, prefix),
-                                   "gradalign-launch-workers": head_extra_policy(f"<arn of {WORKER_ROLE}>")},
-                        "managed": ["arn:aws:iam::aws:policy/AmazonEC2FullAccess"]},
+            HEAD_ROLE: {
+                "inline": {
+                    "gradalign-results": bucket_policy(bucket, prefix),
+                    "gradalign-launch-workers": head_extra_policy(f"<arn of {WORKER_ROLE}>"),
+                },
+                "managed": ["arn:aws:iam::aws:policy/AmazonEC2FullAccess"],
+            },
         },
     }
 
@@ -115,15 +129,18 @@ def ensure_security_group(ec2, name: str, vpc_id: str | None, ssh_cidr: str) -> 
         if not vpcs:
             raise SystemExit("no default VPC in this region: pass --vpc-id")
         vpc_id = vpcs[0]["VpcId"]
-    found = ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": [name]},
-                                                 {"Name": "vpc-id", "Values": [vpc_id]}])["SecurityGroups"]
+    found = ec2.describe_security_groups(
+        Filters=[{"Name": "group-name", "Values": [name]}, {"Name": "vpc-id", "Values": [vpc_id]}]
+    )["SecurityGroups"]
     if found:
         group_id, current = found[0]["GroupId"], found[0]["IpPermissions"]
         if current:
             ec2.revoke_security_group_ingress(GroupId=group_id, IpPermissions=current)
     else:
         group_id = ec2.create_security_group(
-            GroupName=name, VpcId=vpc_id, Description="GradAlign Ray cluster: SSH from one CIDR, intra-cluster",
+            GroupName=name,
+            VpcId=vpc_id,
+            Description="GradAlign Ray cluster: SSH from one CIDR, intra-cluster",
             TagSpecifications=[{"ResourceType": "security-group", "Tags": [{"Key": "project", "Value": "gradalign"}]}],
         )["GroupId"]
     ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=ingress_rules(group_id, ssh_cidr))
@@ -135,8 +152,11 @@ def ensure_role_and_profile(iam, name: str, inline: dict, managed: list[str]) ->
     try:
         arn = iam.get_role(RoleName=name)["Role"]["Arn"]
     except iam.exceptions.NoSuchEntityException:
-        arn = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(EC2_TRUST),
-                              Description="GradAlign Ray cluster (cluster/aws_setup.py)")["Role"]["Arn"]
+        arn = iam.create_role(
+            RoleName=name,
+            AssumeRolePolicyDocument=json.dumps(EC2_TRUST),
+            Description="GradAlign Ray cluster (cluster/aws_setup.py)",
+        )["Role"]["Arn"]
     for policy_name, document in inline.items():
         iam.put_role_policy(RoleName=name, PolicyName=policy_name, PolicyDocument=json.dumps(document))
     for policy_arn in managed:
@@ -159,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--region", help="override provider.region")
     parser.add_argument("--vpc-id", help="VPC for the security group (default: the region's default VPC)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan as JSON and exit")
-    parser.add_argument("--write-config", action="store_true",
-                        help=f"replace {SG_PLACEHOLDER} in the config with the security group id")
+    parser.add_argument(
+        "--write-config", action="store_true", help=f"replace {SG_PLACEHOLDER} in the config with the security group id"
+    )
     args = parser.parse_args(argv)
 
     config = load_documents(args.config)[0]
@@ -184,15 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     head["inline"]["gradalign-launch-workers"] = head_extra_policy(worker_arn)
     ensure_role_and_profile(iam, HEAD_ROLE, head["inline"], head["managed"])
 
-    print(f"security group {group_id} ({todo['security_group']['name']}): tcp/22 from {ssh_cidr}, "
-          "all traffic inside the group")
+    print(
+        f"security group {group_id} ({todo['security_group']['name']}): tcp/22 from {ssh_cidr}, "
+        "all traffic inside the group"
+    )
     print(f"instance profiles {HEAD_ROLE}, {WORKER_ROLE}: bucket {todo['bucket']}")
     text = args.config.read_text()
     if args.write_config and SG_PLACEHOLDER in text:
         args.config.write_text(text.replace(SG_PLACEHOLDER, group_id))
         print(f"wrote {group_id} into {args.config}")
     elif group_id not in text:
-        print(f"now set SecurityGroupIds to [\"{group_id}\"] in {args.config}")
+        print(f'now set SecurityGroupIds to ["{group_id}"] in {args.config}')
     return 0
 
 

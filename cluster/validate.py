@@ -26,8 +26,9 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -40,8 +41,7 @@ PLACEHOLDER = re.compile(r"YOUR[-_.A-Z]*|REPLACE[-_A-Z]*|\b(?:192\.0\.2|198\.51\
 # Tokens, keys and passwords that must never be committed. Ray's own tokens are 64 hex characters.
 SECRET_PATTERNS = {
     "AWS access key id": re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
-    "AWS secret access key": re.compile(
-        r"(?i)aws_secret_access_key\s*[=:]\s*['\"]?[A-Za-z0-9/+=]{40}"),
+    "AWS secret access key": re.compile(r"(?i)aws_secret_access_key\s*[=:]\s*['\"]?[A-Za-z0-9/+=]{40}"),
     "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
     "Ray auth token (64 hex digits)": re.compile(r"\b[0-9a-fA-F]{64}\b"),
     "literal RAY_AUTH_TOKEN value": re.compile(r"RAY_AUTH_TOKEN\s*[=:]\s*['\"]?[A-Za-z0-9_\-]{8,}"),
@@ -54,20 +54,52 @@ CUSTOM_IMAGE_RE = re.compile(r":ray(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d{2,3})(?:-[
 
 # RayJob / RayCluster fields of KubeRay's ray.io/v1 API (the subset of the CRD this check knows).
 RAYJOB_SPEC_FIELDS = {
-    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
-    "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML",
-    "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus",
-    "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend", "schedule",
+    "activeDeadlineSeconds",
+    "backoffLimit",
+    "rayClusterSpec",
+    "submitterPodTemplate",
+    "metadata",
+    "clusterSelector",
+    "submitterConfig",
+    "managedBy",
+    "deletionStrategy",
+    "entrypoint",
+    "runtimeEnvYAML",
+    "jobId",
+    "submissionMode",
+    "entrypointResources",
+    "entrypointNumCpus",
+    "entrypointNumGpus",
+    "ttlSecondsAfterFinished",
+    "shutdownAfterJobFinishes",
+    "suspend",
+    "schedule",
 }
 RAYCLUSTER_SPEC_FIELDS = {
-    "headGroupSpec", "workerGroupSpecs", "rayVersion", "enableInTreeAutoscaling", "autoscalerOptions",
-    "headServiceAnnotations", "suspend", "authOptions", "gcsFaultToleranceOptions", "managedBy",
+    "headGroupSpec",
+    "workerGroupSpecs",
+    "rayVersion",
+    "enableInTreeAutoscaling",
+    "autoscalerOptions",
+    "headServiceAnnotations",
+    "suspend",
+    "authOptions",
+    "gcsFaultToleranceOptions",
+    "managedBy",
     "upgradeStrategy",
 }
 HEAD_GROUP_FIELDS = {"serviceType", "headService", "enableIngress", "rayStartParams", "template"}
 WORKER_GROUP_FIELDS = {
-    "groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "rayStartParams", "template",
-    "scaleStrategy", "suspend", "idleTimeoutSeconds",
+    "groupName",
+    "replicas",
+    "minReplicas",
+    "maxReplicas",
+    "numOfHosts",
+    "rayStartParams",
+    "template",
+    "scaleStrategy",
+    "suspend",
+    "idleTimeoutSeconds",
 }
 
 
@@ -92,8 +124,11 @@ def kind_of(docs: list[Any]) -> str:
 
 def cluster_files(root: Path = CLUSTER_DIR) -> list[Path]:
     """The YAML configs and Dockerfiles under cluster/."""
-    return sorted(p for p in root.rglob("*")
-                  if p.suffix in (".yaml", ".yml") or (p.name.startswith("Dockerfile") and p.suffix == ""))
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix in (".yaml", ".yml") or (p.name.startswith("Dockerfile") and p.suffix == "")
+    )
 
 
 def installed_versions() -> tuple[str, str]:
@@ -143,8 +178,7 @@ def _ray_start_segments(commands: Iterable[str]) -> list[tuple[str, list[str]]]:
 
 def check_dashboard_local(prepared: dict) -> list[str]:
     """Every `ray start --head` binds the dashboard (and the Jobs API) to 127.0.0.1."""
-    heads = [s for s, _ in _ray_start_segments(prepared.get("head_start_ray_commands") or [])
-             if "--head" in s]
+    heads = [s for s, _ in _ray_start_segments(prepared.get("head_start_ray_commands") or []) if "--head" in s]
     if not heads:
         return ["head_start_ray_commands has no `ray start --head`"]
     problems = []
@@ -154,8 +188,10 @@ def check_dashboard_local(prepared: dict) -> list[str]:
         match = re.search(r"--dashboard-host[= ]+(\S+)", segment)
         host = match.group(1).strip("'\"") if match else None
         if host not in ("127.0.0.1", "localhost"):
-            problems.append(f"dashboard must listen on 127.0.0.1 (--dashboard-host=127.0.0.1), got "
-                            f"{host or 'no --dashboard-host'} in: {segment}")
+            problems.append(
+                f"dashboard must listen on 127.0.0.1 (--dashboard-host=127.0.0.1), got "
+                f"{host or 'no --dashboard-host'} in: {segment}"
+            )
     return problems
 
 
@@ -241,10 +277,13 @@ def check_aws_network(config: dict) -> list[str]:
     for name, node_type in config.get("available_node_types", {}).items():
         node_config = node_type.get("node_config", {})
         groups = node_config.get("SecurityGroupIds") or [
-            g for ni in node_config.get("NetworkInterfaces", []) for g in ni.get("Groups", [])]
+            g for ni in node_config.get("NetworkInterfaces", []) for g in ni.get("Groups", [])
+        ]
         if not groups:
-            problems.append(f"node type {name} has no SecurityGroupIds: `ray up` would create a group with "
-                            "SSH open to 0.0.0.0/0 (create one with cluster/aws_setup.py)")
+            problems.append(
+                f"node type {name} has no SecurityGroupIds: `ray up` would create a group with "
+                "SSH open to 0.0.0.0/0 (create one with cluster/aws_setup.py)"
+            )
     problems += check_ip_permissions(config["provider"].get("security_group", {}).get("IpPermissions", []))
     problems += check_ssh_cidr(config.get("metadata", {}).get("gradalign", {}).get("ssh_cidr"))
     return problems
@@ -258,8 +297,10 @@ def check_image(image: str, ray_version: str, py_tag: str) -> list[str]:
     """A rayproject/ray image (or a project image tagged ray<version>-py<tag>) of the given versions."""
     match = IMAGE_RE.match(image) or CUSTOM_IMAGE_RE.search(image)
     if not match:
-        return [f"image {image!r} does not name its Ray and Python versions "
-                "(rayproject/ray:<ray>-py<python>-gpu, or a project image tagged :ray<ray>-py<python>-gpu)"]
+        return [
+            f"image {image!r} does not name its Ray and Python versions "
+            "(rayproject/ray:<ray>-py<python>-gpu, or a project image tagged :ray<ray>-py<python>-gpu)"
+        ]
     problems = []
     if match["ray"] != ray_version:
         problems.append(f"image {image} has Ray {match['ray']}, the client has Ray {ray_version}")
@@ -292,7 +333,6 @@ def check_launcher_versions(config: dict, ray_version: str, py_tag: str) -> list
 def check_pyproject_admits(pyproject: Path, ray_version: str, py_version: str) -> list[str]:
     """pyproject.toml's ray requirement and requires-python admit the image's versions."""
     import tomllib
-
     from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
 
@@ -348,7 +388,7 @@ def check_launcher_resources(prepared: dict) -> list[str]:
     head_cmds = " ".join(prepared.get("head_start_ray_commands") or [])
     if prepared.get("provider", {}).get("type") == "local":
         if "train_driver" not in head_cmds:
-            problems.append('the head `ray start` must declare --resources=\'{"train_driver": N}\'')
+            problems.append("the head `ray start` must declare --resources='{\"train_driver\": N}'")
         return problems
     types = prepared["available_node_types"]
     head = types[prepared["head_node_type"]].get("resources", {})
@@ -356,8 +396,9 @@ def check_launcher_resources(prepared: dict) -> list[str]:
         problems.append("the head node type must offer the custom resource train_driver (>= 1)")
     if head.get("GPU", 0) != 0:
         problems.append("the head node type should offer GPU: 0 (it runs drivers, not training)")
-    if not any(t.get("resources", {}).get("GPU", 0) >= 1
-               for name, t in types.items() if name != prepared["head_node_type"]):
+    if not any(
+        t.get("resources", {}).get("GPU", 0) >= 1 for name, t in types.items() if name != prepared["head_node_type"]
+    ):
         problems.append("no worker node type offers a GPU")
     return problems
 
@@ -367,8 +408,11 @@ def check_launcher_resources(prepared: dict) -> list[str]:
 
 
 def check_no_secrets(text: str) -> list[str]:
-    return [f"looks like a committed secret ({name}): {m.group(0)[:12]}..."
-            for name, pattern in SECRET_PATTERNS.items() for m in pattern.finditer(text)]
+    return [
+        f"looks like a committed secret ({name}): {m.group(0)[:12]}..."
+        for name, pattern in SECRET_PATTERNS.items()
+        for m in pattern.finditer(text)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -410,8 +454,9 @@ def _containers(template: dict) -> list[dict]:
 def _check_start_params(params: Any, where: str) -> list[str]:
     if not isinstance(params, dict):
         return [f"{where}.rayStartParams must be a mapping (may be empty)"]
-    return [f"{where}.rayStartParams.{k} must be a string, got {v!r}"
-            for k, v in params.items() if not isinstance(v, str)]
+    return [
+        f"{where}.rayStartParams.{k} must be a string, got {v!r}" for k, v in params.items() if not isinstance(v, str)
+    ]
 
 
 def _check_pod_env(template: dict, where: str) -> list[str]:
@@ -436,8 +481,7 @@ def check_rayjob(doc: dict, ray_version: str, py_tag: str, validator=None) -> li
     spec = doc.get("spec") or {}
     problems += _unknown(spec, RAYJOB_SPEC_FIELDS, "spec")
     entrypoint = spec.get("entrypoint")
-    if not isinstance(entrypoint, str) or not re.search(r"\bpython3?\s+(\S*/)?studies/batch_scaling\.py\b",
-                                                        entrypoint):
+    if not isinstance(entrypoint, str) or not re.search(r"\bpython3?\s+(\S*/)?studies/batch_scaling\.py\b", entrypoint):
         problems.append(f"spec.entrypoint must run `python studies/batch_scaling.py ...`, got {entrypoint!r}")
     runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}")
     if not isinstance(runtime_env, dict):
@@ -485,7 +529,9 @@ def check_rayjob(doc: dict, ray_version: str, py_tag: str, validator=None) -> li
         low, high = group.get("minReplicas", 0), group.get("maxReplicas", 2**31 - 1)
         if not (isinstance(low, int) and isinstance(high, int) and 0 <= low <= group.get("replicas", low) <= high):
             problems.append(f"{where}: need 0 <= minReplicas <= replicas <= maxReplicas")
-        gpus = [c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu") for c in _containers(group.get("template"))]
+        gpus = [
+            c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu") for c in _containers(group.get("template"))
+        ]
         if not any(gpus):
             problems.append(f"{where}: the Ray container should have a nvidia.com/gpu limit")
         templates.append((where, group.get("template")))
@@ -500,8 +546,10 @@ def check_rayjob(doc: dict, ray_version: str, py_tag: str, validator=None) -> li
             problems += [f"{where}: {p}" for p in check_image(container.get("image", ""), ray_version, py_tag)]
         problems += _check_pod_env(template, where)
         if validator is not None:
-            problems += [f"{where}.template.{'.'.join(map(str, e.absolute_path))}: {e.message}"
-                         for e in validator.iter_errors(template)]
+            problems += [
+                f"{where}.template.{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                for e in validator.iter_errors(template)
+            ]
     return problems
 
 
@@ -527,7 +575,7 @@ def check_launcher_config(config: dict, ray_version: str, py_tag: str) -> list[s
     """Everything for one cluster-launcher config: Ray's validator, then this project's properties."""
     try:
         prepared = ray_prepare_and_validate(config)
-    except Exception as e:  # Ray raises jsonschema, ValueError, AssertionError or click exceptions
+    except Exception as e:  # noqa: BLE001 -- Ray raises jsonschema, ValueError, AssertionError or click exceptions
         return [f"Ray's validator rejects it: {type(e).__name__}: {getattr(e, 'message', e)}"]
     problems = []
     problems += check_dashboard_local(prepared)
@@ -554,8 +602,11 @@ def preflight_problems(path: Path, docs: list[Any]) -> list[str]:
             if not Path(os.path.expanduser(local)).exists():
                 hint = " (run `ray get-auth-token --generate`)" if remote.endswith("auth_token") else ""
                 problems.append(f"file_mounts source {local} does not exist{hint}")
-        problems += check_ssh_cidr(config.get("metadata", {}).get("gradalign", {}).get("ssh_cidr"),
-                                   allow_placeholder=False) if config["provider"]["type"] == "aws" else []
+        problems += (
+            check_ssh_cidr(config.get("metadata", {}).get("gradalign", {}).get("ssh_cidr"), allow_placeholder=False)
+            if config["provider"]["type"] == "aws"
+            else []
+        )
         key = (config.get("auth") or {}).get("ssh_private_key")
         if key and not _is_placeholder(key) and not Path(os.path.expanduser(key)).exists():
             problems.append(f"auth.ssh_private_key {key} does not exist")
@@ -583,11 +634,15 @@ def check_file(path: Path, ray_version: str, py_tag: str, preflight: bool = Fals
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", nargs="*", type=Path,
-                        help="files to check (default: every .yaml and Dockerfile under cluster/)")
-    parser.add_argument("--preflight", action="store_true",
-                        help="also fail on placeholders (YOUR-..., REPLACE-...), a missing ~/.ray/auth_token "
-                             "or SSH key: run this right before `ray up` / `kubectl apply`")
+    parser.add_argument(
+        "files", nargs="*", type=Path, help="files to check (default: every .yaml and Dockerfile under cluster/)"
+    )
+    parser.add_argument(
+        "--preflight",
+        action="store_true",
+        help="also fail on placeholders (YOUR-..., REPLACE-...), a missing ~/.ray/auth_token "
+        "or SSH key: run this right before `ray up` / `kubectl apply`",
+    )
     args = parser.parse_args(argv)
 
     ray_version, py_tag = installed_versions()
@@ -604,11 +659,12 @@ def main(argv: list[str] | None = None) -> int:
     for path in files:
         problems = check_file(path, ray_version, py_tag, args.preflight, validator)
         kind = kind_of(load_documents(path)) if path.suffix in (".yaml", ".yml") else path.name
-        how = {"ray-launcher": "Ray prepare_config + validate_config, security checks",
-               "Dockerfile": "base image versions, secrets scan",
-               "kuberay": "RayJob structure" + (", Kubernetes pod schema" if validator else
-                                                " (pip install kubernetes-validate for the pod schema)"),
-               }.get(kind, "secrets scan")
+        how = {
+            "ray-launcher": "Ray prepare_config + validate_config, security checks",
+            "Dockerfile": "base image versions, secrets scan",
+            "kuberay": "RayJob structure"
+            + (", Kubernetes pod schema" if validator else " (pip install kubernetes-validate for the pod schema)"),
+        }.get(kind, "secrets scan")
         shown = os.path.relpath(path) if path.is_absolute() else path
         print(f"{'FAIL' if problems else 'ok  '} {shown}  [{how}]")
         for p in problems:

@@ -9,7 +9,8 @@ Every trial's config carries its `cell` key (TrainConfig ignores it; it lands in
 from __future__ import annotations
 
 import pickle
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ray.tune.callback import Callback
 from ray.tune.experiment import Trial
@@ -34,8 +35,14 @@ class _PickledState:
 class CellSearch(_PickledState, Searcher):
     """Routes each new trial to the cell with the fewest trials so far, and each result back to its cell's searcher."""
 
-    def __init__(self, searchers: Mapping[str, Searcher], budget: Mapping[str, int], metric: str, mode: str,
-                 extra: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        searchers: Mapping[str, Searcher],
+        budget: Mapping[str, int],
+        metric: str,
+        mode: str,
+        extra: Mapping[str, Any] | None = None,
+    ):
         super().__init__(metric=metric, mode=mode)
         self.extra = dict(extra or {})  # config entries every trial gets (e.g. the seeds it trains)
         self.searchers = dict(searchers)

@@ -20,9 +20,10 @@ import dataclasses
 import hashlib
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 from ray import tune
@@ -30,8 +31,20 @@ from ray import tune
 from gradalign.analysis import COUNTER, rank_trials
 from gradalign.config import ALIGNING_ALGORITHMS, ConfigError, TrainConfig
 from gradalign.ray_adapter import (
-    GROUP_SEEDS, OptunaMirror, RecordCloser, SearchSpace, StudySettings, TrialExecution, TrialRecords, asha_rungs,
-    connect, make_scheduler, make_searcher, plan_concurrency, results_table, sync_optuna_study,
+    GROUP_SEEDS,
+    OptunaMirror,
+    RecordCloser,
+    SearchSpace,
+    StudySettings,
+    TrialExecution,
+    TrialRecords,
+    asha_rungs,
+    connect,
+    make_scheduler,
+    make_searcher,
+    plan_concurrency,
+    results_table,
+    sync_optuna_study,
 )
 from gradalign.ray_adapter.records import FROM_RECORD
 from studies.cell_search import CELL, CellMirror, CellScheduler, CellSearch, FixedConfigs
@@ -95,8 +108,12 @@ class StudyPlan:
         if not self.tuning_seeds:
             raise ConfigError("tuning_seeds", self.tuning_seeds, "need at least one tuning seed")
         if set(self.seeds) & set(self.tuning_seeds):
-            raise ConfigError("seeds", self.seeds, f"must be disjoint from the tuning seeds {self.tuning_seeds}: a "
-                              "final run must not repeat a tuning trial")
+            raise ConfigError(
+                "seeds",
+                self.seeds,
+                f"must be disjoint from the tuning seeds {self.tuning_seeds}: a "
+                "final run must not repeat a tuning trial",
+            )
         if self.objective.startswith("test_"):
             raise ConfigError("objective", self.objective, "tuning must not read the test split: use a val_ metric")
         for cell in self.cells:  # every corner of every cell is a valid TrainConfig: refuse bad input before Ray
@@ -107,8 +124,7 @@ class StudyFailed(RuntimeError):
     """A cell cannot go on: every trial of one of its phases failed. The message names the cell and the first error."""
 
 
-def run_plan(plan: StudyPlan, address: str | None = None, log: Log = print,
-             extend_seeds: bool = False) -> pd.DataFrame:
+def run_plan(plan: StudyPlan, address: str | None = None, log: Log = print, extend_seeds: bool = False) -> pd.DataFrame:
     """Tune every cell, re-run its best configuration with each seed; return the history of every trial.
 
     A study folder remembers its settings (`settings_file`): other settings are refused (`ConfigError`) before
@@ -123,8 +139,11 @@ def run_plan(plan: StudyPlan, address: str | None = None, log: Log = print,
     for cell in plan.cells:
         best[cell.key] = best_config(tuned[cell.key], plan.objective)
         log(f"  {cell.key}: best of {tuned[cell.key]['trial_id'].nunique()} trials: {_short(best[cell.key])}")
-    log(f"re-running each cell's best configuration with seeds {list(plan.seeds)} (tuning used {list(plan.tuning_seeds)}) "
-        f"({time.perf_counter() - started:.0f} s into the study)")
+    log(
+        f"re-running each cell's best configuration with seeds {list(plan.seeds)} "
+        f"(tuning used {list(plan.tuning_seeds)}) "
+        f"({time.perf_counter() - started:.0f} s into the study)"
+    )
     seeded = run_phase(plan, "seed", address, log, best=best, costs=trial_seconds(tuned))
     history = pd.concat([t for c in plan.cells for t in (tuned[c.key], seeded[c.key])], ignore_index=True)
     save_table(history, plan.out_dir / "history")
@@ -145,13 +164,20 @@ def throughput(history: pd.DataFrame, seconds: float, cpus: float) -> str:
     (Trials answered from records by a resumed study count the training they did when they ran.)"""
     last = history.sort_values(COUNTER).groupby(["phase", "cell", "trial_id"])["wall_time"].last()
     share = last.sum() / (seconds * cpus) if seconds > 0 else float("nan")
-    return (f"{len(last)} trials trained for {last.sum():.0f} s in all, in {seconds:.0f} s on {cpus:g} CPUs: "
-            f"{share:.0%} of the CPUs' time went to training")
+    return (
+        f"{len(last)} trials trained for {last.sum():.0f} s in all, in {seconds:.0f} s on {cpus:g} CPUs: "
+        f"{share:.0%} of the CPUs' time went to training"
+    )
 
 
-def run_phase(plan: StudyPlan, phase: str, address: str | None, log: Log,
-              best: Mapping[str, Mapping[str, Any]] | None = None,
-              costs: Mapping[str, float] | None = None) -> dict[str, pd.DataFrame]:
+def run_phase(
+    plan: StudyPlan,
+    phase: str,
+    address: str | None,
+    log: Log,
+    best: Mapping[str, Mapping[str, Any]] | None = None,
+    costs: Mapping[str, float] | None = None,
+) -> dict[str, pd.DataFrame]:
     """Run one phase ('tune' or 'seed') of every cell that has not finished it yet, as one Tune experiment per
     worker count, and save each cell's rows once its experiment ends. Returns {cell key: rows}.
 
@@ -176,9 +202,15 @@ def run_phase(plan: StudyPlan, phase: str, address: str | None, log: Log,
     return done
 
 
-def _run_experiment(plan: StudyPlan, phase: str, cells: Sequence[Cell], address: str | None, log: Log,
-                    best: Mapping[str, Mapping[str, Any]] | None,
-                    costs: Mapping[str, float] | None = None) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+def _run_experiment(
+    plan: StudyPlan,
+    phase: str,
+    cells: Sequence[Cell],
+    address: str | None,
+    log: Log,
+    best: Mapping[str, Mapping[str, Any]] | None,
+    costs: Mapping[str, float] | None = None,
+) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """Run (or restore) one Tune experiment over `cells`; returns its results table (with a `cell` column) and the
     errors of its failed trials per cell."""
     storage = (plan.storage or str(plan.out_dir.resolve())).rstrip("/")
@@ -190,9 +222,13 @@ def _run_experiment(plan: StudyPlan, phase: str, cells: Sequence[Cell], address:
     # any experiment that runs a configuration again (a restored one, or a later one that extends the seeds).
     asha = phase == "tune" and plan.asha  # trials report the evaluations where ASHA decides
     rungs = asha_rungs(StudySettings(name=name, storage_path=storage, asha=asha), plan.budget_epochs)
-    execution = TrialExecution(workers=cells[0].workers, cpus_per_worker=plan.cpus_per_worker,
-                               use_gpu=plan.gpus_per_worker > 0, storage_path=f"{storage}/trials/{phase}",
-                               report_rungs=rungs)
+    execution = TrialExecution(
+        workers=cells[0].workers,
+        cpus_per_worker=plan.cpus_per_worker,
+        use_gpu=plan.gpus_per_worker > 0,
+        storage_path=f"{storage}/trials/{phase}",
+        report_rungs=rungs,
+    )
     resources, concurrency = plan_concurrency(execution, connect(address), plan.max_concurrent)
     fn = tune.with_resources(tune.with_parameters(gradalign_trainable, execution=execution), resources)
     if phase == "seed":
@@ -208,12 +244,21 @@ def _run_experiment(plan: StudyPlan, phase: str, cells: Sequence[Cell], address:
         search, scheduler, callbacks, samples = _phase_search(plan, phase, cells, execution, best, costs)
         tuner = tune.Tuner(
             fn,
-            tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=samples,
-                                        max_concurrent_trials=concurrency, reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
-                                      callbacks=[*callbacks, RecordCloser(execution)],
-                                      failure_config=tune.FailureConfig(max_failures=1),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+            tune_config=tune.TuneConfig(
+                search_alg=search,
+                scheduler=scheduler,
+                num_samples=samples,
+                max_concurrent_trials=concurrency,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                verbose=0,
+                callbacks=[*callbacks, RecordCloser(execution)],
+                failure_config=tune.FailureConfig(max_failures=1),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            ),
         )
     log(f"  {phase}: {len(cells)} cells, {execution.workers} worker(s) per trial, up to {concurrency} trials at once")
     grid = tuner.fit()
@@ -224,8 +269,14 @@ def _run_experiment(plan: StudyPlan, phase: str, cells: Sequence[Cell], address:
     return results_table(grid, execution, config_columns=(CELL,)), errors
 
 
-def _phase_search(plan: StudyPlan, phase: str, cells: Sequence[Cell], execution: TrialExecution,
-                  best: Mapping[str, Mapping[str, Any]] | None, costs: Mapping[str, float] | None = None):
+def _phase_search(
+    plan: StudyPlan,
+    phase: str,
+    cells: Sequence[Cell],
+    execution: TrialExecution,
+    best: Mapping[str, Mapping[str, Any]] | None,
+    costs: Mapping[str, float] | None = None,
+):
     """Searcher, scheduler, callbacks and number of trials of a new experiment of `phase` over `cells`.
 
     Seed runs go longest first (by `costs`, the cells' seconds per tuning trial): the last runs to finish are then
@@ -235,17 +286,34 @@ def _phase_search(plan: StudyPlan, phase: str, cells: Sequence[Cell], execution:
         configs = [{**best[c.key], "seed": seed, CELL: c.key} for c in longest_first for seed in plan.seeds]
         return FixedConfigs(configs, plan.objective, "max"), None, [TrialLine("  seed")], len(configs)
     index = {c.key: i for i, c in enumerate(plan.cells)}
-    settings = {c.key: StudySettings(name=c.key, storage_path=str(plan.out_dir.resolve()),
-                                     num_samples=plan.trials_per_cell, objectives=((plan.objective, "max"),),
-                                     seed=plan.sampler_seed + index[c.key], asha=plan.asha) for c in cells}
+    settings = {
+        c.key: StudySettings(
+            name=c.key,
+            storage_path=str(plan.out_dir.resolve()),
+            num_samples=plan.trials_per_cell,
+            objectives=((plan.objective, "max"),),
+            seed=plan.sampler_seed + index[c.key],
+            asha=plan.asha,
+        )
+        for c in cells
+    }
     records = TrialRecords(execution)
     group = {GROUP_SEEDS: list(plan.tuning_seeds)} if len(plan.tuning_seeds) > 1 else {}
-    search = CellSearch({c.key: make_searcher(c.space, settings[c.key], records, match={CELL: c.key}) for c in cells},
-                        {c.key: plan.trials_per_cell for c in cells}, plan.objective, "max", extra=group)
-    scheduler = CellScheduler({c.key: make_scheduler(settings[c.key], plan.budget_epochs)
-                               for c in cells}) if plan.asha else None
-    mirror = CellMirror({c.key: OptunaMirror(_optuna_db(plan), c.key, c.space, ((plan.objective, "max"),), execution)
-                         for c in cells})
+    search = CellSearch(
+        {c.key: make_searcher(c.space, settings[c.key], records, match={CELL: c.key}) for c in cells},
+        {c.key: plan.trials_per_cell for c in cells},
+        plan.objective,
+        "max",
+        extra=group,
+    )
+    scheduler = (
+        CellScheduler({c.key: make_scheduler(settings[c.key], plan.budget_epochs) for c in cells})
+        if plan.asha
+        else None
+    )
+    mirror = CellMirror(
+        {c.key: OptunaMirror(_optuna_db(plan), c.key, c.space, ((plan.objective, "max"),), execution) for c in cells}
+    )
     return search, scheduler, [mirror, TrialLine("  tune")], plan.trials_per_cell * len(cells)
 
 
@@ -260,9 +328,11 @@ def _check_some_trial_ran(rows: pd.DataFrame, cell: Cell, phase: str, objective:
     if rows.empty:
         raise StudyFailed(f"the {phase} experiment returned no trial of cell {cell.key}")
     first = errors[0] if errors else "no error recorded"
-    raise StudyFailed(f"every {phase} trial of cell {cell.key} ({rows['trial_id'].nunique()} trials) failed; the "
-                      f"first error: {first} (each trial's error.txt has the traceback). Fix the cause and re-run the "
-                      "same command: the failed trials are retried, nothing else is run again")
+    raise StudyFailed(
+        f"every {phase} trial of cell {cell.key} ({rows['trial_id'].nunique()} trials) failed; the "
+        f"first error: {first} (each trial's error.txt has the traceback). Fix the cause and re-run the "
+        "same command: the failed trials are retried, nothing else is run again"
+    )
 
 
 def _finished_rows(plan: StudyPlan, cell: Cell, phase: str, log: Log) -> pd.DataFrame | None:
@@ -276,8 +346,10 @@ def _finished_rows(plan: StudyPlan, cell: Cell, phase: str, log: Log) -> pd.Data
     except Exception as err:  # noqa: BLE001 -- truncated or not Parquet at all: pyarrow raises several kinds
         aside = path.with_suffix(".parquet.damaged")
         path.replace(aside)
-        log(f"  {cell.key}: {path} is damaged ({type(err).__name__}); moved to {aside.name}, rebuilding it from the "
-            "trial records (nothing is trained again)")
+        log(
+            f"  {cell.key}: {path} is damaged ({type(err).__name__}); moved to {aside.name}, rebuilding it from the "
+            "trial records (nothing is trained again)"
+        )
         return None
     if phase == "seed" and "seed" in rows and set(rows["seed"]) != set(plan.seeds):
         return None
@@ -334,9 +406,11 @@ def load_history(out_dir: Path) -> pd.DataFrame:
         try:
             parts.append(pd.read_parquet(path))
         except Exception as err:  # noqa: BLE001 -- truncated or not Parquet at all: pyarrow raises several kinds
-            raise StudyFailed(f"{path} is damaged ({type(err).__name__}: {_last_line(err)}): re-run the study's "
-                              "command without --report-only to rebuild it from the trial records (nothing is trained "
-                              "again)") from None
+            raise StudyFailed(
+                f"{path} is damaged ({type(err).__name__}: {_last_line(err)}): re-run the study's "
+                "command without --report-only to rebuild it from the trial records (nothing is trained "
+                "again)"
+            ) from None
     if not parts:
         raise StudyFailed(f"no finished cell under {out_dir}/cells: nothing to report yet")
     return pd.concat(parts, ignore_index=True)
@@ -364,8 +438,11 @@ class TrialLine(tune.Callback):
         val, test = result.get("val_accuracy", float("nan")), result.get("test_accuracy", float("nan"))
         cell = trial.config.get(CELL, "")
         how = result.get("status", how) + (", from its record: not trained again" if result.get(FROM_RECORD) else "")
-        print(f"{self.prefix} #{self.count} {cell}: {_short(params)} -> val acc {val:.3f} (test {test:.3f}) after "
-              f"{result.get('epochs', 0):.3g} epochs, {result.get('steps', 0)} steps ({how})", flush=True)
+        print(
+            f"{self.prefix} #{self.count} {cell}: {_short(params)} -> val acc {val:.3f} (test {test:.3f}) after "
+            f"{result.get('epochs', 0):.3g} epochs, {result.get('steps', 0)} steps ({how})",
+            flush=True,
+        )
 
 
 def _coords(cell: Cell) -> str:

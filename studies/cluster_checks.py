@@ -4,8 +4,8 @@ and storage that every host sees. The cluster configs in `cluster/` provide all 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import ray
 
@@ -15,9 +15,22 @@ PROJECT_MODULES = ("gradalign", "trainables")
 """What a trial imports on whichever node runs it."""
 IMPORT_CHECK_TIMEOUT_S = 60.0
 """Bound on the per-node import check (a fresh worker process imports torch and Ray Tune: seconds)."""
-STORAGE_FIX = ("pass --storage s3://BUCKET/PATH (or gs://..., or a folder on NFS mounted on every node)")
-SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "fuse.s3fs",
-                      "fuse.gcsfuse", "fuse.juicefs", "efs")
+STORAGE_FIX = "pass --storage s3://BUCKET/PATH (or gs://..., or a folder on NFS mounted on every node)"
+SHARED_FILESYSTEMS = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "ceph",
+    "glusterfs",
+    "fuse.s3fs",
+    "fuse.gcsfuse",
+    "fuse.juicefs",
+    "efs",
+)
 
 
 class ClusterNotReady(RuntimeError):
@@ -30,14 +43,21 @@ def join_or_start(address: str | None, local: bool, num_cpus: int | None = None)
     if connection.note:
         print(f"note: {connection.note}", flush=True)
     if connection.joined and num_cpus:
-        print("note: --num-cpus applies only to a Ray started here (--local); the joined cluster keeps its own",
-              flush=True)
+        print(
+            "note: --num-cpus applies only to a Ray started here (--local); the joined cluster keeps its own",
+            flush=True,
+        )
     print(connection.summary(), flush=True)
     return connection
 
 
-def check_cluster(connection: RayConnection, multi_worker: bool, storage: str, storage_fix: str = STORAGE_FIX,
-                  import_timeout_s: float = IMPORT_CHECK_TIMEOUT_S) -> None:
+def check_cluster(
+    connection: RayConnection,
+    multi_worker: bool,
+    storage: str,
+    storage_fix: str = STORAGE_FIX,
+    import_timeout_s: float = IMPORT_CHECK_TIMEOUT_S,
+) -> None:
     """Raise `ClusterNotReady` when the joined cluster cannot run the study (a Ray started here always can)."""
     if not connection.joined:
         return
@@ -47,7 +67,8 @@ def check_cluster(connection: RayConnection, multi_worker: bool, storage: str, s
             f"it offers no `{DRIVER_RESOURCE}` resource, which every trial with more than one worker holds (its Tune "
             f"trial drives a Ray Train run and holds one {DRIVER_RESOURCE} unit instead of a CPU): start its head "
             f"with `ray start --head --resources='{{\"{DRIVER_RESOURCE}\": 8}}'` (the configs in cluster/ do), "
-            "or run with --workers 1")
+            "or run with --workers 1"
+        )
     hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
     storage_note = storage_problem(hosts, storage, storage_fix)
     if storage_note:
@@ -57,14 +78,15 @@ def check_cluster(connection: RayConnection, multi_worker: bool, storage: str, s
         problems.append(
             "the project is not importable on every node (" + "; ".join(missing) + "): install it on each node "
             "(`pip install -e .` in the setup_commands, as cluster/gpu.yaml and cluster/local.yaml do, or the image "
-            "built from cluster/Dockerfile), or pass the code with a runtime_env")
+            "built from cluster/Dockerfile), or pass the code with a runtime_env"
+        )
     if problems:
-        raise ClusterNotReady(f"the Ray cluster at {connection.address} cannot run this study:\n  - "
-                              + "\n  - ".join(problems))
+        raise ClusterNotReady(
+            f"the Ray cluster at {connection.address} cannot run this study:\n  - " + "\n  - ".join(problems)
+        )
 
 
-def project_problems(modules: Sequence[str] = PROJECT_MODULES,
-                     timeout_s: float = IMPORT_CHECK_TIMEOUT_S) -> list[str]:
+def project_problems(modules: Sequence[str] = PROJECT_MODULES, timeout_s: float = IMPORT_CHECK_TIMEOUT_S) -> list[str]:
     """One 0-CPU task per alive node imports `modules`; returns 'node IP: what failed' for each node that could not."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -78,7 +100,7 @@ def project_problems(modules: Sequence[str] = PROJECT_MODULES,
     for ref in done:
         try:
             failure = ray.get(ref)
-        except Exception as err:  # the task itself could not run there (e.g. its worker failed to start)
+        except Exception as err:  # noqa: BLE001 -- the task itself could not run there (e.g. its worker failed to start)
             failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         if failure:
             problems.append(f"node {pending[ref]}: {failure}")
@@ -96,7 +118,7 @@ def _import_probe(modules: tuple[str, ...]):
         for name in modules:
             try:
                 importlib.import_module(name)
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 -- any failure to import is the answer
                 return f"import {name} failed ({type(err).__name__}: {err})"
         return ""
 
@@ -117,6 +139,9 @@ def _filesystem(path: str) -> str:
     except OSError:
         return "unknown"
     target = str(Path(path).resolve())
-    best = max((m for m in mounts if target.startswith(m[0].rstrip("/") + "/") or target == m[0]),
-               key=lambda m: len(m[0]), default=("", "unknown"))
+    best = max(
+        (m for m in mounts if target.startswith(m[0].rstrip("/") + "/") or target == m[0]),
+        key=lambda m: len(m[0]),
+        default=("", "unknown"),
+    )
     return best[1]

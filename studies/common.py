@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import optuna
 import pandas as pd
@@ -34,14 +35,19 @@ class ProgressPrinter(tune.Callback):
         self.__dict__.update(state, start=time.monotonic())
 
     def _line(self, trial, text: str) -> None:
-        print(f"[{time.monotonic() - self.start:6.0f}s {self.finished:>3}/{self.num_samples}] "
-              f"trial {trial.trial_id} {text}", flush=True)
+        print(
+            f"[{time.monotonic() - self.start:6.0f}s {self.finished:>3}/{self.num_samples}] "
+            f"trial {trial.trial_id} {text}",
+            flush=True,
+        )
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         done = f"{result.get('epochs', 0):.3g}" + (f"/{self.epochs:g}" if self.epochs else "")
         epoch = f"epochs {done} step {result.get('steps')}"
         metrics = " ".join(f"{k}={_fmt(result[k])}" for k in SHOWN_METRICS if k in result)
-        self._line(trial, f"{epoch:<24} {metrics} {result.get('status', '')}  [{format_params(trial.config, self.params)}]")
+        self._line(
+            trial, f"{epoch:<24} {metrics} {result.get('status', '')}  [{format_params(trial.config, self.params)}]"
+        )
 
     def _count(self, trials, trial) -> None:
         self.finished = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
@@ -49,8 +55,11 @@ class ProgressPrinter(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._count(trials, trial)
         last = trial.last_result or {}
-        self._line(trial, f"finished: {final_status(last)} after {last.get('epochs', float('nan')):.3g} epochs, "
-                          f"{last.get('steps', '?')} steps")
+        self._line(
+            trial,
+            f"finished: {final_status(last)} after {last.get('epochs', float('nan')):.3g} epochs, "
+            f"{last.get('steps', '?')} steps",
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._count(trials, trial)
@@ -103,11 +112,13 @@ def write_figures(study: optuna.Study, out_dir: str | Path, contour: Sequence[st
     if complete:
         figures["optimization_history"] = lambda: vis.plot_optimization_history(study, target=target, target_name=name)
     if len(params) >= 2 and len(complete) >= 2:
-        figures["param_importances"] = lambda: vis.plot_param_importances(study, target=importance_target,
-                                                                          target_name=name)
+        figures["param_importances"] = lambda: vis.plot_param_importances(
+            study, target=importance_target, target_name=name
+        )
     if all(p in params for p in contour) and len(complete) >= 2:
-        figures["contour_" + "_".join(contour)] = lambda: vis.plot_contour(study, params=list(contour), target=target,
-                                                                          target_name=name)
+        figures["contour_" + "_".join(contour)] = lambda: vis.plot_contour(
+            study, params=list(contour), target=target, target_name=name
+        )
     if multi and complete:
         figures["pareto_front"] = lambda: vis.plot_pareto_front(study)
     written = []

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -23,14 +24,27 @@ def scientific_group(history: pd.DataFrame, x: str, extra: Sequence[str] = ()) -
     return tuple(dict.fromkeys(group))
 
 
-def build_report(out: Path, history: pd.DataFrame, *, target: float, x: str, title: str, command: str,
-                 budget: Mapping[str, Any], search_ranges: Mapping[str, tuple], extra_axes: Sequence[str] = (),
-                 comparisons: Sequence[tuple[str, str]] = (("gradalign", "large_batch_sgd"),),
-                 reference: str | None = "sgd", notes: Mapping[str, Any] | None = None, by: str | None = None,
-                 figures: Callable[[pd.DataFrame, pd.DataFrame], list] | None = None,
-                 cost: str = "steps_to_target", num_classes: int | None = None,
-                 verdict: Callable[[pd.DataFrame, pd.DataFrame, pd.DataFrame], list[str]] | None = None,
-                 export: Sequence[str] = ()) -> Path:
+def build_report(
+    out: Path,
+    history: pd.DataFrame,
+    *,
+    target: float,
+    x: str,
+    title: str,
+    command: str,
+    budget: Mapping[str, Any],
+    search_ranges: Mapping[str, tuple],
+    extra_axes: Sequence[str] = (),
+    comparisons: Sequence[tuple[str, str]] = (("gradalign", "large_batch_sgd"),),
+    reference: str | None = "sgd",
+    notes: Mapping[str, Any] | None = None,
+    by: str | None = None,
+    figures: Callable[[pd.DataFrame, pd.DataFrame], list] | None = None,
+    cost: str = "steps_to_target",
+    num_classes: int | None = None,
+    verdict: Callable[[pd.DataFrame, pd.DataFrame, pd.DataFrame], list[str]] | None = None,
+    export: Sequence[str] = (),
+) -> Path:
     """Write cells.{parquet,csv}, summary.json and report.html into `out`; returns the report's path.
 
     `comparisons` are tested at each value of `x`; every algorithm is also tested against `reference` (the
@@ -50,8 +64,11 @@ def build_report(out: Path, history: pd.DataFrame, *, target: float, x: str, tit
     seeded = history[history["phase"] == "seed"]
     unseeded = ~tuned.set_index(list(group)).index.isin(seeded.set_index(list(group)).index)
     chosen = pd.concat([seeded, tuned[unseeded]])
-    warnings = edge_warnings(best_trials(chosen, group=group, reduce="last"), search_ranges, label=group) \
-        if len(chosen) else []
+    warnings = (
+        edge_warnings(best_trials(chosen, group=group, reduce="last"), search_ranges, label=group)
+        if len(chosen)
+        else []
+    )
     warnings += _divergence_warnings(history)
     warnings += _collapse_warnings(history, group, num_classes)
     sig = compare(history, by or x, target, comparisons, reference, cost)
@@ -65,26 +82,52 @@ def build_report(out: Path, history: pd.DataFrame, *, target: float, x: str, tit
     }
     prov = {"command": command, **provenance()}
     sentences = verdict(history, cells, sig) if verdict is not None and len(cells) else []
-    record = {"title": title, "verdict": sentences, "summary": summary, "warnings": warnings, "budget": dict(budget),
-              "provenance": prov, "significance": sig.to_dict(orient="records"),
-              "cells": cells.to_dict(orient="records")}
+    record = {
+        "title": title,
+        "verdict": sentences,
+        "summary": summary,
+        "warnings": warnings,
+        "budget": dict(budget),
+        "provenance": prov,
+        "significance": sig.to_dict(orient="records"),
+        "cells": cells.to_dict(orient="records"),
+    }
     (out / "summary.json").write_text(json.dumps(_strict(record), indent=2, default=str))
-    return write_report(out / "report.html", history, cells, summary, warnings, prov, budget, title=title, x=x,
-                        significance_table=sig, figures=figures(history, cells) if figures else None,
-                        verdict=sentences, export=export)
+    return write_report(
+        out / "report.html",
+        history,
+        cells,
+        summary,
+        warnings,
+        prov,
+        budget,
+        title=title,
+        x=x,
+        significance_table=sig,
+        figures=figures(history, cells) if figures else None,
+        verdict=sentences,
+        export=export,
+    )
 
 
 def print_outcome(out: Path, report: Path) -> None:
     """The last lines of a study's output: where its files are, then its verdict."""
-    print(f"report: {report}\ntables: {out}/history.parquet, {out}/cells.parquet (and .csv), summary: "
-          f"{out}/summary.json")
+    print(
+        f"report: {report}\ntables: {out}/history.parquet, {out}/cells.parquet (and .csv), summary: {out}/summary.json"
+    )
     sentences = json.loads((out / "summary.json").read_text()).get("verdict") or []
     if sentences:
         print("\nverdict:\n" + "\n".join(f"- {s}" for s in sentences), flush=True)
 
 
-def compare(history: pd.DataFrame, x: str, target: float, comparisons: Sequence[tuple[str, str]],
-            reference: str | None, cost: str = "steps_to_target") -> pd.DataFrame:
+def compare(
+    history: pd.DataFrame,
+    x: str,
+    target: float,
+    comparisons: Sequence[tuple[str, str]],
+    reference: str | None,
+    cost: str = "steps_to_target",
+) -> pd.DataFrame:
     """Welch comparisons over seeds: each pair in `comparisons` per value of x, and every algorithm vs the
     reference."""
     parts = [significance_tables(history, by=x, target=target, comparisons=comparisons, cost=cost)]
@@ -93,8 +136,10 @@ def compare(history: pd.DataFrame, x: str, target: float, comparisons: Sequence[
         ref = seeds[seeds["algorithm"] == reference]
         others = seeds[seeds["algorithm"] != reference]
         # the reference runs at one x (its own batch size): compare it with every x of the other algorithms
-        copies = [ref.assign(**{x: value, "trial_id": ref["trial_id"].astype(str) + f"@{value}"})
-                  for value in sorted(others[x].dropna().unique())]
+        copies = [
+            ref.assign(**{x: value, "trial_id": ref["trial_id"].astype(str) + f"@{value}"})
+            for value in sorted(others[x].dropna().unique())
+        ]
         if copies:
             paired = pd.concat([others, *copies], ignore_index=True)
             pairs = [(a, reference) for a in sorted(others["algorithm"].unique())]
@@ -112,10 +157,14 @@ def headline(cells: pd.DataFrame, sig: pd.DataFrame, x: str) -> dict[str, str]:
     acc = sig[sig["metric"] == "acc_final"]
     for row in acc.itertuples():
         value = getattr(row, x) if hasattr(row, x) else row[1]
-        ci = (f", 95% CI [{row.ci_low:+.4f}, {row.ci_high:+.4f}], Welch p={row.p_value:.3g}"
-              if math.isfinite(row.p_value) else "")
+        ci = (
+            f", 95% CI [{row.ci_low:+.4f}, {row.ci_high:+.4f}], Welch p={row.p_value:.3g}"
+            if math.isfinite(row.p_value)
+            else ""
+        )
         out[f"{row.a} - {row.b} at {x}={value}"] = (
-            f"{row.diff:+.4f} test accuracy (n={row.n_a} vs {row.n_b}{ci}: {row.verdict})")
+            f"{row.diff:+.4f} test accuracy (n={row.n_a} vs {row.n_b}{ci}: {row.verdict})"
+        )
     return out
 
 
@@ -136,10 +185,12 @@ def _collapse_warnings(history: pd.DataFrame, group: Sequence[str], num_classes:
     out = []
     for row in collapsed_seeds(trials, group, num_classes).itertuples():
         others = trials[(trials["cell"] == row.cell) & (trials["trial_id"] != row.trial_id)]["acc_final"]
-        out.append(f"{row.cell}: the seed-{int(row.seed)} run collapsed to {row.acc_final:.3f} test accuracy (the "
-                   f"cell's other seeds: {', '.join(f'{v:.3f}' for v in others)}) without diverging: the chosen "
-                   "configuration sits at the edge of stability (score the tuning on more seeds, --tuning-seeds, or "
-                   "narrow the lr range)")
+        out.append(
+            f"{row.cell}: the seed-{int(row.seed)} run collapsed to {row.acc_final:.3f} test accuracy (the "
+            f"cell's other seeds: {', '.join(f'{v:.3f}' for v in others)}) without diverging: the chosen "
+            "configuration sits at the edge of stability (score the tuning on more seeds, --tuning-seeds, or "
+            "narrow the lr range)"
+        )
     return out
 
 

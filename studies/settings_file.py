@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from gradalign.config import ConfigError
 from gradalign.provenance import provenance
@@ -24,11 +25,20 @@ SETTINGS_FILE = "study.json"
 
 def plan_settings(plan) -> dict[str, Any]:
     """What a study must keep to be resumed: {'study': flat settings, 'cells': {key: flat settings}}."""
-    study = {"name": plan.name, "trials_per_cell": plan.trials_per_cell, "seeds": list(plan.seeds),
-             "tuning_seeds": list(plan.tuning_seeds), "objective": plan.objective, "asha": plan.asha, "sampler_seed": plan.sampler_seed,
-             "extra_columns": dict(plan.extra_columns)}
-    cells = {c.key: {"coords": dict(c.coords), "workers": c.workers, "space": dataclasses.asdict(c.space)}
-             for c in plan.cells}
+    study = {
+        "name": plan.name,
+        "trials_per_cell": plan.trials_per_cell,
+        "seeds": list(plan.seeds),
+        "tuning_seeds": list(plan.tuning_seeds),
+        "objective": plan.objective,
+        "asha": plan.asha,
+        "sampler_seed": plan.sampler_seed,
+        "extra_columns": dict(plan.extra_columns),
+    }
+    cells = {
+        c.key: {"coords": dict(c.coords), "workers": c.workers, "space": dataclasses.asdict(c.space)}
+        for c in plan.cells
+    }
     return {"study": flat_settings(study), "cells": {key: flat_settings(value) for key, value in cells.items()}}
 
 
@@ -43,9 +53,13 @@ def check_plan(plan, extend_seeds: bool = False) -> None:
     try:
         saved = json.loads(path.read_text())["settings"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ConfigError("out", str(plan.out_dir), f"{path} is damaged ({type(err).__name__}: {err}); it records the "
-                          "settings the study was started with: restore it, or start a new study with another "
-                          "--name or --out") from None
+        raise ConfigError(
+            "out",
+            str(plan.out_dir),
+            f"{path} is damaged ({type(err).__name__}: {err}); it records the "
+            "settings the study was started with: restore it, or start a new study with another "
+            "--name or --out",
+        ) from None
     now = plan_settings(plan)
     changes = _changes(saved, now)
     if not changes:
@@ -54,17 +68,24 @@ def check_plan(plan, extend_seeds: bool = False) -> None:
     only_seeds_added = changes == _seed_change(saved, now) and set(old_seeds or ()) < set(new_seeds)
     if extend_seeds and only_seeds_added:
         return
-    hint = (" To add the new seeds to this study instead, re-run with --extend-seeds." if only_seeds_added else "")
-    raise ConfigError("out", str(plan.out_dir), f"the study in this folder was started with other settings: "
-                      f"{'; '.join(changes)}. Re-run it with its original options to resume it, or start a new study "
-                      f"with another --name (or --out).{hint}")
+    hint = " To add the new seeds to this study instead, re-run with --extend-seeds." if only_seeds_added else ""
+    raise ConfigError(
+        "out",
+        str(plan.out_dir),
+        f"the study in this folder was started with other settings: "
+        f"{'; '.join(changes)}. Re-run it with its original options to resume it, or start a new study "
+        f"with another --name (or --out).{hint}",
+    )
 
 
 def record_plan(plan) -> None:
     """Write `study.json` (the settings, and the provenance of the run that wrote it)."""
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"settings": plan_settings(plan), "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "provenance": provenance()}
+    record = {
+        "settings": plan_settings(plan),
+        "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "provenance": provenance(),
+    }
     tmp = plan.out_dir / f"{SETTINGS_FILE}.tmp"
     tmp.write_text(json.dumps(record, indent=1, default=str))
     tmp.replace(plan.out_dir / SETTINGS_FILE)

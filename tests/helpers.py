@@ -13,10 +13,14 @@ def tiny_model(seed: int = 0, inputs: int = 5, hidden: int = 7, classes: int = 3
     return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, classes)).to(dtype)
 
 
-def client_batches(clients: int = 4, batch: int = 6, inputs: int = 5, classes: int = 3, seed: int = 1, dtype=torch.float64):
+def client_batches(
+    clients: int = 4, batch: int = 6, inputs: int = 5, classes: int = 3, seed: int = 1, dtype=torch.float64
+):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, inputs, generator=g, dtype=dtype), torch.randint(0, classes, (batch,), generator=g))
-            for _ in range(clients)]
+    return [
+        (torch.randn(batch, inputs, generator=g, dtype=dtype), torch.randint(0, classes, (batch,), generator=g))
+        for _ in range(clients)
+    ]
 
 
 def digits_config(**changes) -> TrainConfig:

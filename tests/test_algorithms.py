@@ -5,12 +5,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_model
 
 from gradalign import ALGORITHMS, ConfigError, TrainConfig
 from gradalign.algorithms import RoundBatch, build_algorithm
 from gradalign.functional import flat_params, flatten_rows, param_dict
-
-from helpers import tiny_model
 
 CLIENTS, B, K = 4, 8, 3
 
@@ -86,8 +85,10 @@ def test_state_round_trips(algorithm):
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("field,value", [("lr", -0.1), ("lr", 0.0), ("momentum", 1.0), ("momentum", -0.1),
-                                         ("beta", -1e-3), ("weight_decay", -1.0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [("lr", -0.1), ("lr", 0.0), ("momentum", 1.0), ("momentum", -0.1), ("beta", -1e-3), ("weight_decay", -1.0)],
+)
 def test_bad_hyperparameters_raise(algorithm, field, value):
     with pytest.raises(ConfigError, match=field):
         config(algorithm, **{field: value})
@@ -105,7 +106,9 @@ def test_gradalign_with_beta_zero_is_large_batch_sgd():
 
 
 def test_fedga_with_one_local_step_is_gradalign():
-    _same_trajectory(config("fedga", local_steps=1, beta=0.3, momentum=0.5), config("gradalign", beta=0.3, momentum=0.5))
+    _same_trajectory(
+        config("fedga", local_steps=1, beta=0.3, momentum=0.5), config("gradalign", beta=0.3, momentum=0.5)
+    )
 
 
 def test_fedavg_with_one_local_step_and_full_participation_is_large_batch_sgd():
@@ -159,12 +162,15 @@ def test_fedprox_term_enters_local_gradient():
     new = {}
     for name in ("fedavg", "fedprox"):
         model = tiny_model()
-        algo = build_algorithm(model, F.cross_entropy, config(name, lr=lr, mu=mu if name == "fedprox" else 0.0, local_steps=2))
+        algo = build_algorithm(
+            model, F.cross_entropy, config(name, lr=lr, mu=mu if name == "fedprox" else 0.0, local_steps=2)
+        )
         algo.step(rounds[0])
         new[name] = flat_params(model)
     model = tiny_model()
     grads, _ = build_algorithm(model, F.cross_entropy, config("fedavg")).client_grads(
-        param_dict(model), rounds[0].inputs[:, 0], rounds[0].targets[:, 0])
+        param_dict(model), rounds[0].inputs[:, 0], rounds[0].targets[:, 0]
+    )
     expected = lr * lr * mu * flatten_rows(grads).mean(0)
     torch.testing.assert_close(new["fedprox"] - new["fedavg"], expected, rtol=1e-9, atol=1e-12)
 
@@ -219,8 +225,15 @@ def test_communications_are_counted_per_update_whatever_the_diagnostics(algorith
         assert traffic.messages == traffic.communications * (1 if algorithm == "sgd" else CLIENTS)
         per_client = traffic.values / max(traffic.messages, 1)
         # every exchange carries about P values per client; SCAFFOLD's one carries 2P (update and control variate)
-        expected = {"sgd": size + 1, "large_batch_sgd": size + 1, "fedavg": size + 1, "fedprox": size + 1,
-                    "scaffold": 2 * size + 1, "gradalign": (2 * size + 2) / 2, "fedga": (2 * size + 3) / 2}[algorithm]
+        expected = {
+            "sgd": size + 1,
+            "large_batch_sgd": size + 1,
+            "fedavg": size + 1,
+            "fedprox": size + 1,
+            "scaffold": 2 * size + 1,
+            "gradalign": (2 * size + 2) / 2,
+            "fedga": (2 * size + 3) / 2,
+        }[algorithm]
         assert per_client == pytest.approx(expected)
     assert communications_per_update(config("fedga")) == 2 and communications_per_update(config("fedavg")) == 1
     assert communications_per_update(config("sgd", clients=1, batch_size=B)) == 0

@@ -19,8 +19,9 @@ B_SIMPLE = 250.0  # tr(Sigma) / |G|^2 of the synthetic noise columns
 EPOCHS = 40
 
 
-def _trial_rows(trial_id, phase, algorithm, batch, seed, lr, beta, epochs, acc_inf, s_half, diverge_at=None,
-                noise=0.002):
+def _trial_rows(
+    trial_id, phase, algorithm, batch, seed, lr, beta, epochs, acc_inf, s_half, diverge_at=None, noise=0.002
+):
     """Accuracy acc_inf * (1 - 2^(-steps / s_half)): reaches acc_inf / 2 after s_half steps. Evaluated like a
     Trainer with an example budget of `epochs` x N_TRAIN: on the log-spaced schedule of its updates. The
     validation and test accuracies carry independent noise."""
@@ -32,23 +33,55 @@ def _trial_rows(trial_id, phase, algorithm, batch, seed, lr, beta, epochs, acc_i
         acc, val = curve + rng.normal(0, noise), curve + rng.normal(0, noise)
         diverged = diverge_at is not None and evaluation >= diverge_at
         last = evaluation == len(schedule)
-        rows.append({
-            "study": "synthetic", "cell": f"{algorithm}-B{batch}", "phase": phase, "trial_id": trial_id,
-            "algorithm": algorithm, "batch_size": batch, "clients": 8, "workers": 1, "lr": lr, "beta": beta,
-            "momentum": 0.0, "weight_decay": 0.0, "local_steps": 1, "mu": 0.0, "participation": 1.0,
-            "alpha": np.nan, "partition": "iid", "seed": seed, "evaluation": evaluation,
-            "epochs": steps * batch / N_TRAIN, "steps": steps, "rounds": steps, "examples": steps * batch,
-            "communications": steps, "messages": 8 * steps, "train_loss": np.nan if diverged else 1 - acc,
-            "val_loss": 1 - val, "val_accuracy": 0.1 if diverged else val, "test_loss": 1 - acc,
-            "test_accuracy": 0.1 if diverged else acc, "label_tv": 0.05,
-            "grad_variance": 640.0 / (steps * batch) * (0.5 if algorithm == "gradalign" else 1.0),
-            "grad_cosine": 0.1 + 0.01 * evaluation + 0.05 * math.log2(batch / 64), "grad_norm_sq": 4.0,
-            "gns_simple": B_SIMPLE * (1 + rng.normal(0, 2)),  # noisy and sometimes negative, like the real one
-            "gns_trace": B_SIMPLE * 4.0 * (1 + rng.normal(0, 0.05)), "gns_grad_sq": 4.0,
-            "wall_time": steps * (0.01 + batch * 1e-5), "status": "diverged" if diverged else
-            ("completed" if last else "running"), "git_commit": "abc1234", "python": "3.11.7",
-            "torch": "2.5.0", "ray": "2.50.0", "optuna": "4.1.0", "hardware": "2 CPU cores",
-        })
+        rows.append(
+            {
+                "study": "synthetic",
+                "cell": f"{algorithm}-B{batch}",
+                "phase": phase,
+                "trial_id": trial_id,
+                "algorithm": algorithm,
+                "batch_size": batch,
+                "clients": 8,
+                "workers": 1,
+                "lr": lr,
+                "beta": beta,
+                "momentum": 0.0,
+                "weight_decay": 0.0,
+                "local_steps": 1,
+                "mu": 0.0,
+                "participation": 1.0,
+                "alpha": np.nan,
+                "partition": "iid",
+                "seed": seed,
+                "evaluation": evaluation,
+                "epochs": steps * batch / N_TRAIN,
+                "steps": steps,
+                "rounds": steps,
+                "examples": steps * batch,
+                "communications": steps,
+                "messages": 8 * steps,
+                "train_loss": np.nan if diverged else 1 - acc,
+                "val_loss": 1 - val,
+                "val_accuracy": 0.1 if diverged else val,
+                "test_loss": 1 - acc,
+                "test_accuracy": 0.1 if diverged else acc,
+                "label_tv": 0.05,
+                "grad_variance": 640.0 / (steps * batch) * (0.5 if algorithm == "gradalign" else 1.0),
+                "grad_cosine": 0.1 + 0.01 * evaluation + 0.05 * math.log2(batch / 64),
+                "grad_norm_sq": 4.0,
+                "gns_simple": B_SIMPLE * (1 + rng.normal(0, 2)),  # noisy and sometimes negative, like the real one
+                "gns_trace": B_SIMPLE * 4.0 * (1 + rng.normal(0, 0.05)),
+                "gns_grad_sq": 4.0,
+                "wall_time": steps * (0.01 + batch * 1e-5),
+                "status": "diverged" if diverged else ("completed" if last else "running"),
+                "git_commit": "abc1234",
+                "python": "3.11.7",
+                "torch": "2.5.0",
+                "ray": "2.50.0",
+                "optuna": "4.1.0",
+                "hardware": "2 CPU cores",
+            }
+        )
         if diverged:
             break
     return rows
@@ -70,13 +103,25 @@ def synthetic_history(seeds=3, epochs=EPOCHS, with_tune=True, noise=0.002) -> pd
             if with_tune:
                 for k, factor in enumerate((0.3, 1.0, 3.0)):
                     trial += 1
-                    rows += _trial_rows(trial, "tune", algorithm, batch, 100 + k, lr * factor, beta, epochs,
-                                        acc_inf * (1.0 if factor == 1.0 else 0.9), s_half, noise=noise)
+                    rows += _trial_rows(
+                        trial,
+                        "tune",
+                        algorithm,
+                        batch,
+                        100 + k,
+                        lr * factor,
+                        beta,
+                        epochs,
+                        acc_inf * (1.0 if factor == 1.0 else 0.9),
+                        s_half,
+                        noise=noise,
+                    )
             for seed in range(seeds):
                 trial += 1
                 diverge = 3 if (algorithm == "gradalign" and batch == 1024 and seed == seeds - 1) else None
-                rows += _trial_rows(trial, "seed", algorithm, batch, seed, lr, beta, epochs, acc_inf, s_half, diverge,
-                                    noise=noise)
+                rows += _trial_rows(
+                    trial, "seed", algorithm, batch, seed, lr, beta, epochs, acc_inf, s_half, diverge, noise=noise
+                )
     return pd.DataFrame(rows)
 
 
@@ -91,9 +136,16 @@ def cells(history):
 
 
 def test_steps_to_target_interpolates_between_evaluations_on_the_validation_split():
-    trial = pd.DataFrame({"evaluation": [3, 1, 2, 4], "val_accuracy": [0.7, 0.2, 0.5, 0.9],
-                          "test_accuracy": [1.0, 1.0, 1.0, 1.0],  # never read: targets are about validation
-                          "steps": [30, 10, 20, 40], "examples": [300, 100, 200, 400], "wall_time": [3., 1., 2., 4.]})
+    trial = pd.DataFrame(
+        {
+            "evaluation": [3, 1, 2, 4],
+            "val_accuracy": [0.7, 0.2, 0.5, 0.9],
+            "test_accuracy": [1.0, 1.0, 1.0, 1.0],  # never read: targets are about validation
+            "steps": [30, 10, 20, 40],
+            "examples": [300, 100, 200, 400],
+            "wall_time": [3.0, 1.0, 2.0, 4.0],
+        }
+    )
     assert A.steps_to_target(trial, 0.5) == (20.0, 200.0, 2.0)
     assert A.steps_to_target(trial, 0.6) == pytest.approx((25.0, 250.0, 2.5))  # half-way between 0.5 and 0.7
     assert A.steps_to_target(trial, 0.2) == (10.0, 100.0, 1.0)
@@ -174,8 +226,10 @@ def test_no_tuning_decision_changes_when_only_the_test_labels_change(history):
     last = tuned.sort_values("evaluation").groupby("trial_id").tail(1)
     tie = last.assign(val_accuracy=0.5)  # all tied: the validation loss decides, not the test loss
     scrambled_tie = tie.assign(test_loss=rng.uniform(0, 5, len(tie)))
-    assert (A.rank_trials(tie, "val_accuracy")["trial_id"].tolist()
-            == A.rank_trials(scrambled_tie, "val_accuracy")["trial_id"].tolist())
+    assert (
+        A.rank_trials(tie, "val_accuracy")["trial_id"].tolist()
+        == A.rank_trials(scrambled_tie, "val_accuracy")["trial_id"].tolist()
+    )
 
 
 def test_fit_recovers_known_critical_batch_from_exact_data():
@@ -214,9 +268,21 @@ def test_an_exact_mccandlish_curve_is_recovered_within_ten_percent():
     for trial_id, batch in enumerate((16, 32, 128, 512)):
         crossing = s_min * (1 + b_crit / batch)  # steps at which the validation accuracy reaches 0.5
         for evaluation, steps in enumerate(eval_schedule(20 * 1424 // batch, points=40), start=1):
-            rows.append({"trial_id": trial_id, "phase": "seed", "algorithm": "large_batch_sgd", "batch_size": batch,
-                         "evaluation": evaluation, "steps": steps, "examples": steps * batch, "wall_time": steps,
-                         "val_accuracy": 1 - 0.5 ** (steps / crossing), "test_accuracy": 0.9, "status": "completed"})
+            rows.append(
+                {
+                    "trial_id": trial_id,
+                    "phase": "seed",
+                    "algorithm": "large_batch_sgd",
+                    "batch_size": batch,
+                    "evaluation": evaluation,
+                    "steps": steps,
+                    "examples": steps * batch,
+                    "wall_time": steps,
+                    "val_accuracy": 1 - 0.5 ** (steps / crossing),
+                    "test_accuracy": 0.9,
+                    "status": "completed",
+                }
+            )
     cells = A.summarize_cells(pd.DataFrame(rows), 0.5)
     measured = cells.set_index("batch_size")["steps_to_target_mean"]
     assert measured.to_numpy() == pytest.approx([s_min * (1 + b_crit / b) for b in (16, 32, 128, 512)], rel=0.1)
@@ -238,7 +304,9 @@ def test_significance_detects_a_clear_difference_and_not_identical_ones(history)
     assert table.loc[512, "p_value"] < 0.05 and table.loc[512, "verdict"].startswith("significant at 0.05")
     assert table.loc[512, "diff"] == pytest.approx(0.05, abs=0.01)
     assert table.loc[64, "verdict"] == "not significant" and table.loc[64, "p_value"] > 0.05
-    assert table.loc[512, "ci_low"] < table.loc[512, "diff"] < table.loc[512, "ci_high"] and table.loc[512, "ci_low"] > 0
+    assert (
+        table.loc[512, "ci_low"] < table.loc[512, "diff"] < table.loc[512, "ci_high"] and table.loc[512, "ci_low"] > 0
+    )
     assert table.loc[64, "ci_low"] < 0 < table.loc[64, "ci_high"]
     few = A.significance(history[history["seed"] == 0], "gradalign", "large_batch_sgd")
     assert few["verdict"].str.startswith("not testable").all() and (few["n_a"] == 1).all()
@@ -251,9 +319,23 @@ def test_significance_detects_a_clear_difference_and_not_identical_ones(history)
 
 
 def test_significance_on_hand_made_values():
-    rows = [{"trial_id": i, "evaluation": 1, "algorithm": alg, "batch_size": 8, "test_accuracy": acc, "phase": "seed"}
-            for i, (alg, acc) in enumerate([("a", 0.90), ("a", 0.91), ("a", 0.92), ("b", 0.90), ("b", 0.91),
-                                            ("b", 0.92), ("c", 0.5), ("c", 0.5), ("d", 0.7), ("d", 0.7)])]
+    rows = [
+        {"trial_id": i, "evaluation": 1, "algorithm": alg, "batch_size": 8, "test_accuracy": acc, "phase": "seed"}
+        for i, (alg, acc) in enumerate(
+            [
+                ("a", 0.90),
+                ("a", 0.91),
+                ("a", 0.92),
+                ("b", 0.90),
+                ("b", 0.91),
+                ("b", 0.92),
+                ("c", 0.5),
+                ("c", 0.5),
+                ("d", 0.7),
+                ("d", 0.7),
+            ]
+        )
+    ]
     frame = pd.DataFrame(rows)
     same = A.significance(frame, "a", "b").iloc[0]
     assert same["diff"] == pytest.approx(0) and same["p_value"] == pytest.approx(1)
@@ -267,17 +349,28 @@ def test_significance_on_hand_made_values():
 
 
 def test_collapsed_seed_runs_are_flagged():
-    trials = pd.DataFrame({"cell": ["x"] * 3 + ["y"] * 3, "algorithm": ["a"] * 6, "trial_id": range(6),
-                           "seed": [0, 1, 2] * 2, "acc_final": [0.99, 0.986, 0.173, 0.94, 0.95, 0.93],
-                           "diverged": [False] * 6})
+    trials = pd.DataFrame(
+        {
+            "cell": ["x"] * 3 + ["y"] * 3,
+            "algorithm": ["a"] * 6,
+            "trial_id": range(6),
+            "seed": [0, 1, 2] * 2,
+            "acc_final": [0.99, 0.986, 0.173, 0.94, 0.95, 0.93],
+            "diverged": [False] * 6,
+        }
+    )
     flagged = A.collapsed_seeds(trials, ["cell"], num_classes=10)
     assert flagged["trial_id"].tolist() == [2]
 
 
 def test_pareto_front_on_a_hand_example():
-    cells = pd.DataFrame({"batch_size": [64, 128, 256, 512, 512, 1024, 2048],
-                          "acc_mean": [0.95, 0.96, 0.94, 0.93, 0.90, 0.93, np.nan],
-                          "wall_time_mean": [100, 60, 40, 30, 20, 25, 5]})
+    cells = pd.DataFrame(
+        {
+            "batch_size": [64, 128, 256, 512, 512, 1024, 2048],
+            "acc_mean": [0.95, 0.96, 0.94, 0.93, 0.90, 0.93, np.nan],
+            "wall_time_mean": [100, 60, 40, 30, 20, 25, 5],
+        }
+    )
     front = A.pareto_front(cells)
     assert front["batch_size"].tolist() == [128, 256, 1024]  # 64 dominated by 128, 512 by 1024 (same acc)
     assert front["acc_mean"].tolist() == [0.96, 0.94, 0.93]
@@ -293,8 +386,15 @@ def test_pareto_front_tie_in_x_keeps_the_better_y():
 
 
 def test_edge_warnings_fire_at_the_edge_and_not_in_the_middle():
-    best = pd.DataFrame({"cell": ["c1", "c2", "c3"], "algorithm": ["gradalign"] * 3, "batch_size": [512, 64, 128],
-                         "lr": [0.98, 0.03, 0.0011], "beta": [0.01, np.nan, 2.0]})
+    best = pd.DataFrame(
+        {
+            "cell": ["c1", "c2", "c3"],
+            "algorithm": ["gradalign"] * 3,
+            "batch_size": [512, 64, 128],
+            "lr": [0.98, 0.03, 0.0011],
+            "beta": [0.01, np.nan, 2.0],
+        }
+    )
     ranges = {c: {"lr": (1e-3, 1.0), "beta": (1e-4, 1.0)} for c in ("c1", "c2", "c3")}
     messages = A.edge_warnings(best, ranges)
     assert "lr=0.98 is at the upper edge of [0.001, 1] for gradalign@B=512: widen the range" in messages

@@ -124,8 +124,24 @@ def test_mnist1d_models_take_the_fast_path_with_a_small_rel_err(capsys):
 
 
 def test_mnist1d_paper_table_at_tiny_settings(capsys, tmp_path):
-    rows = mnist1d_paper.main(["--model", "logistic,cnn", "--seeds", "2", "--steps", "3", "--eval-every", "2",
-                               "--print-every", "2", "--data-dir", str(tmp_path), "--num-samples", "200"])
+    rows = mnist1d_paper.main(
+        [
+            "--model",
+            "logistic,cnn",
+            "--seeds",
+            "2",
+            "--steps",
+            "3",
+            "--eval-every",
+            "2",
+            "--print-every",
+            "2",
+            "--data-dir",
+            str(tmp_path),
+            "--num-samples",
+            "200",
+        ]
+    )
     out = capsys.readouterr().out
     assert "160 train / 40 test" in out and "3 steps" in out
     assert out.count("step 2/3") == 4  # progress: a line per run
@@ -138,11 +154,14 @@ def test_mnist1d_paper_table_at_tiny_settings(capsys, tmp_path):
         assert line[3] == f"{row['mean']:.1f}" and line[6] == "(n=2)" and line[7] == f"{row['gap']:+.1f}"
 
 
-@pytest.mark.parametrize("argv, bad", [
-    (["--model", "logistic,gru"], "'gru'"),
-    (["--seeds", "0"], "'0'"),
-    (["--num-samples", "205"], "num_samples=205"),
-])
+@pytest.mark.parametrize(
+    "argv, bad",
+    [
+        (["--model", "logistic,gru"], "'gru'"),
+        (["--seeds", "0"], "'0'"),
+        (["--num-samples", "205"], "num_samples=205"),
+    ],
+)
 def test_mnist1d_paper_bad_arguments_exit_2_naming_the_value(argv, bad, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
         mnist1d_paper.main([*argv, "--data-dir", str(tmp_path)])
@@ -156,12 +175,15 @@ def test_all_is_mlp_and_cnn():
     assert step_cost.parse_shapes("4x128,8X64") == ((4, 128), (8, 64))
 
 
-@pytest.mark.parametrize("argv, bad", [
-    (["--shapes", "3y4"], "'3y4'"),
-    (["--shapes", "4x128,0x8"], "'0x8'"),
-    (["--model", "mlp,vgg"], "'vgg'"),
-    (["--warmup", "-1"], "'-1'"),
-])
+@pytest.mark.parametrize(
+    "argv, bad",
+    [
+        (["--shapes", "3y4"], "'3y4'"),
+        (["--shapes", "4x128,0x8"], "'0x8'"),
+        (["--model", "mlp,vgg"], "'vgg'"),
+        (["--warmup", "-1"], "'-1'"),
+    ],
+)
 def test_bad_arguments_exit_2_naming_the_value(argv, bad, capsys):
     with pytest.raises(SystemExit) as exc:
         step_cost.main(argv)

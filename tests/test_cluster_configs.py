@@ -15,7 +15,6 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -36,8 +35,9 @@ aws_setup = _load("aws_setup")
 
 RAY_VERSION, PY_TAG = cv.installed_versions()
 PY_VERSION = f"{PY_TAG[0]}.{PY_TAG[1:]}"
-LAUNCHER_FILES = [p for p in cv.cluster_files() if p.suffix == ".yaml"
-                  and cv.kind_of(cv.load_documents(p)) == "ray-launcher"]
+LAUNCHER_FILES = [
+    p for p in cv.cluster_files() if p.suffix == ".yaml" and cv.kind_of(cv.load_documents(p)) == "ray-launcher"
+]
 KUBERAY_FILE = CLUSTER / "kuberay-rayjob.yaml"
 DOCS = ROOT / "docs" / "cluster.md"
 
@@ -145,7 +145,9 @@ def test_missing_or_disabled_token_auth_is_caught(gpu):
     assert problems(head_start_ray_commands=disabled)
     # An assignment that only prefixes `ray stop` does not reach the next command.
     assert problems(worker_start_ray_commands=["RAY_AUTH_MODE=token ray stop; ray start --address=$RAY_HEAD_IP:6379"])
-    assert problems(worker_start_ray_commands=["export RAY_AUTH_MODE=token; ray start --address=$RAY_HEAD_IP:6379"]) == []
+    assert (
+        problems(worker_start_ray_commands=["export RAY_AUTH_MODE=token; ray start --address=$RAY_HEAD_IP:6379"]) == []
+    )
     assert any("auth_token" in p for p in problems(file_mounts={"~/gradalign": "."}))
 
 
@@ -166,8 +168,12 @@ def test_open_ports_and_default_group_are_caught(gpu):
     assert any("0.0.0.0/0" in p for p in cv.check_aws_network(no_group))
 
     dashboard_open = copy.deepcopy(gpu)
-    dashboard_open["provider"]["security_group"] = {"GroupName": "x", "IpPermissions": [
-        {"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "198.18.7.7/32"}]}]}
+    dashboard_open["provider"]["security_group"] = {
+        "GroupName": "x",
+        "IpPermissions": [
+            {"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "198.18.7.7/32"}]}
+        ],
+    }
     assert cv.check_aws_network(dashboard_open)
 
     world_ssh = copy.deepcopy(gpu)
@@ -273,8 +279,9 @@ def test_gpu_yaml_runs_the_studies(gpu):
     assert head["resources"]["GPU"] == 0 and head["resources"]["train_driver"] >= 1
     assert "InstanceMarketOptions" not in head["node_config"]  # on demand: losing the head loses the study
     workers = {n: t for n, t in gpu["available_node_types"].items() if n != gpu["head_node_type"]}
-    assert workers and all(t["min_workers"] == 0 and t["max_workers"] >= 1 and t["resources"]["GPU"] >= 1
-                           for t in workers.values())
+    assert workers and all(
+        t["min_workers"] == 0 and t["max_workers"] >= 1 and t["resources"]["GPU"] >= 1 for t in workers.values()
+    )
     setup = " ".join(gpu["setup_commands"])
     assert "pip install" in setup and "-e ~/gradalign" in setup and "boto3" in setup
     assert cv.storage_settings(gpu) == ["s3://YOUR-BUCKET/gradalign"]
@@ -335,20 +342,37 @@ def test_kuberay_rayjob_structure(rayjob):
     assert cv.check_kuberay_documents(cv.load_documents(KUBERAY_FILE), RAY_VERSION, PY_TAG) == []
 
 
-@pytest.mark.parametrize("breakage", [
-    lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"].update(serviceType="LoadBalancer"),
-    lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"].update(enableIngress=True),
-    lambda j: j["spec"]["rayClusterSpec"].update(rayVersion="2.59.0"),
-    lambda j: j["spec"]["rayClusterSpec"].pop("authOptions"),
-    lambda j: j["spec"].update(entrypoint="python studies/tune.py"),
-    lambda j: j["spec"]["rayClusterSpec"].update(workerGroupSpec=j["spec"]["rayClusterSpec"].pop("workerGroupSpecs")),
-    lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-gpus": 0}),
-    lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(
-        env=[{"name": "RAY_AUTH_TOKEN", "value": "hunter2hunter2"}]),
-    lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].update(
-        image="rayproject/ray:2.59.0-py311-gpu"),
-], ids=["load-balancer", "ingress", "ray-version", "no-auth", "other-script", "typo", "int-param",
-        "literal-token", "worker-image"])
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"].update(serviceType="LoadBalancer"),
+        lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"].update(enableIngress=True),
+        lambda j: j["spec"]["rayClusterSpec"].update(rayVersion="2.59.0"),
+        lambda j: j["spec"]["rayClusterSpec"].pop("authOptions"),
+        lambda j: j["spec"].update(entrypoint="python studies/tune.py"),
+        lambda j: j["spec"]["rayClusterSpec"].update(
+            workerGroupSpec=j["spec"]["rayClusterSpec"].pop("workerGroupSpecs")
+        ),
+        lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-gpus": 0}),
+        lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(
+            env=[{"name": "RAY_AUTH_TOKEN", "value": "hunter2hunter2"}]
+        ),
+        lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].update(
+            image="rayproject/ray:2.59.0-py311-gpu"
+        ),
+    ],
+    ids=[
+        "load-balancer",
+        "ingress",
+        "ray-version",
+        "no-auth",
+        "other-script",
+        "typo",
+        "int-param",
+        "literal-token",
+        "worker-image",
+    ],
+)
 def test_kuberay_breakages_are_caught(rayjob, breakage):
     broken = copy.deepcopy(rayjob)
     breakage(broken)
@@ -383,9 +407,12 @@ def test_preflight_demands_filled_placeholders_and_a_token(tmp_path, monkeypatch
     assert any("ray get-auth-token --generate" in p for p in problems)
 
     filled = tmp_path / "gpu.yaml"
-    filled.write_text(path.read_text().replace("YOUR.PUBLIC.IP.ADDRESS/32", "198.18.7.7/32")
-                      .replace("sg-REPLACE-WITH-AWS-SETUP-OUTPUT", "sg-0123456789abcdef0")
-                      .replace("YOUR-BUCKET", "my-results"))
+    filled.write_text(
+        path.read_text()
+        .replace("YOUR.PUBLIC.IP.ADDRESS/32", "198.18.7.7/32")
+        .replace("sg-REPLACE-WITH-AWS-SETUP-OUTPUT", "sg-0123456789abcdef0")
+        .replace("YOUR-BUCKET", "my-results")
+    )
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("t")
     assert cv.preflight_problems(filled, cv.load_documents(filled)) == []
@@ -402,8 +429,17 @@ def test_validate_cli(capsys):
 
 def test_docs_walk_through_the_workflow():
     text = DOCS.read_text()
-    for step in ("ray get-auth-token --generate", "cluster/aws_setup.py", "ray up cluster/gpu.yaml",
-                 "ray dashboard cluster/gpu.yaml", "studies/batch_scaling.py", "ray rsync-down",
-                 "ray down cluster/gpu.yaml", "cluster/validate.py", "kubectl create secret",
-                 "cluster/local.yaml", "approximate"):
+    for step in (
+        "ray get-auth-token --generate",
+        "cluster/aws_setup.py",
+        "ray up cluster/gpu.yaml",
+        "ray dashboard cluster/gpu.yaml",
+        "studies/batch_scaling.py",
+        "ray rsync-down",
+        "ray down cluster/gpu.yaml",
+        "cluster/validate.py",
+        "kubectl create secret",
+        "cluster/local.yaml",
+        "approximate",
+    ):
         assert step in text, step

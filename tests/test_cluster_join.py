@@ -20,13 +20,35 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_STUDY = ["--dataset", "digits", "--model", "mlp", "--batch-sizes", "32", "--algorithms", "gradalign", "--micro-batch", "16", "--epochs", "1",
-              "--trials-per-cell", "1", "--seeds", "1", "--target", "0.3", "--name", "join"]
+TINY_STUDY = [
+    "--dataset",
+    "digits",
+    "--model",
+    "mlp",
+    "--batch-sizes",
+    "32",
+    "--algorithms",
+    "gradalign",
+    "--micro-batch",
+    "16",
+    "--epochs",
+    "1",
+    "--trials-per-cell",
+    "1",
+    "--seeds",
+    "1",
+    "--target",
+    "0.3",
+    "--name",
+    "join",
+]
 # Trial actors (Tune's function trainables) the head's GCS has seen, printed by a driver that joins it with Ray's own
 # `ray.init()` (no address: the latest `ray start` under RAY_TMPDIR, with the auth `ray start` chose).
-TRIAL_ACTORS = ("import ray; ray.init(logging_level='ERROR'); "
-                "print('ACTORS', ray.get_runtime_context().gcs_address, "
-                "sum(a['ActorClassName'].endswith('ImplicitFunc') for a in ray._private.state.actors().values()))")
+TRIAL_ACTORS = (
+    "import ray; ray.init(logging_level='ERROR'); "
+    "print('ACTORS', ray.get_runtime_context().gcs_address, "
+    "sum(a['ActorClassName'].endswith('ImplicitFunc') for a in ray._private.state.actors().values()))"
+)
 
 
 @dataclass(frozen=True)
@@ -44,8 +66,12 @@ def _free_port() -> int:
 
 def _env(temp_root: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT)]), OMP_NUM_THREADS="1",
-               RAY_TMPDIR=str(temp_root), RAY_DEDUP_LOGS="1")
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT)]),
+        OMP_NUM_THREADS="1",
+        RAY_TMPDIR=str(temp_root),
+        RAY_DEDUP_LOGS="1",
+    )
     return env
 
 
@@ -55,9 +81,20 @@ def ray_head():
     process group."""
     root = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # short: Ray's socket paths must stay < 108 characters
     ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    cmd = [ray_cli, "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=2", "--num-gpus=0",
-           f"--temp-dir={root / 'ray'}", "--include-dashboard=false", "--disable-usage-stats",
-           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}"]
+    cmd = [
+        ray_cli,
+        "start",
+        "--head",
+        "--block",
+        f"--port={_free_port()}",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        f"--temp-dir={root / 'ray'}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+    ]
     log = open(root / "head.log", "w")
     proc = subprocess.Popen(cmd, env=_env(root), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -86,13 +123,20 @@ def head():
 
 
 def run_script(script: str, args: list[str], head: Head, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "studies" / script), *args], cwd=ROOT, env=_env(head.temp_root),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "studies" / script), *args],
+        cwd=ROOT,
+        env=_env(head.temp_root),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def trial_actors(head: Head) -> int:
-    proc = subprocess.run([sys.executable, "-c", TRIAL_ACTORS], env=_env(head.temp_root), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", TRIAL_ACTORS], env=_env(head.temp_root), capture_output=True, text=True, timeout=120
+    )
     lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("ACTORS ")]
     assert lines and lines[-1][1] == head.address, proc.stdout[-2000:] + proc.stderr[-2000:]
     return int(lines[-1][2])
@@ -123,12 +167,30 @@ def test_local_option_starts_a_private_ray_beside_the_cluster(head, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("script, args", [
-    ("batch_scaling.py", [*TINY_STUDY, "--workers", "2"]),
-    ("tune.py", ["--dataset", "digits", "--model", "mlp", "--workers", "2", "--trials", "1", "--epochs", "1", "--name", "join"]),
-])
-def test_multi_worker_study_on_a_cluster_without_train_driver_is_refused_before_any_trial(head, tmp_path, script,
-                                                                                          args):
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("batch_scaling.py", [*TINY_STUDY, "--workers", "2"]),
+        (
+            "tune.py",
+            [
+                "--dataset",
+                "digits",
+                "--model",
+                "mlp",
+                "--workers",
+                "2",
+                "--trials",
+                "1",
+                "--epochs",
+                "1",
+                "--name",
+                "join",
+            ],
+        ),
+    ],
+)
+def test_multi_worker_study_on_a_cluster_without_train_driver_is_refused_before_any_trial(head, tmp_path, script, args):
     before = trial_actors(head)
     out = tmp_path / "out"
     run = run_script(script, [*args, "--out", str(out)], head)
@@ -144,9 +206,22 @@ def test_multi_worker_study_on_a_cluster_without_train_driver_is_refused_before_
 @pytest.mark.timeout(120)
 def test_an_address_where_no_cluster_answers_is_refused(tmp_path):
     port = _free_port()  # nothing listens there
-    run = subprocess.run([sys.executable, str(ROOT / "studies" / "batch_scaling.py"), *TINY_STUDY,
-                          "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "out")],
-                         cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=110)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "studies" / "batch_scaling.py"),
+            *TINY_STUDY,
+            "--address",
+            f"127.0.0.1:{port}",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
     assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
     assert f"cannot join the Ray cluster at 127.0.0.1:{port} (--address)" in run.stderr
     assert "Check that Ray runs there" in run.stderr and "Traceback" not in run.stderr
@@ -197,8 +272,14 @@ def test_checks_of_a_joined_cluster_ask_for_train_driver_only_when_trials_have_s
 
     without = RayConnection("10.0.0.1:6379", True, 1, {"CPU": 2.0})  # the checks then look at this session's Ray
     check_cluster(without, multi_worker=False, storage=str(tmp_path))
-    check_cluster(RayConnection("10.0.0.1:6379", True, 1, {"CPU": 2.0, "train_driver": 8.0}), multi_worker=True,
-                  storage=str(tmp_path))
-    with pytest.raises(ClusterNotReady, match=r"cluster at 10\.0\.0\.1:6379 cannot run this study:\n  - it offers no "
-                       r"`train_driver` resource.*ray start --head --resources="):
+    check_cluster(
+        RayConnection("10.0.0.1:6379", True, 1, {"CPU": 2.0, "train_driver": 8.0}),
+        multi_worker=True,
+        storage=str(tmp_path),
+    )
+    with pytest.raises(
+        ClusterNotReady,
+        match=r"cluster at 10\.0\.0\.1:6379 cannot run this study:\n  - it offers no "
+        r"`train_driver` resource.*ray start --head --resources=",
+    ):
         check_cluster(without, multi_worker=True, storage=str(tmp_path))

@@ -32,8 +32,9 @@ DRIVER = textwrap.dedent("""
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     try:
-        rc = subprocess.run([sys.executable, study, "--address", cluster.address, "--dataset", "digits", "--model", "mlp", "--batch-sizes", "32",
-                             "--algorithms", "gradalign", "--epochs", "1", "--eval-points", "4", "--trials-per-cell", "2", "--seeds", "2",
+        rc = subprocess.run([sys.executable, study, "--address", cluster.address, "--dataset", "digits", "--model",
+                             "mlp", "--batch-sizes", "32", "--algorithms", "gradalign", "--epochs", "1",
+                             "--eval-points", "4", "--trials-per-cell", "2", "--seeds", "2",
                              "--max-concurrent", "2", "--target", "0.3", "--out", out, "--storage", storage,
                              "--name", "two-nodes"], timeout=900).returncode
         ray.init(address=cluster.address, logging_level="ERROR")
@@ -52,12 +53,16 @@ def test_study_joins_a_two_node_cluster_and_uses_both_nodes(tmp_path):
     # A Ray temp folder of its own (short: socket paths are limited), so that no other study on this machine finds
     # this cluster as "the latest `ray start`" while it runs.
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(ROOT / "studies" / "batch_scaling.py"), str(out),
-                           str(storage)], capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, "RAY_TMPDIR": ray_tmp})
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(ROOT / "studies" / "batch_scaling.py"), str(out), str(storage)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "RAY_TMPDIR": ray_tmp},
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     assert result["rc"] == 0 and result["nodes"] == 2
     assert len(result["trial_nodes"]) == 2, "trials ran on one node only"
     history = pd.read_parquet(out / "history.parquet")
@@ -69,7 +74,7 @@ def test_study_joins_a_two_node_cluster_and_uses_both_nodes(tmp_path):
 def test_local_storage_is_refused_on_several_hosts(tmp_path):
     from studies.study_cli import storage_problem
 
-    assert storage_problem({"10.0.0.1"}, str(tmp_path)) is None                      # one host: any folder works
+    assert storage_problem({"10.0.0.1"}, str(tmp_path)) is None  # one host: any folder works
     assert storage_problem({"10.0.0.1", "10.0.0.2"}, "s3://bucket/gradalign") is None  # object storage is shared
     message = storage_problem({"10.0.0.1", "10.0.0.2"}, str(tmp_path))
     assert message and "2 hosts" in message and "--storage" in message

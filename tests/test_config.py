@@ -12,13 +12,27 @@ from gradalign.config import field_docs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("field,value,words", [
-    ("lr", 0.0, "positive"), ("lr", -1.0, "positive"), ("lr", float("nan"), "positive"),
-    ("beta", -0.5, ">= 0"), ("momentum", 1.0, "[0, 1)"), ("momentum", -0.2, "[0, 1)"),
-    ("participation", 0.0, "(0, 1]"), ("participation", 1.5, "(0, 1]"), ("alpha", 0.0, "> 0"),
-    ("alpha", -1.0, "> 0"), ("batch_size", 0, "positive"), ("clients", 0, "positive"), ("epochs", 0, "positive"),
-    ("server_lr", 0.0, "positive"), ("iid_fraction", 1.5, "[0, 1]"), ("mu", -1.0, ">= 0"),
-])
+@pytest.mark.parametrize(
+    "field,value,words",
+    [
+        ("lr", 0.0, "positive"),
+        ("lr", -1.0, "positive"),
+        ("lr", float("nan"), "positive"),
+        ("beta", -0.5, ">= 0"),
+        ("momentum", 1.0, "[0, 1)"),
+        ("momentum", -0.2, "[0, 1)"),
+        ("participation", 0.0, "(0, 1]"),
+        ("participation", 1.5, "(0, 1]"),
+        ("alpha", 0.0, "> 0"),
+        ("alpha", -1.0, "> 0"),
+        ("batch_size", 0, "positive"),
+        ("clients", 0, "positive"),
+        ("epochs", 0, "positive"),
+        ("server_lr", 0.0, "positive"),
+        ("iid_fraction", 1.5, "[0, 1]"),
+        ("mu", -1.0, ">= 0"),
+    ],
+)
 def test_bad_values_name_field_and_value(field, value, words):
     kw = {field: value}
     if field in ("participation",):
@@ -39,10 +53,15 @@ def test_batch_size_not_divisible_by_clients():
         TrainConfig(batch_size=100, clients=8)
 
 
-@pytest.mark.parametrize("field,value,valid", [
-    ("dataset", "imagenet", "digits, synthetic"), ("model", "vgg", "mlp, cnn"), ("algorithm", "adam", "gradalign"),
-    ("partition", "random", "dirichlet"),
-])
+@pytest.mark.parametrize(
+    "field,value,valid",
+    [
+        ("dataset", "imagenet", "digits, synthetic"),
+        ("model", "vgg", "mlp, cnn"),
+        ("algorithm", "adam", "gradalign"),
+        ("partition", "random", "dirichlet"),
+    ],
+)
 def test_unknown_names_list_the_valid_ones(field, value, valid):
     with pytest.raises(ConfigError, match=valid):
         TrainConfig(**{field: value})

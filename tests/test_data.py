@@ -117,8 +117,12 @@ def test_synthetic_refuses_bad_arguments(kw):
 def _cifar_batch(path, images, labels, key="labels"):
     """One batch file as in cifar-10-python.tar.gz: a pickled dict with a (N, 3072) uint8 'data' array, each row
     the red, green and blue 32x32 planes in row-major order, and a list of labels."""
-    entry = {"batch_label": os.path.basename(path), key: [int(v) for v in labels],
-             "data": images.reshape(len(images), 3072), "filenames": [f"img_{i}.png" for i in range(len(images))]}
+    entry = {
+        "batch_label": os.path.basename(path),
+        key: [int(v) for v in labels],
+        "data": images.reshape(len(images), 3072),
+        "filenames": [f"img_{i}.png" for i in range(len(images))],
+    }
     if key == "fine_labels":
         entry["coarse_labels"] = [int(v) // 5 for v in labels]
     with open(path, "wb") as f:
@@ -137,8 +141,26 @@ def _write_cifar10(root, rng, per_batch=2, n_test=3):
     test_y = np.array([9, 0, 4][:n_test])
     _cifar_batch(folder / "test_batch", test_x, test_y)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                                     "ship", "truck"], "num_cases_per_batch": per_batch, "num_vis": 3072}, f, protocol=2)
+        pickle.dump(
+            {
+                "label_names": [
+                    "airplane",
+                    "automobile",
+                    "bird",
+                    "cat",
+                    "deer",
+                    "dog",
+                    "frog",
+                    "horse",
+                    "ship",
+                    "truck",
+                ],
+                "num_cases_per_batch": per_batch,
+                "num_vis": 3072,
+            },
+            f,
+            protocol=2,
+        )
     return train_x, train_y, test_x, test_y
 
 
@@ -218,11 +240,13 @@ def test_cifar100_fine_labels(tmp_path):
 
 
 def test_missing_files_name_the_directory_and_the_remedy(tmp_path):
-    for name, folder, hint in (("cifar10", "cifar-10-batches-py", "cifar-10-python.tar.gz"),
-                               ("cifar100", "cifar-100-python", "cifar-100-python.tar.gz"),
-                               ("mnist", os.path.join("MNIST", "raw"), "train-images-idx3-ubyte.gz"),
-                               ("fashion_mnist", os.path.join("FashionMNIST", "raw"), "t10k-labels-idx1-ubyte.gz"),
-                               ("emnist", os.path.join("EMNIST", "raw"), "gzip.zip")):
+    for name, folder, hint in (
+        ("cifar10", "cifar-10-batches-py", "cifar-10-python.tar.gz"),
+        ("cifar100", "cifar-100-python", "cifar-100-python.tar.gz"),
+        ("mnist", os.path.join("MNIST", "raw"), "train-images-idx3-ubyte.gz"),
+        ("fashion_mnist", os.path.join("FashionMNIST", "raw"), "t10k-labels-idx1-ubyte.gz"),
+        ("emnist", os.path.join("EMNIST", "raw"), "gzip.zip"),
+    ):
         with pytest.raises(FileNotFoundError) as info:
             load_dataset(name, data_dir=tmp_path / "nowhere", download=False)
         assert isinstance(info.value, DatasetNotFoundError)
@@ -273,8 +297,12 @@ def _write_mnist_like(raw, names, rng, n_train=5, n_test=3, num_classes=10, comp
     return data
 
 
-MNIST_NAMES = {("train", "images"): "train-images-idx3-ubyte", ("train", "labels"): "train-labels-idx1-ubyte",
-               ("test", "images"): "t10k-images-idx3-ubyte", ("test", "labels"): "t10k-labels-idx1-ubyte"}
+MNIST_NAMES = {
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte",
+    ("test", "labels"): "t10k-labels-idx1-ubyte",
+}
 
 
 @pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
@@ -298,8 +326,11 @@ def test_mnist_gz_files_in_place_are_unpacked_offline(tmp_path):
 
 
 def test_emnist_balanced_from_zip_and_upright(tmp_path):
-    names = {(s, k): f"emnist-balanced-{s}-{k}-{'idx3' if k == 'images' else 'idx1'}-ubyte"
-             for s in ("train", "test") for k in ("images", "labels")}
+    names = {
+        (s, k): f"emnist-balanced-{s}-{k}-{'idx3' if k == 'images' else 'idx1'}-ubyte"
+        for s in ("train", "test")
+        for k in ("images", "labels")
+    }
     staging = tmp_path / "staging"
     data = _write_mnist_like(staging, names, np.random.default_rng(8), num_classes=47, compress=True)
     raw = tmp_path / "data" / "EMNIST" / "raw"

@@ -8,14 +8,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import tiny_model
+from test_algorithms import CLIENTS, batches, config, make_data
 
 from gradalign import ALGORITHMS
 from gradalign.algorithms import RoundBatch, build_algorithm
 from gradalign.comm import TorchDistributedComm, block_of
 from gradalign.functional import flat_params
-
-from helpers import tiny_model
-from test_algorithms import CLIENTS, batches, config, make_data
 
 ROUNDS = 4
 
@@ -28,8 +27,13 @@ def _free_port() -> int:
 
 def _local(batch: RoundBatch, ids: list[int]) -> RoundBatch:
     rows = [batch.client_ids.index(c) for c in ids if c in batch.client_ids]
-    return RoundBatch([batch.client_ids[r] for r in rows], batch.inputs[rows], batch.targets[rows],
-                      batch.num_participants, batch.diagnose)
+    return RoundBatch(
+        [batch.client_ids[r] for r in rows],
+        batch.inputs[rows],
+        batch.targets[rows],
+        batch.num_participants,
+        batch.diagnose,
+    )
 
 
 def _worker(rank, world, port, algorithms, out_dir):
@@ -45,8 +49,11 @@ def _worker(rank, world, port, algorithms, out_dir):
             model = tiny_model()
             algo = build_algorithm(model, F.cross_entropy, cfg, comm)
             steps = [algo.step(_local(b, mine)) for b in batches(make_data(), ROUNDS, k=cfg.local_steps)]
-            results[name] = (flat_params(model), [s.loss for s in steps],
-                             [s.alignment.grad_variance if s.alignment else None for s in steps])
+            results[name] = (
+                flat_params(model),
+                [s.loss for s in steps],
+                [s.alignment.grad_variance if s.alignment else None for s in steps],
+            )
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -16,7 +16,6 @@ from gradalign import report as R
 from gradalign.config import ConfigError
 from gradalign.export import ExportUnavailable, find_browser, parse_formats, write_figures
 from studies import batch_scaling, federated
-from studies.cells import save_table
 
 _spec = importlib.util.spec_from_file_location("_synthetic_study", Path(__file__).with_name("test_analysis.py"))
 _synthetic = importlib.util.module_from_spec(_spec)
@@ -72,10 +71,15 @@ def _federated_history():
     history = history.replace({"algorithm": {"large_batch_sgd": "fedavg", "gradalign": "fedga"}})
     alpha = history["batch_size"] / 64.0
     return history.assign(
-        alpha=alpha, partition="dirichlet", split="dirichlet:" + alpha.map("{:g}".format), local_steps=5,
-        participation=0.5, label_tv=1.0 / (1.0 + alpha),
+        alpha=alpha,
+        partition="dirichlet",
+        split="dirichlet:" + alpha.map("{:g}".format),
+        local_steps=5,
+        participation=0.5,
+        label_tv=1.0 / (1.0 + alpha),
         setting="dirichlet:" + alpha.map("{:g}".format) + ", p=0.5, K=5",
-        cell=history["algorithm"] + "-a" + alpha.map("{:g}".format))
+        cell=history["algorithm"] + "-a" + alpha.map("{:g}".format),
+    )
 
 
 def test_formats_are_parsed_and_unknown_ones_refused_naming_the_valid_ones():
@@ -94,13 +98,20 @@ def test_an_unknown_format_is_refused_before_anything_is_written(tmp_path):
         write_figures([("../escape", "", go.Figure())], tmp_path / "figures", "png")
     history = synthetic_history(seeds=2, epochs=5)
     with pytest.raises(ConfigError, match="'tiff'"):
-        R.write_report(tmp_path / "report.html", history, A.summarize_cells(history, TARGET), summary={},
-                       warnings=[], provenance={}, budget={}, export=("png", "tiff"))
+        R.write_report(
+            tmp_path / "report.html",
+            history,
+            A.summarize_cells(history, TARGET),
+            summary={},
+            warnings=[],
+            provenance={},
+            budget={},
+            export=("png", "tiff"),
+        )
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_study_scripts_refuse_a_bad_format_or_a_missing_browser_before_training(tmp_path, capsys,
-                                                                                    monkeypatch):
+def test_the_study_scripts_refuse_a_bad_format_or_a_missing_browser_before_training(tmp_path, capsys, monkeypatch):
     out = tmp_path / "never"
     with pytest.raises(SystemExit):
         batch_scaling.main(["--export", "png,bmp", "--out", str(out)])
@@ -124,18 +135,34 @@ def test_a_browser_that_does_not_start_is_refused_and_the_html_report_is_still_w
         find_browser()
     history = synthetic_history(seeds=2, epochs=5)
     with pytest.raises(ExportUnavailable, match="figure export with '/bin/false' failed"):
-        R.write_report(tmp_path / "report.html", history, A.summarize_cells(history, TARGET), summary={},
-                       warnings=[], provenance={}, budget={}, export=("png",), browser=str(false))
+        R.write_report(
+            tmp_path / "report.html",
+            history,
+            A.summarize_cells(history, TARGET),
+            summary={},
+            warnings=[],
+            provenance={},
+            budget={},
+            export=("png",),
+            browser=str(false),
+        )
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert 'data-figure="fig-accuracy"' in html and "Static copies" not in html
     assert list((tmp_path / "figures").iterdir()) == []
 
 
 def test_figures_are_written_as_valid_png_svg_and_pdf_of_the_asked_size(tmp_path, browser):
-    written = write_figures(_figures(), tmp_path / "figures", "png,svg,pdf", browser=browser, width=400,
-                            height=300, png_scale=2)
+    written = write_figures(
+        _figures(), tmp_path / "figures", "png,svg,pdf", browser=browser, width=400, height=300, png_scale=2
+    )
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
-        "fig-bars.pdf", "fig-bars.png", "fig-bars.svg", "fig-lines.pdf", "fig-lines.png", "fig-lines.svg"]
+        "fig-bars.pdf",
+        "fig-bars.png",
+        "fig-bars.svg",
+        "fig-lines.pdf",
+        "fig-lines.png",
+        "fig-lines.svg",
+    ]
     for fig_id, files in written.items():
         assert list(files) == ["png", "svg", "pdf"]
         for fmt, path in files.items():
@@ -156,13 +183,21 @@ def test_a_figure_keeps_its_own_layout_height_unless_told(tmp_path, browser):
 def test_report_only_rebuild_exports_every_report_figure_in_every_format(tmp_path, browser, capsys):
     history = synthetic_history(seeds=2, epochs=5)
     out = _study_folder(tmp_path / "study", history)
-    assert batch_scaling.main(["--report-only", "--out", str(out), "--target", str(TARGET),
-                               "--export", "png,svg,pdf"]) == 0
+    assert (
+        batch_scaling.main(["--report-only", "--out", str(out), "--target", str(TARGET), "--export", "png,svg,pdf"])
+        == 0
+    )
     assert f"figures (png, svg, pdf): {out / 'figures'}" in capsys.readouterr().out
     html = (out / "report.html").read_text(encoding="utf-8")
     ids = re.findall(r'<figure class="plot" data-figure="([^"]+)"', html)
-    assert ids == ["fig-accuracy", "fig-scaling", "fig-pareto-parallelism", "fig-pareto-time", "fig-alignment",
-                   "fig-hyperparameters"]
+    assert ids == [
+        "fig-accuracy",
+        "fig-scaling",
+        "fig-pareto-parallelism",
+        "fig-pareto-time",
+        "fig-alignment",
+        "fig-hyperparameters",
+    ]
     files = sorted(p.name for p in (out / "figures").iterdir())
     assert files == sorted(f"{i}.{fmt}" for i in ids for fmt in ("png", "svg", "pdf"))
     for name in files:

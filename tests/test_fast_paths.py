@@ -11,7 +11,12 @@ from torch import nn
 from gradalign import TrainConfig, fast_convs, fast_layers, fast_paths, gradalign_gradient
 from gradalign.algorithms import ALGORITHM_CLASSES, RoundBatch
 from gradalign.functional import (
-    ParamLayout, client_gradients, flat_params, flatten_rows, make_grad_fn, param_dict,
+    ParamLayout,
+    client_gradients,
+    flat_params,
+    flatten_rows,
+    make_grad_fn,
+    param_dict,
 )
 from gradalign.models import ResNet18, build_model
 
@@ -55,6 +60,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> 
 
 def _loop_direction(model, loss_fn, batches, beta):
     """The definition, client by client: (1/m) sum_i grad f_i(x - beta (ḡ - g_i)) with separate backward passes."""
+
     def grad_at(flat, x, y):
         clone = copy.deepcopy(model)
         nn.utils.vector_to_parameters(flat, clone.parameters())
@@ -112,8 +118,9 @@ def test_gradalign_paths_follow_the_same_trajectory(name, kernels):
     for path, vmap, fast in (("fast", True, True), ("vmap", True, False), ("loop", False, True)):
         model, _ = _model(name)
         algo = ALGORITHM_CLASSES["gradalign"](model, F.cross_entropy, cfg.replace(vmap=vmap), fast_path=fast)
-        results = [algo.step(RoundBatch(list(range(4)), x.unsqueeze(1) + 0.1 * k, y.unsqueeze(1), 4, True))
-                   for k in range(3)]
+        results = [
+            algo.step(RoundBatch(list(range(4)), x.unsqueeze(1) + 0.1 * k, y.unsqueeze(1), 4, True)) for k in range(3)
+        ]
         assert algo.path == path
         runs[path] = (flat_params(model), results)
     params, results = runs["fast"]
@@ -213,8 +220,10 @@ def test_a_layer_called_twice_adds_its_gradients(kernels):
     grads, _, _ = fast_paths.client_gradients(model, F.cross_entropy, x, y, factored=True)
     assert isinstance(grads["mid.weight"], torch.Tensor)
     for beta in BETAS:
-        _close(_flat(gradalign_gradient(model, F.cross_entropy, batches, beta)),
-               _loop_direction(model, F.cross_entropy, batches, beta))
+        _close(
+            _flat(gradalign_gradient(model, F.cross_entropy, batches, beta)),
+            _loop_direction(model, F.cross_entropy, batches, beta),
+        )
 
 
 class _WithEmbedding(nn.Module):
@@ -274,8 +283,10 @@ def test_unsupported_models_fall_back_with_the_same_numbers(make):
 
     cfg = TrainConfig(algorithm="gradalign", batch_size=12, clients=3, lr=0.1, dtype="float64")
     models = [copy.deepcopy(model) for _ in range(2)]
-    algos = [ALGORITHM_CLASSES["gradalign"](mod, F.cross_entropy, cfg, fast_path=fast)
-             for mod, fast in zip(models, (True, False))]
+    algos = [
+        ALGORITHM_CLASSES["gradalign"](mod, F.cross_entropy, cfg, fast_path=fast)
+        for mod, fast in zip(models, (True, False))
+    ]
     for algo in algos:
         algo.step(RoundBatch([0, 1, 2], x.unsqueeze(1), y.unsqueeze(1), 3, True))
         assert algo.path == "vmap" and algo.fallback_reason
@@ -353,7 +364,8 @@ def test_one_client_and_the_gradient_of_one_batch():
 
 
 def test_factored_gradients_equal_the_dense_ones(monkeypatch):
-    """A Linear weight kept as factors: its materialised, summed, weighted and squared-norm values are the dense ones."""
+    """A Linear weight kept as factors: its materialised, summed, weighted and squared-norm values are the dense
+    ones."""
     monkeypatch.setattr(fast_layers, "FACTOR_RATIO", 1e9)
     model, shape = _model("mlp")
     x, y = _data(shape, clients=4, batch=3)
@@ -417,8 +429,10 @@ def test_steps_without_diagnostics_take_the_same_step():
         for fast in (True, False):
             model, _ = _model("mlp")
             algo = ALGORITHM_CLASSES["gradalign"](model, F.cross_entropy, cfg, fast_path=fast)
-            results = [algo.step(RoundBatch(list(range(4)), x.unsqueeze(1) + 0.1 * k, y.unsqueeze(1), 4, diagnose))
-                       for k in range(2)]
+            results = [
+                algo.step(RoundBatch(list(range(4)), x.unsqueeze(1) + 0.1 * k, y.unsqueeze(1), 4, diagnose))
+                for k in range(2)
+            ]
             runs[diagnose, fast] = flat_params(model), results
     reference, with_cosine = runs[True, True]
     for key, (params, results) in runs.items():
@@ -455,8 +469,10 @@ def test_layer_outputs_changed_in_place_keep_the_exact_numbers(kernels):
     x, y = _data((1, 8, 8))
     batches = list(zip(x, y))
     for beta in BETAS:
-        _close(_flat(gradalign_gradient(model, F.cross_entropy, batches, beta)),
-               _loop_direction(model, F.cross_entropy, batches, beta))
+        _close(
+            _flat(gradalign_gradient(model, F.cross_entropy, batches, beta)),
+            _loop_direction(model, F.cross_entropy, batches, beta),
+        )
     grads, _, _ = fast_paths.client_gradients(model, F.cross_entropy, x, y)
     expected, _ = client_gradients(make_grad_fn(model, F.cross_entropy), param_dict(model), x, y)
     _close(flatten_rows(grads), flatten_rows(expected))

@@ -3,14 +3,19 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import client_batches, tiny_model
 
 from gradalign import gradalign_gradient
 from gradalign.functional import (
-    ParamLayout, alignment_from_moments, client_gradients, flat_params, flatten_rows, gradient_moments, make_grad_fn,
+    ParamLayout,
+    alignment_from_moments,
+    client_gradients,
+    flat_params,
+    flatten_rows,
+    gradient_moments,
+    make_grad_fn,
     param_dict,
 )
-
-from helpers import client_batches, tiny_model
 
 
 def _per_client_grads(model, batches):

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradalign import ConfigError, TrainConfig, Trainer, gradalign_gradient
-from gradalign import fast_paths, mnist1d_data
+from gradalign import ConfigError, TrainConfig, Trainer, fast_paths, gradalign_gradient, mnist1d_data
 from gradalign.algorithms import ALGORITHM_CLASSES, RoundBatch
 from gradalign.data import clear_cache, load_dataset
 from gradalign.models import MNIST1DCNN, MNIST1DMLP, build_model
@@ -144,8 +143,11 @@ def _n_params(model: nn.Module) -> int:
 def test_model_outputs_and_parameter_counts():
     torch.manual_seed(0)
     x = torch.randn(7, 1, 40)
-    counts = {"logistic": 40 * 10 + 10, "mlp": 40 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10,
-              "cnn": (25 * 5 + 25) + 2 * (25 * 25 * 3 + 25) + 25 * 5 * 10 + 10}
+    counts = {
+        "logistic": 40 * 10 + 10,
+        "mlp": 40 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10,
+        "cnn": (25 * 5 + 25) + 2 * (25 * 25 * 3 + 25) + 25 * 5 * 10 + 10,
+    }
     assert counts == {"logistic": 410, "mlp": 15_210, "cnn": 5_210}
     for name, count in counts.items():
         model = build_model(name, (1, 40), 10)
@@ -159,7 +161,10 @@ def test_cnn_layers_are_the_papers_convbase():
     model = build_model("cnn", (1, 40), 10)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv1d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs] == [
-        (1, 25, (5,), (2,), (1,)), (25, 25, (3,), (2,), (1,)), (25, 25, (3,), (2,), (1,))]
+        (1, 25, (5,), (2,), (1,)),
+        (25, 25, (3,), (2,), (1,)),
+        (25, 25, (3,), (2,), (1,)),
+    ]
     h = torch.randn(2, 1, 40)
     lengths = []
     for conv in convs:
@@ -172,7 +177,10 @@ def test_mlp_has_the_papers_residual_second_layer():
     torch.manual_seed(1)
     model = build_model("mlp", (1, 40), 10)
     assert [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)] == [
-        (40, 100), (100, 100), (100, 10)]
+        (40, 100),
+        (100, 100),
+        (100, 10),
+    ]
     x = torch.randn(3, 1, 40)
     h = torch.relu(model.linear1(x.flatten(1)))
     expected = model.linear3(h + torch.relu(model.linear2(h)))
@@ -191,19 +199,31 @@ def test_fast_path_on_the_cnn_matches_vmap_on_real_batches(canonical):
         batches = list(zip(x.to(dtype), y))
         for beta in (0.0, 0.1, 1.0):
             fast = torch.cat([g.reshape(-1) for g in gradalign_gradient(model, F.cross_entropy, batches, beta)])
-            ref = torch.cat([g.reshape(-1) for g in gradalign_gradient(model, F.cross_entropy, batches, beta,
-                                                                      fast_path=False)])
+            ref = torch.cat(
+                [g.reshape(-1) for g in gradalign_gradient(model, F.cross_entropy, batches, beta, fast_path=False)]
+            )
             assert _relative_error(fast.double(), ref.double()) < limit, (dtype, beta)
-    cfg = TrainConfig(dataset="mnist1d", model="cnn", algorithm="gradalign", batch_size=48, clients=4, lr=0.05,
-                      dtype="float64")
+    cfg = TrainConfig(
+        dataset="mnist1d", model="cnn", algorithm="gradalign", batch_size=48, clients=4, lr=0.05, dtype="float64"
+    )
     algo = ALGORITHM_CLASSES["gradalign"](model, F.cross_entropy, cfg)
     algo.step(RoundBatch(list(range(4)), x.double().unsqueeze(1), y.unsqueeze(1), 4, True))
     assert algo.path == "fast"
 
 
 def test_trainer_runs_gradalign_on_mnist1d_with_the_cnn(tmp_path):
-    config = TrainConfig(dataset="mnist1d", num_samples=SMALL, data_dir=str(tmp_path), model="cnn",
-                         algorithm="gradalign", batch_size=32, clients=4, lr=0.05, epochs=2, eval_points=2)
+    config = TrainConfig(
+        dataset="mnist1d",
+        num_samples=SMALL,
+        data_dir=str(tmp_path),
+        model="cnn",
+        algorithm="gradalign",
+        batch_size=32,
+        clients=4,
+        lr=0.05,
+        epochs=2,
+        eval_points=2,
+    )
     trainer = Trainer(config)
     assert isinstance(trainer.model, MNIST1DCNN) and trainer.x_train.shape[1:] == (1, 40)
     assert len(trainer.x_train) + len(trainer.x_val) == 160 and len(trainer.x_test) == 40

@@ -54,8 +54,10 @@ def test_dirichlet_covers_and_skews_with_small_alpha(alpha):
 
 
 def test_dirichlet_heterogeneity_decreases_with_alpha():
-    tv = [describe_partition(LABELS, partition(LABELS, 10, "dirichlet", alpha=a), 10)["label_tv"]
-          for a in (0.1, 1.0, 100.0)]
+    tv = [
+        describe_partition(LABELS, partition(LABELS, 10, "dirichlet", alpha=a), 10)["label_tv"]
+        for a in (0.1, 1.0, 100.0)
+    ]
     assert tv[0] > tv[1] > tv[2]
 
 
@@ -102,8 +104,10 @@ def test_sorted_without_iid_fraction_gives_contiguous_label_blocks():
 
 
 def test_sorted_iid_fraction_interpolates():
-    tv = [describe_partition(LABELS, partition(LABELS, 10, "sorted", iid_fraction=f), 10)["label_tv"]
-          for f in (0.0, 0.5, 1.0)]
+    tv = [
+        describe_partition(LABELS, partition(LABELS, 10, "sorted", iid_fraction=f), 10)["label_tv"]
+        for f in (0.0, 0.5, 1.0)
+    ]
     assert tv[0] == pytest.approx(0.9)
     assert tv[0] > tv[1] > tv[2]
     assert tv[2] < 0.2

@@ -42,10 +42,39 @@ def reported_rows(experiment: Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_killed_study_resumes_without_running_anything_twice(tmp_path):
-    cmd = [sys.executable, "studies/tune.py", "--dataset", "digits", "--model", "mlp", "--name", "killed", "--out", str(tmp_path), "--local", "--num-cpus", "2",
-           "--trials", str(TRIALS), "--epochs", str(EPOCHS), "--algorithm", "gradalign", "--clients", "4",
-           "--batch-sizes", "32", "64", "--lr", "0.01", "0.5", "--sampler-seed", "3",
-           "--set", f"eval_points={EVALUATIONS}"]
+    cmd = [
+        sys.executable,
+        "studies/tune.py",
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--name",
+        "killed",
+        "--out",
+        str(tmp_path),
+        "--local",
+        "--num-cpus",
+        "2",
+        "--trials",
+        str(TRIALS),
+        "--epochs",
+        str(EPOCHS),
+        "--algorithm",
+        "gradalign",
+        "--clients",
+        "4",
+        "--batch-sizes",
+        "32",
+        "64",
+        "--lr",
+        "0.01",
+        "0.5",
+        "--sampler-seed",
+        "3",
+        "--set",
+        f"eval_points={EVALUATIONS}",
+    ]
     study_dir = tmp_path / "killed"
     experiment = study_dir / "tune"
 
@@ -83,7 +112,7 @@ def test_killed_study_resumes_without_running_anything_twice(tmp_path):
     # No evaluation saved before the kill was trained again (a retrained one would have another wall_time) ...
     final = saved_histories(study_dir)
     for key, history in at_kill.items():
-        assert final[key][:len(history)] == history, key
+        assert final[key][: len(history)] == history, key
     # ... and Tune was told each evaluation at most twice (once trained, at most once re-reported on resume).
     assert max(Counter((r["trial_id"], r["evaluation"]) for r in reported_rows(experiment)).values()) <= 2
 

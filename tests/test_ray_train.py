@@ -11,8 +11,19 @@ from gradalign.training import Trainer
 from trainables import fit_torch_trainer, train_in_process
 from trainables.worker import WorkerStates
 
-TINY = dict(dataset="digits", model="mlp", algorithm="gradalign", batch_size=64, clients=4, lr=0.1, beta=0.05,
-            epochs=2, eval_every=21, seed=3, dtype="float64")  # 41 updates, evaluated after 21 and 41
+TINY = dict(
+    dataset="digits",
+    model="mlp",
+    algorithm="gradalign",
+    batch_size=64,
+    clients=4,
+    lr=0.1,
+    beta=0.05,
+    epochs=2,
+    eval_every=21,
+    seed=3,
+    dtype="float64",
+)  # 41 updates, evaluated after 21 and 41
 TRAJECTORY = ("train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy", "grad_variance")
 
 
@@ -25,8 +36,11 @@ def alive_train_actors() -> set[str]:
     from ray.util.state import list_actors
 
     address = ray.get_runtime_context().gcs_address  # (other Ray instances may run on this machine)
-    return {a.actor_id for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
-            if a.class_name in TRAIN_ACTORS}
+    return {
+        a.actor_id
+        for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
+        if a.class_name in TRAIN_ACTORS
+    }
 
 
 @pytest.mark.slow
@@ -93,8 +107,14 @@ def test_in_process_trial_resumes_without_repeating_evaluations(tmp_path):
 
 
 def test_penalise_makes_diverged_metrics_finite():
-    metrics = {"evaluation": 1, "train_loss": float("nan"), "test_loss": float("inf"), "test_accuracy": float("nan"),
-               "grad_cosine": float("nan"), "status": "diverged"}
+    metrics = {
+        "evaluation": 1,
+        "train_loss": float("nan"),
+        "test_loss": float("inf"),
+        "test_accuracy": float("nan"),
+        "grad_cosine": float("nan"),
+        "status": "diverged",
+    }
     out = penalise(metrics)
     assert out["train_loss"] == out["test_loss"] == LOSS_PENALTY
     assert out["test_accuracy"] == 0.0 and out["status"] == "diverged"

@@ -14,14 +14,19 @@ import ray
 from gradalign import ray_adapter
 from gradalign.config import ConfigError
 from gradalign.ray_adapter import (
-    LOSS_PENALTY, Range, SearchSpace, StudySettings, TrialExecution, results_table, run_study,
+    LOSS_PENALTY,
+    Range,
+    SearchSpace,
+    StudySettings,
+    TrialExecution,
+    results_table,
+    run_study,
 )
 from trainables import gradalign_trainable
 
 REPO = Path(__file__).resolve().parents[1]
 # 2 epochs of the 1295-example training split at batch 64: 41 updates, evaluated after 21 (1.04 epochs) and 41
-FIXED = dict(dataset="digits", model="mlp", algorithm="sgd", clients=4, batch_size=64, epochs=2, eval_every=21,
-             seed=0)
+FIXED = dict(dataset="digits", model="mlp", algorithm="sgd", clients=4, batch_size=64, epochs=2, eval_every=21, seed=0)
 
 
 def last_rows(table):
@@ -38,8 +43,14 @@ def test_asha_stops_a_train_trial_and_later_train_trials_still_run(ray_cluster, 
     # Trial 1 learns; trial 2 (lr 1e-4) is far worse after one epoch, so ASHA stops it -- killing its 2 Ray Train
     # workers mid-run. Trials 3 and 4 need the CPUs that trial 2's placement group held (ray issue 54305).
     space = SearchSpace(fixed=FIXED, lr=Range(1e-4, 0.5, log=True))
-    settings = StudySettings(name="asha", storage_path=str(tmp_path), num_samples=4, asha=True, seed=0,
-                             initial_points=({"lr": 0.3}, {"lr": 1e-4}))
+    settings = StudySettings(
+        name="asha",
+        storage_path=str(tmp_path),
+        num_samples=4,
+        asha=True,
+        seed=0,
+        initial_points=({"lr": 0.3}, {"lr": 1e-4}),
+    )
     results = run_study(gradalign_trainable, space, settings, TrialExecution(workers=2))
 
     assert [r.error for r in results] == [None] * 4
@@ -62,8 +73,9 @@ def test_asha_stops_a_train_trial_and_later_train_trials_still_run(ray_cluster, 
 @pytest.mark.timeout(600)
 def test_diverging_trial_ends_early_with_finite_penalty(ray_cluster, tmp_path):
     space = SearchSpace(fixed={**FIXED, "epochs": 3}, lr=Range(1e-2, 1e4, log=True))
-    settings = StudySettings(name="diverge", storage_path=str(tmp_path), num_samples=3, seed=1,
-                             initial_points=({"lr": 1e4}, {"lr": 0.1}))
+    settings = StudySettings(
+        name="diverge", storage_path=str(tmp_path), num_samples=3, seed=1, initial_points=({"lr": 1e4}, {"lr": 0.1})
+    )
     results = run_study(gradalign_trainable, space, settings, TrialExecution(workers=1))
 
     table = results_table(results)
@@ -113,7 +125,9 @@ BAD_SPACES = {
 def test_bad_search_space_is_refused_before_ray_starts(case, tmp_path, monkeypatch):
     changes, message = BAD_SPACES[case]
     changes = dict(changes)
-    fixed = changes.pop("fixed", {k: v for k, v in FIXED.items() if not (k == "batch_size" and "batch_sizes" in changes)})
+    fixed = changes.pop(
+        "fixed", {k: v for k, v in FIXED.items() if not (k == "batch_size" and "batch_sizes" in changes)}
+    )
     space = SearchSpace(fixed=fixed, **changes)
 
     def must_not_connect(*args, **kwargs):
@@ -130,8 +144,12 @@ def test_more_workers_than_the_cluster_has_fails_fast(ray_cluster, tmp_path):
     space = SearchSpace(fixed=FIXED)
     start = time.monotonic()
     with pytest.raises(ConfigError, match=r"invalid workers=8: .*16 CPUs per trial, but the cluster has 2 CPUs"):
-        run_study(gradalign_trainable, space, StudySettings("big", str(tmp_path)),
-                  TrialExecution(workers=8, cpus_per_worker=2))
+        run_study(
+            gradalign_trainable,
+            space,
+            StudySettings("big", str(tmp_path)),
+            TrialExecution(workers=8, cpus_per_worker=2),
+        )
     assert time.monotonic() - start < 30
     assert not (tmp_path / "tune").exists()
 
@@ -139,9 +157,14 @@ def test_more_workers_than_the_cluster_has_fails_fast(ray_cluster, tmp_path):
 @pytest.mark.timeout(120)
 def test_cli_refuses_bad_input_with_a_clear_message(tmp_path):
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "studies/tune.py", "--lr", "-1", "0.1", "--out", str(out)], cwd=REPO,
-                         capture_output=True, text=True, timeout=100,
-                         env={**os.environ, "RAY_ADDRESS": ""})
+    run = subprocess.run(
+        [sys.executable, "studies/tune.py", "--lr", "-1", "0.1", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     assert run.returncode == 2, run.stderr[-2000:]
     assert "invalid lr=-1.0" in run.stderr
     assert not out.exists()
@@ -152,8 +175,9 @@ def test_initial_point_outside_the_space_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(ray_adapter, "connect", lambda *a, **k: pytest.fail("connected before validating"))
     settings = StudySettings("bad", str(tmp_path), initial_points=({"lr": 5.0},))
     with pytest.raises(ConfigError, match=r"invalid lr=5.0: initial point outside the search range"):
-        run_study(gradalign_trainable, SearchSpace(fixed=FIXED, lr=Range(0.01, 1.0, log=True)), settings,
-                  TrialExecution())
+        run_study(
+            gradalign_trainable, SearchSpace(fixed=FIXED, lr=Range(0.01, 1.0, log=True)), settings, TrialExecution()
+        )
 
 
 def test_concurrency_follows_the_resources_the_workers_need():

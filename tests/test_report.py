@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from plotly.offline import get_plotlyjs
 
@@ -25,8 +24,14 @@ _spec.loader.exec_module(_synthetic)
 synthetic_history, TARGET = _synthetic.synthetic_history, _synthetic.TARGET
 
 SECTIONS = ("overview", "budget", "figures", "cells", "significance", "warnings", "provenance")
-FIGURE_IDS = ("fig-accuracy", "fig-scaling", "fig-pareto-parallelism", "fig-pareto-time", "fig-alignment",
-              "fig-hyperparameters")
+FIGURE_IDS = (
+    "fig-accuracy",
+    "fig-scaling",
+    "fig-pareto-parallelism",
+    "fig-pareto-time",
+    "fig-alignment",
+    "fig-hyperparameters",
+)
 RANGES = {"lr": (1e-3, 1.0), "beta": (1e-4, 1.0)}
 
 
@@ -44,12 +49,19 @@ def cells(history):
 def report_path(history, cells, tmp_path_factory):
     warnings = A.edge_warnings(A.best_trials(history[history["phase"] == "tune"]), RANGES, tol=0.1)
     return R.write_report(
-        tmp_path_factory.mktemp("report") / "study.html", history, cells,
-        summary={"target": TARGET, "finding": "gradalign keeps <accuracy> up to B=512"}, warnings=warnings,
+        tmp_path_factory.mktemp("report") / "study.html",
+        history,
+        cells,
+        summary={"target": TARGET, "finding": "gradalign keeps <accuracy> up to B=512"},
+        warnings=warnings,
         provenance={"command": "python -m studies.batch_scaling --smoke-test"},
-        budget={"epochs": 30, "counted in": "examples", "seeds": 3}, title="Synthetic batch-scaling study",
-        verdict=["Large-batch SGD stays within 1 point of <b>small-batch SGD</b> up to B = 256.",
-                 "GradAlign − large-batch SGD at B = 512: +5.0 points."])
+        budget={"epochs": 30, "counted in": "examples", "seeds": 3},
+        title="Synthetic batch-scaling study",
+        verdict=[
+            "Large-batch SGD stays within 1 point of <b>small-batch SGD</b> up to B = 256.",
+            "GradAlign − large-batch SGD at B = 512: +5.0 points.",
+        ],
+    )
 
 
 def _trace(fig, name):
@@ -99,8 +111,9 @@ def test_pareto_figure_front_matches_analysis(cells):
 def test_alignment_figure_has_one_line_per_cell_and_metric(history):
     fig = F.alignment_over_training(history)
     assert len(fig.data) == 2 * 2 * 5  # metrics x algorithms x batch sizes
-    seeds = history[(history["phase"] == "seed") & (history["algorithm"] == "gradalign")
-                    & (history["batch_size"] == 256)]
+    seeds = history[
+        (history["phase"] == "seed") & (history["algorithm"] == "gradalign") & (history["batch_size"] == 256)
+    ]
     mean_v = seeds.groupby("evaluation")["grad_variance"].mean()
     line = [t for t in fig.data if t.name == "batch_size=256" and np.allclose(t.y, mean_v)]
     assert len(line) == 1
@@ -134,15 +147,31 @@ def test_report_is_self_contained_with_every_section_and_figure(report_path):
 
 def test_report_degrades_on_partial_and_federated_studies(history, tmp_path):
     tune_only = history[history["phase"] == "tune"]
-    path = R.write_report(tmp_path / "partial.html", tune_only, A.summarize_cells(tune_only, TARGET),
-                          summary={}, warnings=[], provenance={}, budget={})
+    path = R.write_report(
+        tmp_path / "partial.html",
+        tune_only,
+        A.summarize_cells(tune_only, TARGET),
+        summary={},
+        warnings=[],
+        provenance={},
+        budget={},
+    )
     text = path.read_text(encoding="utf-8")
     assert "No cells." in text and "No warnings." in text
     fed = history.replace({"algorithm": {"large_batch_sgd": "fedavg", "gradalign": "fedga"}})
     fed = fed.assign(alpha=fed["batch_size"] / 1024, partition="dirichlet")
     fed_cells = A.summarize_cells(fed, TARGET, group=("algorithm", "alpha"))
-    path = R.write_report(tmp_path / "fed.html", fed, fed_cells, summary={"target": TARGET}, warnings=[],
-                          provenance={}, budget={}, title="Federated study", x="alpha")
+    path = R.write_report(
+        tmp_path / "fed.html",
+        fed,
+        fed_cells,
+        summary={"target": TARGET},
+        warnings=[],
+        provenance={},
+        budget={},
+        title="Federated study",
+        x="alpha",
+    )
     text = path.read_text(encoding="utf-8")
     assert 'id="fig-accuracy"' in text and 'id="fig-scaling"' not in text
     assert "fedga" in text and "fedavg" in text and "significant at 0.05" in text
@@ -181,21 +210,37 @@ def test_report_renders_in_headless_chromium_without_js_errors(report_path, tmp_
     if browser is None:
         pytest.skip("chromium not installed (CI: apt-get update && apt-get install -y chromium)")
     probed = tmp_path / "probed.html"
-    probed.write_text(Path(report_path).read_text(encoding="utf-8").replace("<head>", "<head>" + _PROBE, 1),
-                      encoding="utf-8")
+    probed.write_text(
+        Path(report_path).read_text(encoding="utf-8").replace("<head>", "<head>" + _PROBE, 1), encoding="utf-8"
+    )
     run = subprocess.run(
-        [browser, "--headless=new", "--disable-gpu", "--no-sandbox", "--no-first-run", "--disable-dev-shm-usage",
-         "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'profile'}",
-         "--virtual-time-budget=15000", "--dump-dom", probed.as_uri()],
-        capture_output=True, text=True, timeout=90)
+        [
+            browser,
+            "--headless=new",
+            "--disable-gpu",
+            "--no-sandbox",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            "--enable-logging=stderr",
+            "--v=0",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            probed.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     match = re.search(r'<pre id="render-probe">(.*?)</pre>', run.stdout, re.S)
     assert match, f"no probe output (rc={run.returncode}); stderr tail:\n{run.stderr[-2000:]}"
     probe = json.loads(html.unescape(match.group(1)))
     assert probe["errors"] == [] and probe["plotly"], probe
-    assert 'id="verdict"' in run.stdout and run.stdout.index('id="verdict"') < run.stdout.index('data-figure=')
+    assert 'id="verdict"' in run.stdout and run.stdout.index('id="verdict"') < run.stdout.index("data-figure=")
     rendered = {f["id"]: f for f in probe["figures"]}
     for fig_id in FIGURE_IDS:
         assert rendered[fig_id]["svg"] > 0 and rendered[fig_id]["traces"] > 0, rendered
-    console = [line for line in run.stderr.splitlines()
-               if "CONSOLE" in line and ("Uncaught" in line or "Error" in line)]
+    console = [
+        line for line in run.stderr.splitlines() if "CONSOLE" in line and ("Uncaught" in line or "Error" in line)
+    ]
     assert console == [], console

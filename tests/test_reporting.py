@@ -71,12 +71,26 @@ def test_asha_rungs_are_the_schedulers_own_milestones():
 
 
 def test_in_process_trial_reports_on_schedule_but_records_every_evaluation(tmp_path):
-    config = TrainConfig(dataset="digits", model="mlp", algorithm="sgd", batch_size=64, clients=4, lr=0.1,
-                         epochs=3, eval_every=10, seed=0)
+    config = TrainConfig(
+        dataset="digits",
+        model="mlp",
+        algorithm="sgd",
+        batch_size=64,
+        clients=4,
+        lr=0.1,
+        epochs=3,
+        eval_every=10,
+        seed=0,
+    )
     record = tmp_path / "record.json"
     reports = []
-    history = train_in_process(config, str(tmp_path / "state.pt"), reports.append, history_path=str(record),
-                               schedule=ReportSchedule(1e9, rungs=(1.0,)))
+    history = train_in_process(
+        config,
+        str(tmp_path / "state.pt"),
+        reports.append,
+        history_path=str(record),
+        schedule=ReportSchedule(1e9, rungs=(1.0,)),
+    )
     assert len(history) >= 5
     first_past_rung = next(m for m in history if m["epochs"] >= 1.0)
     assert [m["evaluation"] for m in reports] == [first_past_rung["evaluation"], history[-1]["evaluation"]]

@@ -17,19 +17,22 @@ _synthetic = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_synthetic)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--batch-sizes", "8", "--micro-batch", "16"], "batch_sizes=8"),
-    (["--batch-sizes", "40", "--micro-batch", "16"], "not a multiple"),
-    (["--target", "0"], "target=0.0"),
-    (["--target", "1.5"], "target=1.5"),
-    (["--algorithms"], "algorithms"),
-    (["--lr-range", "1,0.1"], "empty search range"),
-    (["--beta-range=-1,1"], "beta"),
-    (["--workers", "0"], "workers"),
-    (["--epochs", "0"], "epochs=0.0"),
-    (["--tuning-seeds", "0"], "tuning_seeds=0"),
-    (["--budget-steps", "0"], "budget_steps=0"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--batch-sizes", "8", "--micro-batch", "16"], "batch_sizes=8"),
+        (["--batch-sizes", "40", "--micro-batch", "16"], "not a multiple"),
+        (["--target", "0"], "target=0.0"),
+        (["--target", "1.5"], "target=1.5"),
+        (["--algorithms"], "algorithms"),
+        (["--lr-range", "1,0.1"], "empty search range"),
+        (["--beta-range=-1,1"], "beta"),
+        (["--workers", "0"], "workers"),
+        (["--epochs", "0"], "epochs=0.0"),
+        (["--tuning-seeds", "0"], "tuning_seeds=0"),
+        (["--budget-steps", "0"], "budget_steps=0"),
+    ],
+)
 def test_batch_scaling_refuses_bad_axes_before_starting(tmp_path, capsys, argv, message):
     out = tmp_path / "never"
     with pytest.raises(SystemExit) if argv == ["--algorithms"] else _no_raise():
@@ -38,17 +41,20 @@ def test_batch_scaling_refuses_bad_axes_before_starting(tmp_path, capsys, argv, 
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--splits", "dirichlet:0"], "alpha=0.0"),
-    (["--splits", "dirichlet:-1"], "alpha=-1.0"),
-    (["--splits", "sorted"], "splits='sorted'"),
-    (["--participation", "1.5"], "participation=1.5"),
-    (["--participation", "0"], "participation=0.0"),
-    (["--local-steps", "0"], "local_steps=0"),
-    (["--communications", "7"], "communications=7"),
-    (["--seeds", "0"], "seeds=0"),
-    (["--val-fraction", "0"], "val_fraction=0.0"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--splits", "dirichlet:0"], "alpha=0.0"),
+        (["--splits", "dirichlet:-1"], "alpha=-1.0"),
+        (["--splits", "sorted"], "splits='sorted'"),
+        (["--participation", "1.5"], "participation=1.5"),
+        (["--participation", "0"], "participation=0.0"),
+        (["--local-steps", "0"], "local_steps=0"),
+        (["--communications", "7"], "communications=7"),
+        (["--seeds", "0"], "seeds=0"),
+        (["--val-fraction", "0"], "val_fraction=0.0"),
+    ],
+)
 def test_federated_refuses_bad_axes_before_starting(tmp_path, capsys, argv, message):
     out = tmp_path / "never"
     assert federated.main([*argv, "--out", str(out)]) == 2
@@ -72,9 +78,34 @@ def _trial_ids(out):
 @pytest.mark.slow
 def test_batch_scaling_end_to_end_resume_and_report_only(tmp_path, ray_cluster):
     out = tmp_path / "study"
-    argv = ["--dataset", "digits", "--model", "mlp", "--batch-sizes", "64", "--micro-batch", "16", "--algorithms", "sgd", "large_batch_sgd", "gradalign", "--epochs", "2",
-            "--trials-per-cell", "2", "--seeds", "2", "--target", "0.5", "--eval-points", "4", "--out", str(out),
-            "--name", "e2e"]
+    argv = [
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--batch-sizes",
+        "64",
+        "--micro-batch",
+        "16",
+        "--algorithms",
+        "sgd",
+        "large_batch_sgd",
+        "gradalign",
+        "--epochs",
+        "2",
+        "--trials-per-cell",
+        "2",
+        "--seeds",
+        "2",
+        "--target",
+        "0.5",
+        "--eval-points",
+        "4",
+        "--out",
+        str(out),
+        "--name",
+        "e2e",
+    ]
     assert batch_scaling.main(argv) == 0
     history, trials = _trial_ids(out)
     assert set(history["cell"]) == {"sgd-B16", "large_batch_sgd-B64", "gradalign-B64"}
@@ -112,8 +143,28 @@ def test_batch_scaling_end_to_end_resume_and_report_only(tmp_path, ray_cluster):
 @pytest.mark.slow
 def test_federated_end_to_end(tmp_path, ray_cluster):
     out = tmp_path / "fed"
-    argv = ["--dataset", "digits", "--model", "mlp", "--splits", "one_class", "--algorithms", "fedavg", "fedga", "--references", "--communications", "4",
-            "--trials-per-cell", "1", "--seeds", "2", "--target", "0.3", "--out", str(out)]
+    argv = [
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--splits",
+        "one_class",
+        "--algorithms",
+        "fedavg",
+        "fedga",
+        "--references",
+        "--communications",
+        "4",
+        "--trials-per-cell",
+        "1",
+        "--seeds",
+        "2",
+        "--target",
+        "0.3",
+        "--out",
+        str(out),
+    ]
     assert federated.main(argv) == 0
     history = pd.read_parquet(out / "history.parquet")
     assert set(history["algorithm"]) == {"fedavg", "fedga"}
@@ -136,26 +187,50 @@ def test_the_report_warns_about_the_configurations_its_seed_runs_used(tmp_path):
     ranges = {"gradalign": {"lr": (1e-3, 10.0), "beta": (1e-4, 1.0)}, "large_batch_sgd": {"lr": (1e-3, 10.0)}}
 
     def beta_warnings(frame, out):
-        reporting.build_report(out, frame, target=_synthetic.TARGET, x="batch_size", title="t", command="c",
-                               budget={}, search_ranges=ranges)
+        reporting.build_report(
+            out,
+            frame,
+            target=_synthetic.TARGET,
+            x="batch_size",
+            title="t",
+            command="c",
+            budget={},
+            search_ranges=ranges,
+        )
         return [w for w in json.loads((out / "summary.json").read_text())["warnings"] if w.startswith("beta")]
 
     assert beta_warnings(history, tmp_path / "seeded") == [
-        "beta=0.0001 is at the lower edge of [0.0001, 1] for gradalign@B=256: widen the range"]
+        "beta=0.0001 is at the lower edge of [0.0001, 1] for gradalign@B=256: widen the range"
+    ]
     assert beta_warnings(history[history["phase"] == "tune"], tmp_path / "tuned") == []  # no seeds: the tuned best
     cell = (history["algorithm"] == "gradalign") & (history["batch_size"] == 512)  # a cell whose seeds never ran
     partial = history[~(cell & (history["phase"] == "seed"))].copy()
     partial.loc[cell, "beta"] = 1.2e-4
     assert beta_warnings(partial, tmp_path / "partial") == [
         "beta=0.0001 is at the lower edge of [0.0001, 1] for gradalign@B=256: widen the range",
-        "beta=0.00012 is at the lower edge of [0.0001, 1] for gradalign@B=512: widen the range"]
+        "beta=0.00012 is at the lower edge of [0.0001, 1] for gradalign@B=512: widen the range",
+    ]
 
 
 def test_a_tie_in_the_objective_goes_to_the_lower_validation_loss_then_the_smaller_trial_id_whatever_the_row_order():
     trials = (("c3", 0.98, 0.30, 0.1), ("a1", 0.98, 0.31, 0.2), ("d4", 0.98, 0.30, 0.3), ("b2", 0.97, 0.10, 0.4))
-    tuned = pd.DataFrame([{"trial_id": tid, "evaluation": e, "status": "completed", "algorithm": "gradalign",
-                           "val_accuracy": acc if e == 2 else 0.5, "val_loss": loss if e == 2 else 1.0,
-                           "test_loss": 0.5 - lr, "seed": 0, "lr": lr} for tid, acc, loss, lr in trials for e in (1, 2)])
+    tuned = pd.DataFrame(
+        [
+            {
+                "trial_id": tid,
+                "evaluation": e,
+                "status": "completed",
+                "algorithm": "gradalign",
+                "val_accuracy": acc if e == 2 else 0.5,
+                "val_loss": loss if e == 2 else 1.0,
+                "test_loss": 0.5 - lr,
+                "seed": 0,
+                "lr": lr,
+            }
+            for tid, acc, loss, lr in trials
+            for e in (1, 2)
+        ]
+    )
     chosen = {study_cells.best_config(tuned.sample(frac=1.0, random_state=k), "val_accuracy")["lr"] for k in range(10)}
     assert chosen == {0.1}  # c3, a1, d4 tie at 0.98; c3 and d4 at validation loss 0.30; c3 < d4 (test loss unread)
     assert "seed" not in study_cells.best_config(tuned, "val_accuracy")  # the seed runs bring their own seeds
@@ -166,12 +241,28 @@ def test_a_tie_in_the_objective_goes_to_the_lower_validation_loss_then_the_small
 def test_the_report_picks_the_trial_the_study_chose_whatever_the_row_order():
     """analysis.best_trials (a partial study's warnings) follows best_config: healthy trials first, then the final
     objective, the lower final validation loss, the smaller trial id."""
-    trials = (("c3", 0.98, 0.30, 0.1, "completed"), ("a1", 0.98, 0.31, 0.2, "completed"),
-              ("d4", 0.98, 0.30, 0.3, "completed"), ("b2", 0.97, 0.10, 0.4, "completed"),
-              ("a0", 0.99, 0.05, 0.5, "diverged"))
-    tuned = pd.DataFrame([{"trial_id": tid, "evaluation": e, "status": status, "algorithm": "gradalign",
-                           "val_accuracy": acc if e == 2 else 0.5, "val_loss": loss if e == 2 else 1.0,
-                           "lr": lr} for tid, acc, loss, lr, status in trials for e in (1, 2)])
+    trials = (
+        ("c3", 0.98, 0.30, 0.1, "completed"),
+        ("a1", 0.98, 0.31, 0.2, "completed"),
+        ("d4", 0.98, 0.30, 0.3, "completed"),
+        ("b2", 0.97, 0.10, 0.4, "completed"),
+        ("a0", 0.99, 0.05, 0.5, "diverged"),
+    )
+    tuned = pd.DataFrame(
+        [
+            {
+                "trial_id": tid,
+                "evaluation": e,
+                "status": status,
+                "algorithm": "gradalign",
+                "val_accuracy": acc if e == 2 else 0.5,
+                "val_loss": loss if e == 2 else 1.0,
+                "lr": lr,
+            }
+            for tid, acc, loss, lr, status in trials
+            for e in (1, 2)
+        ]
+    )
     for k in range(10):
         rows = tuned.sample(frac=1.0, random_state=k)
         picked = best_trials(rows, group=["algorithm"], reduce="last")

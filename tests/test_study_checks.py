@@ -15,16 +15,41 @@ import pytest
 
 import gradalign.ray_adapter as adapter
 from gradalign.ray_adapter import (
-    Range, SearchSpace, StudySettings, TrialExecution, TrialRecords, make_searcher, sync_optuna_study, trial_key,
+    Range,
+    SearchSpace,
+    StudySettings,
+    TrialExecution,
+    TrialRecords,
+    make_searcher,
+    sync_optuna_study,
+    trial_key,
 )
 from gradalign.ray_adapter.records import update_record
 from studies import batch_scaling, cells, federated, study_cli
 from studies.cell_search import CELL, CellSearch
 from studies.settings_file import record_plan
 
-TINY = ["--dataset", "digits", "--model", "mlp", "--batch-sizes", "32", "--algorithms", "sgd", "gradalign", "--micro-batch", "16",
-        "--epochs", "2", "--trials-per-cell", "2",
-        "--seeds", "2", "--target", "0.5"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--model",
+    "mlp",
+    "--batch-sizes",
+    "32",
+    "--algorithms",
+    "sgd",
+    "gradalign",
+    "--micro-batch",
+    "16",
+    "--epochs",
+    "2",
+    "--trials-per-cell",
+    "2",
+    "--seeds",
+    "2",
+    "--target",
+    "0.5",
+]
 
 
 class RayStarted(Exception):
@@ -34,6 +59,7 @@ class RayStarted(Exception):
 @pytest.fixture
 def no_ray(monkeypatch):
     """Fail the test if anything tries to connect to (or start) Ray."""
+
     def refuse(*args, **kwargs):
         raise RayStarted("Ray was asked to start")
 
@@ -67,12 +93,15 @@ def test_preset_and_smoke_test_together_are_refused(capsys):
     assert "--preset paper and --smoke-test" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--seeds", "0"], "seeds=0"),
-    (["--trials-per-cell", "0"], "trials_per_cell=0"),
-    (["--epochs", "0"], "epochs=0"),
-    (["--target", "nan"], "target=nan"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--seeds", "0"], "seeds=0"),
+        (["--trials-per-cell", "0"], "trials_per_cell=0"),
+        (["--epochs", "0"], "epochs=0"),
+        (["--target", "nan"], "target=nan"),
+    ],
+)
 def test_smoke_test_refuses_bad_explicit_values(tmp_path, capsys, no_ray, argv, message):
     out = tmp_path / "never"
     assert batch_scaling.main(["--smoke-test", *argv, "--out", str(out)]) == 2
@@ -83,7 +112,17 @@ def test_smoke_test_refuses_bad_explicit_values(tmp_path, capsys, no_ray, argv, 
 # -- refused before Ray starts ------------------------------------------------------------------------------------
 def test_missing_dataset_is_refused_before_ray_starts(tmp_path, capsys, no_ray):
     out = tmp_path / "study"
-    argv = [*TINY[4:8], "--dataset", "cifar10", "--model", "mlp", "--data-dir", str(tmp_path / "no-data"), "--out", str(out)]
+    argv = [
+        *TINY[4:8],
+        "--dataset",
+        "cifar10",
+        "--model",
+        "mlp",
+        "--data-dir",
+        str(tmp_path / "no-data"),
+        "--out",
+        str(out),
+    ]
     assert batch_scaling.main(argv) == 2
     err = capsys.readouterr().err
     assert "dataset 'cifar10' not found" in err and "--download" in err
@@ -102,18 +141,26 @@ def _started_study(tmp_path, argv):
     """A study folder as `batch_scaling.py argv` leaves it when it starts (its settings written)."""
     args = study_cli.parse_study_args(batch_scaling.build_parser(), argv)
     batch_scaling.validate(args)  # (resolves the budget)
-    plan = cells.StudyPlan(name=args.name, out_dir=tmp_path / "study", cells=batch_scaling.plan_cells(args),
-                           budget_epochs=args.budget_epochs, **study_cli.common_settings(args))
+    plan = cells.StudyPlan(
+        name=args.name,
+        out_dir=tmp_path / "study",
+        cells=batch_scaling.plan_cells(args),
+        budget_epochs=args.budget_epochs,
+        **study_cli.common_settings(args),
+    )
     record_plan(plan)
     return plan
 
 
-@pytest.mark.parametrize("change,said", [
-    (["--epochs", "3"], "space.fixed.budget_examples: 2592 -> 3904 (every cell)"),
-    (["--lr-range", "0.001,1"], "space.lr.high: 0.5 -> 1.0 (every cell)"),
-    (["--batch-sizes", "32", "64"], "cells added: gradalign-B64"),
-    (["--trials-per-cell", "3"], "trials_per_cell: 2 -> 3"),
-])
+@pytest.mark.parametrize(
+    "change,said",
+    [
+        (["--epochs", "3"], "space.fixed.budget_examples: 2592 -> 3904 (every cell)"),
+        (["--lr-range", "0.001,1"], "space.lr.high: 0.5 -> 1.0 (every cell)"),
+        (["--batch-sizes", "32", "64"], "cells added: gradalign-B64"),
+        (["--trials-per-cell", "3"], "trials_per_cell: 2 -> 3"),
+    ],
+)
 def test_a_changed_study_is_refused_naming_the_change(tmp_path, capsys, no_ray, change, said):
     out = str(tmp_path / "study")
     _started_study(tmp_path, [*TINY, "--out", out])
@@ -135,12 +182,34 @@ def test_more_seeds_are_refused_unless_asked_for_then_accepted(tmp_path, capsys,
 
 def test_a_federated_study_with_nan_coordinates_resumes(tmp_path, no_ray):
     out = str(tmp_path / "study")
-    argv = ["--dataset", "digits", "--model", "mlp", "--splits", "one_class", "--algorithms", "fedavg", "--references", "--communications", "4",
-            "--trials-per-cell", "1", "--seeds", "1", "--out", out]
+    argv = [
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--splits",
+        "one_class",
+        "--algorithms",
+        "fedavg",
+        "--references",
+        "--communications",
+        "4",
+        "--trials-per-cell",
+        "1",
+        "--seeds",
+        "1",
+        "--out",
+        out,
+    ]
     args = study_cli.parse_study_args(federated.build_parser(), argv)
     federated.validate(args)
-    plan = cells.StudyPlan(name=args.name, out_dir=tmp_path / "study", cells=federated.plan_cells(args),
-                           budget_epochs=args.budget_epochs, **study_cli.common_settings(args))
+    plan = cells.StudyPlan(
+        name=args.name,
+        out_dir=tmp_path / "study",
+        cells=federated.plan_cells(args),
+        budget_epochs=args.budget_epochs,
+        **study_cli.common_settings(args),
+    )
     assert all(c.coords["alpha"] != c.coords["alpha"] for c in plan.cells)  # NaN: one class per client has none
     record_plan(plan)
     with pytest.raises(RayStarted):  # the same settings (NaN included) resume
@@ -165,14 +234,18 @@ def test_a_damaged_table_is_named_by_report_only_and_set_aside_by_a_run(tmp_path
 
 # -- a restored searcher re-suggests what its records hold --------------------------------------------------------
 def test_restored_searcher_re_suggests_the_recorded_configurations_it_forgot(tmp_path):
-    space = SearchSpace(fixed={"dataset": "digits", "epochs": 2, "algorithm": "gradalign"},
-                        lr=Range(0.01, 1.0, log=True), beta=Range(1e-4, 0.5, log=True))
+    space = SearchSpace(
+        fixed={"dataset": "digits", "epochs": 2, "algorithm": "gradalign"},
+        lr=Range(0.01, 1.0, log=True),
+        beta=Range(1e-4, 0.5, log=True),
+    )
     settings = StudySettings(name="c", storage_path=str(tmp_path), num_samples=6, seed=7)
     records = TrialRecords(TrialExecution(storage_path=str(tmp_path)))
 
     def searcher(cell="c"):
-        return CellSearch({cell: make_searcher(space, settings, records, match={CELL: cell})}, {cell: 6},
-                          "test_accuracy", "max")
+        return CellSearch(
+            {cell: make_searcher(space, settings, records, match={CELL: cell})}, {cell: 6}, "test_accuracy", "max"
+        )
 
     def run(search, trial_id, finish=True):
         config = search.suggest(trial_id)
@@ -211,9 +284,17 @@ def test_records_are_keyed_by_configuration_and_remember_the_first_trial_id(tmp_
 def test_sync_makes_the_optuna_study_hold_exactly_the_table_trials(tmp_path):
     space = SearchSpace(fixed={"algorithm": "sgd"}, lr=Range(0.01, 1.0, log=True))
     storage, objectives = f"sqlite:///{tmp_path / 'optuna.db'}", (("test_accuracy", "max"),)
-    table = pd.DataFrame({"trial_id": ["a", "a", "b"], "evaluation": [1, 2, 1], "test_accuracy": [0.5, 0.6, 0.7],
-                          "lr": [0.1, 0.1, 0.2], "algorithm": "sgd", "status": ["running", "completed", "completed"],
-                          "trial_status": "completed"})
+    table = pd.DataFrame(
+        {
+            "trial_id": ["a", "a", "b"],
+            "evaluation": [1, 2, 1],
+            "test_accuracy": [0.5, 0.6, 0.7],
+            "lr": [0.1, 0.1, 0.2],
+            "algorithm": "sgd",
+            "status": ["running", "completed", "completed"],
+            "trial_status": "completed",
+        }
+    )
     mirror = adapter.OptunaMirror(storage, "cell", space, objectives)
     mirror.add("ghost", {"lr": 0.3, "algorithm": "sgd"}, {"test_accuracy": 0.9, "status": "completed"}, error=False)
     mirror.add("a", {"lr": 0.1, "algorithm": "sgd"}, {"test_accuracy": 0.6, "status": "completed"}, error=False)
@@ -226,12 +307,16 @@ def test_sync_makes_the_optuna_study_hold_exactly_the_table_trials(tmp_path):
     assert sync_optuna_study(table, storage, "cell", space, objectives) == 0  # already in agreement
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--dataset", "cifar10", "--data-dir", "{tmp}/no-data"], "dataset 'cifar10' not found"),
-    (["--out", "{tmp}/a-file/out"], "cannot write there"),
-])
-def test_tune_refuses_a_missing_dataset_or_an_unwritable_folder_before_ray_starts(tmp_path, capsys, no_ray, argv,
-                                                                                   message):
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--dataset", "cifar10", "--data-dir", "{tmp}/no-data"], "dataset 'cifar10' not found"),
+        (["--out", "{tmp}/a-file/out"], "cannot write there"),
+    ],
+)
+def test_tune_refuses_a_missing_dataset_or_an_unwritable_folder_before_ray_starts(
+    tmp_path, capsys, no_ray, argv, message
+):
     from studies import tune as tune_script
 
     (tmp_path / "a-file").write_text("not a folder")

@@ -25,9 +25,32 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CELLS, TRIALS, SEEDS, EVALUATIONS = ("sgd-B16", "gradalign-B32"), 2, 2, 2
-STUDY = ["studies/batch_scaling.py", "--dataset", "digits", "--model", "mlp", "--batch-sizes", "32", "--algorithms", "sgd", "gradalign", "--micro-batch", "16",
-         "--epochs", "2", "--eval-points", str(EVALUATIONS), "--trials-per-cell", str(TRIALS), "--seeds", str(SEEDS),
-         "--target", "0.5", "--name", "killed"]
+STUDY = [
+    "studies/batch_scaling.py",
+    "--dataset",
+    "digits",
+    "--model",
+    "mlp",
+    "--batch-sizes",
+    "32",
+    "--algorithms",
+    "sgd",
+    "gradalign",
+    "--micro-batch",
+    "16",
+    "--epochs",
+    "2",
+    "--eval-points",
+    str(EVALUATIONS),
+    "--trials-per-cell",
+    str(TRIALS),
+    "--seeds",
+    str(SEEDS),
+    "--target",
+    "0.5",
+    "--name",
+    "killed",
+]
 
 
 def records(out: Path, phase: str) -> dict[str, dict]:
@@ -49,8 +72,13 @@ class KilledStudy:
         self.out = folder / "study"
         self.logs = folder
         self.ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-        self.env = {**os.environ, "RAY_TMPDIR": self.ray_tmp, "TUNE_GLOBAL_CHECKPOINT_S": "600",
-                    "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+        self.env = {
+            **os.environ,
+            "RAY_TMPDIR": self.ray_tmp,
+            "TUNE_GLOBAL_CHECKPOINT_S": "600",
+            "OMP_NUM_THREADS": "1",
+            "RAY_DEDUP_LOGS": "0",
+        }
         self.runs = 0
         self.kills: list[str] = []
         self.finished_at_kills: dict[tuple[str, str], list] = {}  # (phase, key) -> trainings of a finished record
@@ -58,8 +86,14 @@ class KilledStudy:
     def start(self) -> subprocess.Popen:
         self.runs += 1
         log = open(self.logs / f"run{self.runs}.log", "w")
-        return subprocess.Popen([sys.executable, *STUDY, "--out", str(self.out)], cwd=REPO, env=self.env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, *STUDY, "--out", str(self.out)],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def log(self) -> str:
         return (self.logs / f"run{self.runs}.log").read_text()[-4000:]
@@ -156,8 +190,9 @@ def test_a_study_killed_at_any_moment_trains_every_trial_once(own_dir):
         # 3. during the seed runs: as soon as one has finished
         study.kill_when("seeds", lambda: any(finished(r) for r in records(out, "seed").values()))
         # 4. right after the last trial finished, before the tables and the report are written
-        study.kill_when("after the trials",
-                        lambda: sum(finished(r) for r in records(out, "seed").values()) == len(CELLS) * SEEDS)
+        study.kill_when(
+            "after the trials", lambda: sum(finished(r) for r in records(out, "seed").values()) == len(CELLS) * SEEDS
+        )
         study.finish()
         trainings = {p: {k: r["trained"] for k, r in records(out, p).items()} for p in ("tune", "seed")}
 
@@ -176,8 +211,10 @@ def test_a_study_killed_at_any_moment_trains_every_trial_once(own_dir):
     for phase, trials in (("tune", TRIALS), ("seed", SEEDS)):
         recs = records(out, phase)
         trainings = sum(len(r["trained"]) for r in recs.values())
-        print(f"{phase}: {len(recs)} trial configurations, {trainings} evaluation intervals trained "
-              f"(uninterrupted: {len(CELLS) * trials * EVALUATIONS})")
+        print(
+            f"{phase}: {len(recs)} trial configurations, {trainings} evaluation intervals trained "
+            f"(uninterrupted: {len(CELLS) * trials * EVALUATIONS})"
+        )
         # as many configurations as the budget: none was dropped and re-run as another
         assert len(recs) == len(CELLS) * trials
         for key, record in recs.items():

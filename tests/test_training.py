@@ -8,13 +8,12 @@ import sys
 
 import pytest
 import torch
+from helpers import digits_config
 
 from gradalign import ALGORITHMS, Trainer
 from gradalign.data import load_dataset
 from gradalign.splits import holdout_indices, with_validation
 from gradalign.training import METRIC_KEYS, eval_schedule, planned_updates
-
-from helpers import digits_config
 
 
 def _fed(algorithm):
@@ -33,7 +32,11 @@ def test_every_algorithm_learns_digits(algorithm):
     assert history[-1]["test_accuracy"] > max(0.5, before + 0.3)
     assert history[-1]["val_accuracy"] > max(0.5, before + 0.3)
     assert history[-1]["examples"] == trainer.total_updates * trainer.config.examples_per_update
-    assert history[-1]["examples"] >= 2 * len(trainer.y_train) > history[-1]["examples"] - trainer.config.examples_per_update
+    assert (
+        history[-1]["examples"]
+        >= 2 * len(trainer.y_train)
+        > history[-1]["examples"] - trainer.config.examples_per_update
+    )
     assert history[0]["grad_variance"] > 0 and -1 <= history[0]["grad_cosine"] <= 1
 
 
@@ -50,8 +53,13 @@ def test_every_batch_size_sees_the_same_examples_under_an_example_budget():
     """The issue's case: 'epochs' of len(train) // B updates gave B = 512 29% fewer examples than B = 16."""
     seen = {}
     for batch, clients in ((16, 1), (64, 4), (512, 32)):
-        cfg = digits_config(algorithm="sgd" if clients == 1 else "large_batch_sgd", batch_size=batch, clients=clients,
-                            budget_examples=512 * 5, eval_points=3)
+        cfg = digits_config(
+            algorithm="sgd" if clients == 1 else "large_batch_sgd",
+            batch_size=batch,
+            clients=clients,
+            budget_examples=512 * 5,
+            eval_points=3,
+        )
         seen[batch] = Trainer(cfg).fit()[-1]["examples"]
     assert set(seen.values()) == {512 * 5}
 
@@ -102,7 +110,9 @@ def test_checkpoint_resumes_bit_for_bit(algorithm):
     rest = resumed.fit()
     assert len(rest) == len(straight)
     for a, b in zip(straight, rest):
-        assert {k: a[k] for k in a if k != "wall_time"} == pytest.approx({k: b[k] for k in b if k != "wall_time"}, nan_ok=True)
+        assert {k: a[k] for k in a if k != "wall_time"} == pytest.approx(
+            {k: b[k] for k in b if k != "wall_time"}, nan_ok=True
+        )
 
 
 def test_checkpoint_of_another_config_is_refused():
@@ -129,22 +139,47 @@ def test_heterogeneous_clients_have_larger_gradient_variance():
     """Clients that each hold one class disagree more than iid clients (the quantity GradAlign penalises)."""
     variance = {}
     for scheme in ("iid", "one_class"):
-        trainer = Trainer(digits_config(partition=scheme, clients=10, batch_size=100, epochs=1, algorithm="gradalign",
-                                        eval_points=1))
+        trainer = Trainer(
+            digits_config(partition=scheme, clients=10, batch_size=100, epochs=1, algorithm="gradalign", eval_points=1)
+        )
         variance[scheme] = trainer.train_until_eval()["grad_variance"]
     assert variance["one_class"] > 2 * variance["iid"]
 
 
 def test_cli_help_run_and_bad_input(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "gradalign.cli", *a], capture_output=True, text=True, timeout=300)  # noqa: E731
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "gradalign.cli", *a], capture_output=True, text=True, timeout=300)
+
     help_text = run("--help").stdout
-    for flag in ("--dataset", "--algorithm", "--batch-size", "--clients", "--lr", "--beta", "--epochs", "--seed", "--out"):
+    for flag in (
+        "--dataset",
+        "--algorithm",
+        "--batch-size",
+        "--clients",
+        "--lr",
+        "--beta",
+        "--epochs",
+        "--seed",
+        "--out",
+    ):
         assert flag in help_text
     bad = run("--lr", "-1")
     assert bad.returncode == 2 and "lr=-1.0" in bad.stderr and "Traceback" not in bad.stderr
     out = tmp_path / "run"
-    ok = run("--epochs", "2", "--batch-size", "64", "--clients", "4", "--eval-points", "4", "--budget-steps", "9",
-             "--out", str(out))
+    ok = run(
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--clients",
+        "4",
+        "--eval-points",
+        "4",
+        "--budget-steps",
+        "9",
+        "--out",
+        str(out),
+    )
     assert ok.returncode == 0, ok.stderr
     assert "val_accuracy" in ok.stdout and "status completed" in ok.stdout
     summary = json.loads((out / "metrics.json").read_text())

@@ -11,7 +11,12 @@ from scipy import stats
 from gradalign import analysis as A
 from gradalign.stats import welch
 from gradalign.verdict import (
-    federated_facts, federated_sentences, accuracy_standard_error, protocol_sentence, scaling_facts, scaling_sentences,
+    accuracy_standard_error,
+    federated_facts,
+    federated_sentences,
+    protocol_sentence,
+    scaling_facts,
+    scaling_sentences,
 )
 
 
@@ -37,23 +42,57 @@ def _cells_and_sig():
     """sgd at b=16: 0.80; large-batch SGD within 1 point up to B=128, then falls; GradAlign holds to B=512."""
     rng = np.random.default_rng(0)
     rows = []
-    for algorithm, batch, acc in [("sgd", 16, 0.80), ("large_batch_sgd", 32, 0.80), ("large_batch_sgd", 128, 0.795),
-                                  ("large_batch_sgd", 512, 0.75), ("large_batch_sgd", 2048, 0.65),
-                                  ("gradalign", 32, 0.80), ("gradalign", 128, 0.80), ("gradalign", 512, 0.795),
-                                  ("gradalign", 2048, 0.70)]:
+    for algorithm, batch, acc in [
+        ("sgd", 16, 0.80),
+        ("large_batch_sgd", 32, 0.80),
+        ("large_batch_sgd", 128, 0.795),
+        ("large_batch_sgd", 512, 0.75),
+        ("large_batch_sgd", 2048, 0.65),
+        ("gradalign", 32, 0.80),
+        ("gradalign", 128, 0.80),
+        ("gradalign", 512, 0.795),
+        ("gradalign", 2048, 0.70),
+    ]:
         for seed in range(3):
-            rows.append({"trial_id": f"{algorithm}{batch}-{seed}", "phase": "seed", "algorithm": algorithm,
-                         "batch_size": batch, "seed": 1000 + seed, "evaluation": 1, "steps": 100,
-                         "val_accuracy": acc, "test_accuracy": acc + rng.normal(0, 0.003), "status": "completed",
-                         "cell": f"{algorithm}-B{batch}"})
+            rows.append(
+                {
+                    "trial_id": f"{algorithm}{batch}-{seed}",
+                    "phase": "seed",
+                    "algorithm": algorithm,
+                    "batch_size": batch,
+                    "seed": 1000 + seed,
+                    "evaluation": 1,
+                    "steps": 100,
+                    "val_accuracy": acc,
+                    "test_accuracy": acc + rng.normal(0, 0.003),
+                    "status": "completed",
+                    "cell": f"{algorithm}-B{batch}",
+                }
+            )
     history = pd.DataFrame(rows)
     cells = A.summarize_cells(history, 0.5)
-    sig = pd.concat([A.significance(history, "gradalign", "large_batch_sgd")] + [
-        A.significance(pd.concat([history[history["algorithm"] == a],
-                                  *[history[history["algorithm"] == "sgd"].assign(
-                                      batch_size=b, trial_id=lambda f, b=b: f["trial_id"] + f"@{b}")
-                                    for b in (32, 128, 512, 2048)]]), a, "sgd") for a in ("large_batch_sgd", "gradalign")],
-        ignore_index=True)
+    sig = pd.concat(
+        [A.significance(history, "gradalign", "large_batch_sgd")]
+        + [
+            A.significance(
+                pd.concat(
+                    [
+                        history[history["algorithm"] == a],
+                        *[
+                            history[history["algorithm"] == "sgd"].assign(
+                                batch_size=b, trial_id=lambda f, b=b: f["trial_id"] + f"@{b}"
+                            )
+                            for b in (32, 128, 512, 2048)
+                        ],
+                    ]
+                ),
+                a,
+                "sgd",
+            )
+            for a in ("large_batch_sgd", "gradalign")
+        ],
+        ignore_index=True,
+    )
     return cells, sig
 
 
@@ -67,8 +106,12 @@ def test_scaling_facts_find_where_each_algorithm_leaves_the_reference():
     assert ga["holds_up_to"] == 512 and ga["first_drop"]["batch_size"] == 2048
     text = scaling_sentences(facts, target=0.5)
     assert text[0].startswith("The reference, small-batch SGD at b = 16, reaches 80.")
-    assert any(s.startswith("Large-batch SGD stays within 1 point of it up to B = 128; at B = 512 it is -5.")
-               and "95% CI" in s and "n = 3 vs 3" in s for s in text)
+    assert any(
+        s.startswith("Large-batch SGD stays within 1 point of it up to B = 128; at B = 512 it is -5.")
+        and "95% CI" in s
+        and "n = 3 vs 3" in s
+        for s in text
+    )
     assert any(s.startswith("GradAlign stays within 1 point of it up to B = 512") for s in text)
     assert any("B_crit ≈ 180" in s and "B_simple ≈ large-batch SGD 210" in s for s in text)
     last = text[-1]  # GradAlign's difference where large-batch SGD falls behind: B = 512 and 2048
@@ -84,11 +127,31 @@ def test_protocol_sentence_states_the_noise_floor_of_the_test_set():
 
 
 def test_federated_sentences_name_the_best_algorithm_and_fedgas_differences():
-    cells = pd.DataFrame({"setting": ["one_class, p=0.5, K=5"] * 2, "algorithm": ["fedavg", "fedga"],
-                          "acc_mean": [0.81, 0.84], "label_tv_mean": [0.9, 0.9]})
-    sig = pd.DataFrame([{"setting": "one_class, p=0.5, K=5", "a": "fedga", "b": "fedavg", "metric": "acc_final",
-                         "diff": 0.03, "ci_low": 0.01, "ci_high": 0.05, "n_a": 5, "n_b": 5, "p_value": 0.01,
-                         "verdict": "significant at 0.05 (fedga higher)"}])
+    cells = pd.DataFrame(
+        {
+            "setting": ["one_class, p=0.5, K=5"] * 2,
+            "algorithm": ["fedavg", "fedga"],
+            "acc_mean": [0.81, 0.84],
+            "label_tv_mean": [0.9, 0.9],
+        }
+    )
+    sig = pd.DataFrame(
+        [
+            {
+                "setting": "one_class, p=0.5, K=5",
+                "a": "fedga",
+                "b": "fedavg",
+                "metric": "acc_final",
+                "diff": 0.03,
+                "ci_low": 0.01,
+                "ci_high": 0.05,
+                "n_a": 5,
+                "n_b": 5,
+                "p_value": 0.01,
+                "verdict": "significant at 0.05 (fedga higher)",
+            }
+        ]
+    )
     [text] = federated_sentences(federated_facts(cells, sig))
     assert text.startswith("one_class, p=0.5, K=5 (measured label heterogeneity 0.90): best FedGA at 84.0%")
     assert "FedGA − FedAvg +3.0 points (95% CI [+1.0, +5.0], n = 5 vs 5, p = 0.01)" in text

@@ -12,7 +12,7 @@ evaluation it would see with a report at every evaluation), and otherwise at mos
 from __future__ import annotations
 
 import time
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 
 class ReportSchedule:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ray.train
 import ray.train.torch
@@ -29,7 +30,6 @@ from gradalign.ray_adapter import GROUP_SEEDS, TrialExecution, penalise
 from gradalign.ray_adapter._common import COUNTER
 from gradalign.ray_adapter.records import FROM_RECORD, TrialRecords, update_record
 from gradalign.seed_group import build_trainer
-
 from trainables.reporting import ReportSchedule
 from trainables.state import from_bytes, read_if_exists, to_bytes, write_atomic
 from trainables.worker import train_loop_per_worker
@@ -43,13 +43,22 @@ def gradalign_trainable(config: dict[str, Any], execution: TrialExecution) -> No
         tune.report({**record.history[-1], FROM_RECORD: True})
         return
     if execution.in_process:
-        train_in_process(train_config, execution.state_path(record.key), tune.report,
-                         history_path=execution.history_path(record.key),
-                         threads=max(1, int(execution.cpus_per_worker)),
-                         schedule=ReportSchedule(execution.report_interval_s, execution.report_rungs))
+        train_in_process(
+            train_config,
+            execution.state_path(record.key),
+            tune.report,
+            history_path=execution.history_path(record.key),
+            threads=max(1, int(execution.cpus_per_worker)),
+            schedule=ReportSchedule(execution.report_interval_s, execution.report_rungs),
+        )
     else:
-        history = fit_torch_trainer(train_config, execution, f"train-{record.key}", callbacks=[TuneReportCallback()],
-                                    history_path=execution.history_path(record.key))
+        history = fit_torch_trainer(
+            train_config,
+            execution,
+            f"train-{record.key}",
+            callbacks=[TuneReportCallback()],
+            history_path=execution.history_path(record.key),
+        )
         # Report the final metrics once more after fit(): a trial that finished just before a driver crash
         # otherwise keeps a stale last result when the study is restored.
         tune.report(history[-1])
@@ -109,11 +118,14 @@ def fit_torch_trainer(
     """
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "history_path": history_path,
-                           "state_dir": execution.worker_state_dir(name),
-                           "report_interval_s": execution.report_interval_s,
-                           "report_rungs": list(execution.report_rungs),
-                           GROUP_SEEDS: config.extras.get(GROUP_SEEDS)},
+        train_loop_config={
+            "config": config.to_dict(),
+            "history_path": history_path,
+            "state_dir": execution.worker_state_dir(name),
+            "report_interval_s": execution.report_interval_s,
+            "report_rungs": list(execution.report_rungs),
+            GROUP_SEEDS: config.extras.get(GROUP_SEEDS),
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=execution.workers,
             use_gpu=execution.use_gpu,

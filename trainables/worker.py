@@ -25,7 +25,6 @@ from gradalign.ray_adapter import GROUP_SEEDS, penalise
 from gradalign.ray_adapter._common import COUNTER
 from gradalign.ray_adapter.records import update_record
 from gradalign.seed_group import build_trainer
-
 from trainables.reporting import ReportSchedule
 from trainables.state import from_bytes, read_if_exists, to_bytes, write_atomic
 
@@ -51,7 +50,7 @@ class WorkerStates:
         for info in self._fs.get_file_info(selector):
             name = info.base_name
             if name.startswith(self._prefix) and name.endswith(".pt"):
-                found.append(int(name[len(self._prefix):-3]))
+                found.append(int(name[len(self._prefix) : -3]))
         return sorted(found)
 
     def uri(self, evaluation: int) -> str:
@@ -59,7 +58,7 @@ class WorkerStates:
 
     def save(self, evaluation: int, data: bytes) -> None:
         write_atomic(self.uri(evaluation), data)
-        for old in self.evaluations()[:-self.KEEP]:
+        for old in self.evaluations()[: -self.KEEP]:
             self.delete(old)
 
     def delete(self, evaluation: int) -> None:
@@ -68,8 +67,10 @@ class WorkerStates:
     def load(self, evaluation: int) -> bytes:
         data = read_if_exists(self.uri(evaluation))
         if data is None:
-            raise RuntimeError(f"worker {self.rank} of {self.world} has no saved state for evaluation {evaluation} "
-                               f"in {self.folder} (it holds {self.evaluations()})")
+            raise RuntimeError(
+                f"worker {self.rank} of {self.world} has no saved state for evaluation {evaluation} "
+                f"in {self.folder} (it holds {self.evaluations()})"
+            )
         return data
 
 

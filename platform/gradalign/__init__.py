@@ -8,7 +8,14 @@ from .config import ALGORITHMS, DATASETS, MODELS, PARTITIONS, ConfigError, Train
 from .functional import gradalign_gradient
 
 __all__ = [
-    "ALGORITHMS", "DATASETS", "MODELS", "PARTITIONS", "ConfigError", "TrainConfig", "Trainer", "gradalign_gradient",
+    "ALGORITHMS",
+    "DATASETS",
+    "MODELS",
+    "PARTITIONS",
+    "ConfigError",
+    "TrainConfig",
+    "Trainer",
+    "gradalign_gradient",
 ]
 __version__ = "0.1.0"
 

@@ -18,8 +18,18 @@ from . import fast_paths
 from .comm import LocalComm
 from .config import TrainConfig
 from .functional import (
-    Alignment, LossFn, ParamLayout, Params, alignment_from_moments, client_gradients, displace_,
-    gradient_moments, make_grad_fn, param_dict, sum_clients, write_flat_grads_,
+    Alignment,
+    LossFn,
+    ParamLayout,
+    Params,
+    alignment_from_moments,
+    client_gradients,
+    displace_,
+    gradient_moments,
+    make_grad_fn,
+    param_dict,
+    sum_clients,
+    write_flat_grads_,
 )
 from .models import has_batchnorm
 
@@ -53,7 +63,7 @@ class Traffic:
     """Numbers the clients send, summed over clients and exchanges (P per client for a gradient)."""
 
     @classmethod
-    def all_reduces(cls, participants: int, sizes: list[int]) -> "Traffic":
+    def all_reduces(cls, participants: int, sizes: list[int]) -> Traffic:
         """Exchanges of `sizes` values each, every participating client sending its share to each."""
         return cls(len(sizes), len(sizes) * participants, sum(sizes) * participants)
 
@@ -80,7 +90,9 @@ class Algorithm(abc.ABC):
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, config: TrainConfig, comm: LocalComm | None = None):
         if config.algorithm != self.name:
-            raise ValueError(f"{type(self).__name__} runs algorithm {self.name!r}, config asks for {config.algorithm!r}")
+            raise ValueError(
+                f"{type(self).__name__} runs algorithm {self.name!r}, config asks for {config.algorithm!r}"
+            )
         self.model, self.loss_fn, self.config = model, loss_fn, config
         self.comm = comm or LocalComm()
         self.layout = ParamLayout.of(model)
@@ -131,15 +143,18 @@ class Algorithm(abc.ABC):
         sent, self._sent = self._sent, []
         return Traffic.all_reduces(batch.num_participants, sent)
 
-    def client_grads(self, params: Params, inputs: Tensor, targets: Tensor, per_client: bool = False) -> tuple[Params, Tensor]:
+    def client_grads(
+        self, params: Params, inputs: Tensor, targets: Tensor, per_client: bool = False
+    ) -> tuple[Params, Tensor]:
         """Per-client gradients by name ([local clients, ...]) and losses, at shared or per-client `params`."""
         if inputs.shape[0] == 0:
             shapes = {n: t.shape[1:] if per_client else t.shape for n, t in params.items()}
             return {n: params[n].new_zeros(0, *shapes[n]) for n in params}, inputs.new_zeros(0, dtype=self.dtype)
         return client_gradients(self.grad_fn, params, inputs, targets, per_client=per_client, use_vmap=self.config.vmap)
 
-    def reduce_moments(self, grads: Params, losses: Tensor, batch: RoundBatch, cosine: bool = True,
-                       counted: bool | int = True) -> tuple[Tensor, Alignment, float]:
+    def reduce_moments(
+        self, grads: Params, losses: Tensor, batch: RoundBatch, cosine: bool = True, counted: bool | int = True
+    ) -> tuple[Tensor, Alignment, float]:
         """One all-reduce of the clients' gradient moments and losses -> (ḡ, alignment diagnostics, mean loss).
 
         Without `cosine` the all-reduce carries P + 2 values instead of 2P + 2, and the cosine diagnostic is NaN.
@@ -148,8 +163,9 @@ class Algorithm(abc.ABC):
         """
         packed = torch.cat([gradient_moments(grads, cosine=cosine), losses.sum().reshape(1)])
         self.all_reduce(packed, self.layout.size + 2 if counted is True else counted)
-        mean_grad, alignment = alignment_from_moments(packed[:-1], batch.num_participants,
-                                                      self.config.client_batch_size, cosine=cosine)
+        mean_grad, alignment = alignment_from_moments(
+            packed[:-1], batch.num_participants, self.config.client_batch_size, cosine=cosine
+        )
         return mean_grad, alignment, packed[-1].item() / batch.num_participants
 
     def server_step(self, direction: Tensor) -> None:
@@ -283,47 +299,64 @@ class GradAlign(Algorithm):
         # weights with few rows per client stay factors (fast_paths.FactoredGrads) and never fill their part.
         buffers = self._fast_buffers(m)
         params = buffers.params
-        grads, loss_sum, mean_ok = fast_paths.client_gradients(self.model, self.loss_fn, inputs, targets,
-                                                               self._mean_loss, out=buffers.rows, factored=True,
-                                                               params=params)
+        grads, loss_sum, mean_ok = fast_paths.client_gradients(
+            self.model, self.loss_fn, inputs, targets, self._mean_loss, out=buffers.rows, factored=True, params=params
+        )
         if self._mean_loss is None:
             self._mean_loss = mean_ok
         size = self.layout.size
         moments = (2 if cosine else 1) * size + 1
-        packed = buffers.moments[:moments + 1]
+        packed = buffers.moments[: moments + 1]
         gradient_moments(grads, out=packed[:-1], cosine=cosine)
         packed[-1] = loss_sum
         self.all_reduce(packed, size + 2)  # (ḡ, Σ|g_i|^2 and the loss; a cosine's moment is a diagnostic)
         participants = batch.num_participants
-        _, alignment = alignment_from_moments(packed[:-1], participants, self.config.client_batch_size, cosine=cosine,
-                                              divide=False)  # (1/m folded into the next two uses: no P-sized pass)
+        _, alignment = alignment_from_moments(
+            packed[:-1], participants, self.config.client_batch_size, cosine=cosine, divide=False
+        )  # (1/m folded into the next two uses: no P-sized pass)
         loss = packed[-1].item() / participants
         values = {n: p.detach() for n, p in params.items()}  # (taken now: `p.data = ...` may have swapped storage)
-        points = fast_paths.displaced_points(values, grads, buffers.mean, beta, overwrite=True,
-                                             mean_scale=1 / participants)
+        points = fast_paths.displaced_points(
+            values, grads, buffers.mean, beta, overwrite=True, mean_scale=1 / participants
+        )
         try:
-            fast_paths.displaced_gradient_sum(self.model, self.loss_fn, points, inputs, targets, self._mean_loss,
-                                              out=buffers.direction_views, params=params, grad_scale=1 / participants)
+            fast_paths.displaced_gradient_sum(
+                self.model,
+                self.loss_fn,
+                points,
+                inputs,
+                targets,
+                self._mean_loss,
+                out=buffers.direction_views,
+                params=params,
+                grad_scale=1 / participants,
+            )
         except fast_paths.Unsupported as err:  # (the first evaluation passed: hardly ever) finish this step with vmap
             self.path, self.fallback_reason = "vmap", str(err)
             rows = buffers.rows
             for n, point in points.items():
                 if isinstance(point, fast_paths.Factored):  # Z_i = shift + beta g_i, as [m, out, in] values
                     torch.add(point.shift, point.grads.materialize(rows[n]), alpha=beta, out=rows[n])
-            return self._finish(sum_clients(self.client_grads(rows, inputs, targets, per_client=True)[0]), batch,
-                                loss, alignment)
+            return self._finish(
+                sum_clients(self.client_grads(rows, inputs, targets, per_client=True)[0]), batch, loss, alignment
+            )
         return self._finish(buffers.direction, batch, loss, alignment, scaled=True)
 
-    def _fast_buffers(self, clients: int) -> "_FastBuffers":
+    def _fast_buffers(self, clients: int) -> _FastBuffers:
         buffers = self._buffers
-        if buffers is None or buffers.clients != clients or buffers.first.dtype != buffers.dtype \
-                or buffers.first.device != buffers.device:
+        if (
+            buffers is None
+            or buffers.clients != clients
+            or buffers.first.dtype != buffers.dtype
+            or buffers.first.device != buffers.device
+        ):
             self._buffers = None  # (let the old ones go first)
             self._buffers = buffers = _FastBuffers(self.model, self.layout, clients)
         return buffers
 
-    def _finish(self, local_sum: Tensor, batch: RoundBatch, loss: float, alignment: Alignment,
-                scaled: bool = False) -> StepResult:
+    def _finish(
+        self, local_sum: Tensor, batch: RoundBatch, loss: float, alignment: Alignment, scaled: bool = False
+    ) -> StepResult:
         # local_sum is this step's own tensor: all-reduce and scale it in place (unless `scaled`: already divided by
         # the number of participants), and hand the optimizer views of it
         direction = self.all_reduce(local_sum)

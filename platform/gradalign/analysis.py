@@ -19,7 +19,7 @@ Conventions (the protocol of MLCommons AlgoPerf and Shallue et al.)
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,9 +27,21 @@ import pandas as pd
 from .stats import compare_groups, fit_critical_batch, fit_critical_batches, welch
 
 __all__ = [
-    "DEFAULT_GROUP", "TARGET_METRIC", "COUNTER", "trial_table", "rank_trials", "best_trials", "summarize_cells",
-    "fit_critical_batch", "fit_critical_batches", "noise_scale_from_history", "significance", "welch",
-    "pareto_front", "edge_warnings", "collapsed_seeds",
+    "DEFAULT_GROUP",
+    "TARGET_METRIC",
+    "COUNTER",
+    "trial_table",
+    "rank_trials",
+    "best_trials",
+    "summarize_cells",
+    "fit_critical_batch",
+    "fit_critical_batches",
+    "noise_scale_from_history",
+    "significance",
+    "welch",
+    "pareto_front",
+    "edge_warnings",
+    "collapsed_seeds",
 ]
 
 DEFAULT_GROUP = ("algorithm", "batch_size")
@@ -38,24 +50,54 @@ TARGET_METRIC = "val_accuracy"
 COUNTER = "evaluation"
 """The column that orders a trial's rows."""
 CONFIG_COLUMNS = (
-    "cell", "algorithm", "batch_size", "clients", "workers", "lr", "beta", "momentum", "weight_decay",
-    "local_steps", "mu", "participation", "alpha", "partition",
+    "cell",
+    "algorithm",
+    "batch_size",
+    "clients",
+    "workers",
+    "lr",
+    "beta",
+    "momentum",
+    "weight_decay",
+    "local_steps",
+    "mu",
+    "participation",
+    "alpha",
+    "partition",
 )
 _TRIAL_KEYS = ("study", "phase", "trial_id")
 COSTS = ("steps", "examples", "rounds", "communications", "messages", "wall_time")
 """Costs counted to the target: `<cost>_to_target` (wall_time -> wall_to_target)."""
 _FINAL = ("epochs", "steps", "examples", "rounds", "communications", "messages", "values_sent", "label_tv")
 _TRIAL_METRICS = (
-    "evaluations", "acc_final", "acc_max", "val_final", "val_loss_final", *(f"{c}_to_target" for c in
-    ("steps", "examples", "rounds", "communications", "messages", "wall")), "reached", *_FINAL, "wall_time",
-    "grad_variance_mean", "grad_cosine_mean", "status", "diverged", "error",
+    "evaluations",
+    "acc_final",
+    "acc_max",
+    "val_final",
+    "val_loss_final",
+    *(f"{c}_to_target" for c in ("steps", "examples", "rounds", "communications", "messages", "wall")),
+    "reached",
+    *_FINAL,
+    "wall_time",
+    "grad_variance_mean",
+    "grad_cosine_mean",
+    "status",
+    "diverged",
+    "error",
 )
 # (output prefix, trial_table column) averaged over the seeds of a cell.
 _CELL_STATS = (
-    ("acc", "acc_final"), ("acc_max", "acc_max"), ("val", "val_final"), ("steps_to_target", "steps_to_target"),
-    ("examples_to_target", "examples_to_target"), ("rounds_to_target", "rounds_to_target"),
-    ("communications_to_target", "communications_to_target"), ("messages_to_target", "messages_to_target"),
-    ("wall_to_target", "wall_to_target"), ("wall_time", "wall_time"), ("label_tv", "label_tv"),
+    ("acc", "acc_final"),
+    ("acc_max", "acc_max"),
+    ("val", "val_final"),
+    ("steps_to_target", "steps_to_target"),
+    ("examples_to_target", "examples_to_target"),
+    ("rounds_to_target", "rounds_to_target"),
+    ("communications_to_target", "communications_to_target"),
+    ("messages_to_target", "messages_to_target"),
+    ("wall_to_target", "wall_to_target"),
+    ("wall_time", "wall_time"),
+    ("label_tv", "label_tv"),
 )
 _CHOSEN = ("lr", "beta", "momentum", "weight_decay", "local_steps", "mu", "participation", "alpha", "clients")
 NAN = float("nan")
@@ -124,8 +166,9 @@ def _crossings(rows: pd.DataFrame, trial: np.ndarray, target: float | None, metr
     return pd.DataFrame(out, index=first.index)
 
 
-def steps_to_target(history_of_one_trial: pd.DataFrame, target: float,
-                    metric: str = TARGET_METRIC) -> tuple[float, float, float]:
+def steps_to_target(
+    history_of_one_trial: pd.DataFrame, target: float, metric: str = TARGET_METRIC
+) -> tuple[float, float, float]:
     """(steps, examples, wall_time) when `metric` first reaches `target` (interpolated); NaNs if it never does."""
     rows = _ordered(history_of_one_trial)
     found = _crossings(rows, np.zeros(len(rows), dtype=int), target, metric)
@@ -134,8 +177,13 @@ def steps_to_target(history_of_one_trial: pd.DataFrame, target: float,
     return tuple(float(found[c].iloc[0]) for c in ("steps_to_target", "examples_to_target", "wall_to_target"))
 
 
-def trial_table(history: pd.DataFrame, target: float | None = None, phase: str | None = None,
-                carry: Sequence[str] = (), metric: str = TARGET_METRIC) -> pd.DataFrame:
+def trial_table(
+    history: pd.DataFrame,
+    target: float | None = None,
+    phase: str | None = None,
+    carry: Sequence[str] = (),
+    metric: str = TARGET_METRIC,
+) -> pd.DataFrame:
     """One row per trial: its configuration, final / best accuracy, cost to reach `target`, mean alignment, status.
 
     The configuration columns (CONFIG_COLUMNS, seed, and any extra `carry` columns) hold each trial's first
@@ -183,8 +231,9 @@ def rank_trials(trials: pd.DataFrame, score: str, mode: str = "max", tie: str = 
     rows give the same order, whatever order they come in."""
     ranked = trials.assign(_diverged=trials["status"].eq("diverged") if "status" in trials else False)
     keys = ["_diverged", score, *([tie] if tie in ranked and score != tie else []), "trial_id"]
-    ranked = ranked.sort_values(keys, ascending=[True, mode == "min", *[True] * (len(keys) - 2)], na_position="last",
-                                kind="stable")
+    ranked = ranked.sort_values(
+        keys, ascending=[True, mode == "min", *[True] * (len(keys) - 2)], na_position="last", kind="stable"
+    )
     return ranked.drop(columns="_diverged")
 
 
@@ -193,8 +242,14 @@ def _last_value(values: pd.Series):
     return values.iloc[-1]
 
 
-def best_trials(history: pd.DataFrame, metric: str = "val_accuracy", group: Sequence[str] = DEFAULT_GROUP,
-                mode: str = "max", reduce: str = "last", phase: str | None = None) -> pd.DataFrame:
+def best_trials(
+    history: pd.DataFrame,
+    metric: str = "val_accuracy",
+    group: Sequence[str] = DEFAULT_GROUP,
+    mode: str = "max",
+    reduce: str = "last",
+    phase: str | None = None,
+) -> pd.DataFrame:
     """Per cell, the trial whose `metric` (reduced over evaluations by 'last', 'max' or 'min') is best under `mode`.
 
     The order is `rank_trials`' (as for a study's choice, `studies.cells.best_config`): trials that did not diverge
@@ -214,8 +269,13 @@ def best_trials(history: pd.DataFrame, metric: str = "val_accuracy", group: Sequ
     return best.sort_values(list(group)).reset_index(drop=True)
 
 
-def summarize_cells(history: pd.DataFrame, target: float, group: Sequence[str] = DEFAULT_GROUP,
-                    phase: str | None = "seed", metric: str = TARGET_METRIC) -> pd.DataFrame:
+def summarize_cells(
+    history: pd.DataFrame,
+    target: float,
+    group: Sequence[str] = DEFAULT_GROUP,
+    phase: str | None = "seed",
+    metric: str = TARGET_METRIC,
+) -> pd.DataFrame:
     """The cells frame: per cell of `group`, statistics over its seed trials (rows of `phase`; None = all rows).
 
     Columns: the group, `cell` (ids joined), `n_seeds`, `seeds` (which ran); `acc_mean/std` (final test accuracy),
@@ -232,8 +292,22 @@ def summarize_cells(history: pd.DataFrame, target: float, group: Sequence[str] =
     stat_cols = [f"{p}_{s}" for p, _ in _CELL_STATS for s in ("mean", "std")]
     chosen = [c for c in _CHOSEN if c in trials.columns and c not in group]
     spent = ("epochs", "examples", "steps", "communications")
-    columns = [*group, "cell", "n_seeds", "seeds", *stat_cols, "n_reached", "reached", *spent, "grad_variance_mean",
-               "grad_cosine_mean", *chosen, "diverged", "errors", "target"]
+    columns = [
+        *group,
+        "cell",
+        "n_seeds",
+        "seeds",
+        *stat_cols,
+        "n_reached",
+        "reached",
+        *spent,
+        "grad_variance_mean",
+        "grad_cosine_mean",
+        *chosen,
+        "diverged",
+        "errors",
+        "target",
+    ]
     rows = []
     for key, cell in trials.groupby(group, sort=True, dropna=False):
         row = dict(zip(group, _as_tuple(key)))
@@ -254,8 +328,9 @@ def summarize_cells(history: pd.DataFrame, target: float, group: Sequence[str] =
     return pd.DataFrame(rows, columns=columns)
 
 
-def noise_scale_from_history(history: pd.DataFrame, group: Sequence[str] = DEFAULT_GROUP,
-                             phase: str | None = "seed") -> pd.DataFrame:
+def noise_scale_from_history(
+    history: pd.DataFrame, group: Sequence[str] = DEFAULT_GROUP, phase: str | None = "seed"
+) -> pd.DataFrame:
     """Per cell, the simple gradient noise scale B_simple = mean tr(Sigma) / mean |G|^2 (McCandlish et al.).
 
     Numerator and denominator are averaged separately over all evaluations and seeds (the per-evaluation ratio
@@ -281,9 +356,16 @@ def noise_scale_from_history(history: pd.DataFrame, group: Sequence[str] = DEFAU
     return pd.DataFrame(rows, columns=[*group, "B_simple", "n_estimates", "B_simple_median", "source"])
 
 
-def significance(history: pd.DataFrame, a: str = "gradalign", b: str = "large_batch_sgd", by: str = "batch_size",
-                 metric: str = "acc_final", target: float | None = None, phase: str | None = "seed",
-                 alpha: float = 0.05) -> pd.DataFrame:
+def significance(
+    history: pd.DataFrame,
+    a: str = "gradalign",
+    b: str = "large_batch_sgd",
+    by: str = "batch_size",
+    metric: str = "acc_final",
+    target: float | None = None,
+    phase: str | None = "seed",
+    alpha: float = 0.05,
+) -> pd.DataFrame:
     """Welch comparison of algorithm `a` vs `b` over seeds, separately for each value of `by`.
 
     `metric` is a trial_table column (acc_final, acc_max, val_final, <cost>_to_target, wall_time, ...);
@@ -299,8 +381,9 @@ def significance(history: pd.DataFrame, a: str = "gradalign", b: str = "large_ba
     return compare_groups(trials, a, b, by, metric, alpha)
 
 
-def collapsed_seeds(trials: pd.DataFrame, group: Sequence[str], num_classes: int | None = None,
-                    gap: float = 0.1) -> pd.DataFrame:
+def collapsed_seeds(
+    trials: pd.DataFrame, group: Sequence[str], num_classes: int | None = None, gap: float = 0.1
+) -> pd.DataFrame:
     """Seed runs that collapsed without diverging: final test accuracy more than `gap` below the median of their
     cell's other seeds, or at chance level (<= 1.5 / num_classes). Such a run says the chosen configuration sits at
     the edge of stability; a mean over seeds would hide it. Returns the offending rows of `trials`."""
@@ -317,8 +400,14 @@ def collapsed_seeds(trials: pd.DataFrame, group: Sequence[str], num_classes: int
     return trials.loc[flagged]
 
 
-def pareto_front(cells: pd.DataFrame, x: str = "batch_size", y: str = "acc_mean", maximize_x: bool = True,
-                 maximize_y: bool = True, by: str | None = None) -> pd.DataFrame:
+def pareto_front(
+    cells: pd.DataFrame,
+    x: str = "batch_size",
+    y: str = "acc_mean",
+    maximize_x: bool = True,
+    maximize_y: bool = True,
+    by: str | None = None,
+) -> pd.DataFrame:
     """The rows of `cells` not dominated in (x, y), sorted by x; rows with NaN in x or y are ignored.
 
     A row is dominated when another is at least as good in both and better in one. With `by`, one front per
@@ -362,8 +451,13 @@ def _fmt(value) -> str:
     return f"{value:.3g}" if isinstance(value, (float, np.floating)) else str(value)
 
 
-def edge_warnings(best_configs: pd.DataFrame, search_ranges: Mapping, tol: float = 0.05,
-                  params: Sequence[str] | None = None, label: Sequence[str] = ("algorithm", "batch_size")) -> list[str]:
+def edge_warnings(
+    best_configs: pd.DataFrame,
+    search_ranges: Mapping,
+    tol: float = 0.05,
+    params: Sequence[str] | None = None,
+    label: Sequence[str] = ("algorithm", "batch_size"),
+) -> list[str]:
     """Warn when a chosen hyperparameter lies near an edge of its search range (Google's tuning playbook).
 
     `search_ranges` is {cell_id: {param: (lo, hi)}}, {algorithm: {...}} or one global {param: (lo, hi)}. Distance
@@ -389,6 +483,8 @@ def edge_warnings(best_configs: pd.DataFrame, search_ranges: Mapping, tol: float
             elif position >= 1 - tol:
                 where = "at the upper edge of"
             if where:
-                messages.append(f"{param}={_fmt(value)} is {where} [{_fmt(lo)}, {_fmt(hi)}] for "
-                                f"{_cell_label(row, label)}: widen the range")
+                messages.append(
+                    f"{param}={_fmt(value)} is {where} [{_fmt(lo)}, {_fmt(hi)}] for "
+                    f"{_cell_label(row, label)}: widen the range"
+                )
     return messages

@@ -2,8 +2,8 @@
 
     python -m gradalign.cli --dataset digits --algorithm gradalign --batch-size 256 --clients 8 --epochs 10
 
-Prints a line per evaluation (validation and test accuracy) and writes metrics.csv, metrics.json and config.json into --out. A diverged run (NaN/inf
-loss) ends with status 'diverged' and exit code 3, not a traceback.
+Prints a line per evaluation (validation and test accuracy) and writes metrics.csv, metrics.json and config.json into
+--out. A diverged run (NaN/inf loss) ends with status 'diverged' and exit code 3, not a traceback.
 """
 
 from __future__ import annotations
@@ -19,8 +19,17 @@ from pathlib import Path
 from .config import ConfigError, TrainConfig, field_docs
 from .provenance import provenance
 
-_COLUMNS = ("epochs", "steps", "examples", "train_loss", "val_accuracy", "test_accuracy", "grad_variance",
-            "grad_cosine", "wall_time")
+_COLUMNS = (
+    "epochs",
+    "steps",
+    "examples",
+    "train_loss",
+    "val_accuracy",
+    "test_accuracy",
+    "grad_variance",
+    "grad_cosine",
+    "wall_time",
+)
 EXIT_DIVERGED = 3
 
 
@@ -41,8 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         kind = _kind(str(f.type))
         parser.add_argument(flag, type=kind, default=default, help=docs.get(f.name), metavar=f.name.upper())
-    parser.add_argument("--out", type=Path, default=Path("results/local-run"),
-                        help="folder for metrics.csv, metrics.json and config.json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/local-run"),
+        help="folder for metrics.csv, metrics.json and config.json",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only the final line")
     return parser
 
@@ -79,10 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    print(f"training {config.algorithm} on {config.dataset} ({config.model}), batch {config.batch_size} = "
-          f"{config.clients} clients x {config.client_batch_size}, {trainer.total_updates} updates "
-          f"({trainer.total_updates * config.examples_per_update} examples), {len(trainer.schedule)} evaluations "
-          f"on {trainer.device}")
+    print(
+        f"training {config.algorithm} on {config.dataset} ({config.model}), batch {config.batch_size} = "
+        f"{config.clients} clients x {config.client_batch_size}, {trainer.total_updates} updates "
+        f"({trainer.total_updates * config.examples_per_update} examples), {len(trainer.schedule)} evaluations "
+        f"on {trainer.device}"
+    )
     if not args.quiet:
         print("  ".join(f"{c:>13}" for c in _COLUMNS))
 
@@ -93,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
 
     history = trainer.fit(show)
     last = history[-1]
-    print(f"status {last['status']}: validation accuracy {last['val_accuracy']:.4f}, test accuracy "
-          f"{last['test_accuracy']:.4f} after {last['epochs']:.3g} epochs, {last['steps']} steps, "
-          f"{last['wall_time']:.1f} s; metrics in {out}/metrics.csv")
+    print(
+        f"status {last['status']}: validation accuracy {last['val_accuracy']:.4f}, test accuracy "
+        f"{last['test_accuracy']:.4f} after {last['epochs']:.3g} epochs, {last['steps']} steps, "
+        f"{last['wall_time']:.1f} s; metrics in {out}/metrics.csv"
+    )
     return EXIT_DIVERGED if last["status"] == "diverged" else 0
 
 
@@ -105,8 +122,12 @@ def _write(out: Path, config: TrainConfig, history: list[dict]) -> None:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    summary = {"config": config.to_dict(), "status": history[-1]["status"], "history": history,
-               "provenance": provenance()}
+    summary = {
+        "config": config.to_dict(),
+        "status": history[-1]["status"],
+        "history": history,
+        "provenance": provenance(),
+    }
     (out / "metrics.json").write_text(json.dumps(_strict(summary), indent=2, default=str))
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "emnist", "cifar10", "cifar100", "mnist1d")
 MODELS = ("mlp", "cnn", "lenet", "resnet18", "logistic")
@@ -44,7 +45,8 @@ class TrainConfig:
     dataset: str = "digits"
     """Dataset name: one of DATASETS. `digits` (scikit-learn's bundled 8x8 digits) needs no download."""
     num_samples: int | None = None
-    """Examples generated for procedurally generated datasets (mnist1d: None = the canonical 5,000, split 4,000/1,000)."""
+    """Examples generated for procedurally generated datasets (mnist1d: None = the canonical 5,000, split
+    4,000/1,000)."""
     model: str = "mlp"
     """Model name: one of MODELS."""
     algorithm: str = "gradalign"
@@ -56,7 +58,8 @@ class TrainConfig:
     lr: float = 0.1
     """Step size: of the server optimizer for data-parallel algorithms, of the local steps for federated ones."""
     beta: float | None = None
-    """Alignment coefficient of GradAlign / FedGA; None means lr / 2 (matches small-batch SGD's implicit regulariser)."""
+    """Alignment coefficient of GradAlign / FedGA; None means lr / 2 (matches small-batch SGD's implicit
+    regulariser)."""
     momentum: float = 0.0
     """Heavy-ball momentum of the server optimizer, in [0, 1)."""
     lr_schedule: str = "constant"
@@ -98,7 +101,8 @@ class TrainConfig:
     """Dirichlet concentration for partition='dirichlet' (each client's label mix ~ Dir(alpha * global mix), equal
     client sizes; Hsu et al. 2019) and 'dirichlet_by_class'; smaller = more heterogeneous."""
     iid_fraction: float = 0.0
-    """For partition='sorted' (the paper's split): fraction p of the data spread iid, the rest sorted by label and cut."""
+    """For partition='sorted' (the paper's split): fraction p of the data spread iid, the rest sorted by label and
+    cut."""
     heterogeneity: float = 1.0
     """For dataset='synthetic': how different the clients' data are (0 = identical distributions)."""
     seed: int = 0
@@ -140,8 +144,11 @@ class TrainConfig:
             if value is not None and not _positive_int(value):
                 raise ConfigError(name, value, "must be a positive integer or None")
         if self.budget_examples is not None and self.budget_steps is not None:
-            raise ConfigError("budget_steps", self.budget_steps,
-                              f"a run's budget is in examples or in steps, not both (budget_examples={self.budget_examples})")
+            raise ConfigError(
+                "budget_steps",
+                self.budget_steps,
+                f"a run's budget is in examples or in steps, not both (budget_examples={self.budget_examples})",
+            )
         if not _finite(self.epochs) or self.epochs <= 0:
             raise ConfigError("epochs", self.epochs, "must be a positive finite number")
         if not _finite(self.val_fraction) or not 0 <= self.val_fraction < 1:
@@ -152,7 +159,8 @@ class TrainConfig:
                 raise ConfigError(name, value, "must be an integer >= 0")
         if self.batch_size % self.clients:
             raise ConfigError(
-                "batch_size", self.batch_size,
+                "batch_size",
+                self.batch_size,
                 f"must be divisible by clients={self.clients} (each client gets batch_size // clients examples)",
             )
         for name in ("lr", "server_lr"):
@@ -179,18 +187,30 @@ class TrainConfig:
             if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
                 raise ConfigError("num_samples", self.num_samples, "must be a positive integer or None")
             if self.dataset != "mnist1d":
-                raise ConfigError("num_samples", self.num_samples, f"only generated datasets (mnist1d) take it, not "
-                                  f"dataset={self.dataset!r}")
+                raise ConfigError(
+                    "num_samples",
+                    self.num_samples,
+                    f"only generated datasets (mnist1d) take it, not dataset={self.dataset!r}",
+                )
             if self.num_samples % 10:
-                raise ConfigError("num_samples", self.num_samples, "mnist1d generates as many examples of each of "
-                                  "its 10 digits: a multiple of 10")
+                raise ConfigError(
+                    "num_samples",
+                    self.num_samples,
+                    "mnist1d generates as many examples of each of its 10 digits: a multiple of 10",
+                )
         if self.partition == "natural" and self.dataset != "synthetic":
             raise ConfigError("partition", self.partition, "'natural' exists only for dataset='synthetic'")
         if self.algorithm not in FEDERATED_ALGORITHMS:
             if self.local_steps != 1:
-                raise ConfigError("local_steps", self.local_steps, f"only federated algorithms take K > 1, not {self.algorithm}")
+                raise ConfigError(
+                    "local_steps", self.local_steps, f"only federated algorithms take K > 1, not {self.algorithm}"
+                )
             if self.participation != 1:
-                raise ConfigError("participation", self.participation, f"only federated algorithms sample clients, not {self.algorithm}")
+                raise ConfigError(
+                    "participation",
+                    self.participation,
+                    f"only federated algorithms sample clients, not {self.algorithm}",
+                )
 
     # -- derived quantities -------------------------------------------------------------------------------------
     @property
@@ -218,14 +238,14 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         """Build from a dict (e.g. a Tune config); keys that are not fields go to `extras`."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extras"}
         known = {k: _plain(v) for k, v in values.items() if k in names}
         extras = {k: v for k, v in values.items() if k not in names}
         return cls(**known, extras=extras)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -26,8 +26,8 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -36,7 +36,13 @@ from gradalign import mnist1d_data
 from gradalign.config import DATASETS
 
 NUM_CLASSES = {
-    "digits": 10, "synthetic": 10, "mnist": 10, "fashion_mnist": 10, "emnist": 47, "cifar10": 10, "cifar100": 100,
+    "digits": 10,
+    "synthetic": 10,
+    "mnist": 10,
+    "fashion_mnist": 10,
+    "emnist": 47,
+    "cifar10": 10,
+    "cifar100": 100,
     "mnist1d": 10,
 }
 DIGITS_TEST_FRACTION = 0.2
@@ -104,8 +110,10 @@ def load_dataset(
         m = 10 if num_clients is None else num_clients
         if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
             raise ValueError(f"num_clients={num_clients!r}: synthetic needs a positive number of clients")
-        if isinstance(heterogeneity, bool) or not isinstance(heterogeneity, (int, float, np.number)) or not (
-            math.isfinite(heterogeneity) and heterogeneity >= 0
+        if (
+            isinstance(heterogeneity, bool)
+            or not isinstance(heterogeneity, (int, float, np.number))
+            or not (math.isfinite(heterogeneity) and heterogeneity >= 0)
         ):
             raise ValueError(f"heterogeneity={heterogeneity!r}: must be a finite number >= 0")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -128,9 +136,14 @@ def _freeze(x_train, y_train, x_test, y_test, name, natural=None) -> Dataset:
         for part in natural:
             part.setflags(write=False)
     return Dataset(
-        x_train=x_train.contiguous(), y_train=y_train.to(torch.int64), x_test=x_test.contiguous(),
-        y_test=y_test.to(torch.int64), num_classes=NUM_CLASSES[name], input_shape=tuple(x_train.shape[1:]),
-        name=name, natural_partition=natural,
+        x_train=x_train.contiguous(),
+        y_train=y_train.to(torch.int64),
+        x_test=x_test.contiguous(),
+        y_test=y_test.to(torch.int64),
+        num_classes=NUM_CLASSES[name],
+        input_shape=tuple(x_train.shape[1:]),
+        name=name,
+        natural_partition=natural,
     )
 
 
@@ -166,8 +179,9 @@ def _digits() -> Dataset:
     x = torch.from_numpy(images.reshape(-1, 1, 8, 8) / 16.0).to(torch.float32)  # pixel values are 0..16
     x_train, x_test = x[~torch.from_numpy(test)], x[torch.from_numpy(test)]
     mean, std = x_train.mean(), x_train.std(unbiased=False)
-    return _freeze((x_train - mean) / std, torch.from_numpy(y[~test]), (x_test - mean) / std,
-                   torch.from_numpy(y[test]), "digits")
+    return _freeze(
+        (x_train - mean) / std, torch.from_numpy(y[~test]), (x_test - mean) / std, torch.from_numpy(y[test]), "digits"
+    )
 
 
 def _read_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -234,8 +248,14 @@ def _synthetic(seed: int, num_clients: int, heterogeneity: float) -> Dataset:
     def tensor(parts, dtype):
         return torch.from_numpy(np.concatenate(parts)).to(dtype)
 
-    return _freeze(tensor(xs_train, torch.float32), tensor(ys_train, torch.int64), tensor(xs_test, torch.float32),
-                   tensor(ys_test, torch.int64), "synthetic", natural)
+    return _freeze(
+        tensor(xs_train, torch.float32),
+        tensor(ys_train, torch.int64),
+        tensor(xs_test, torch.float32),
+        tensor(ys_test, torch.int64),
+        "synthetic",
+        natural,
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -255,8 +275,15 @@ class _Files:
     source: str
 
 
-_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-_EMNIST_FILES = tuple(f"emnist-balanced-{s}-{k}-ubyte" for s in ("train", "test") for k in ("images-idx3", "labels-idx1"))
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+_EMNIST_FILES = tuple(
+    f"emnist-balanced-{s}-{k}-ubyte" for s in ("train", "test") for k in ("images-idx3", "labels-idx1")
+)
 
 
 def _mnist_like(folder: str, files: tuple[str, ...], source: str) -> _Files:
@@ -265,15 +292,28 @@ def _mnist_like(folder: str, files: tuple[str, ...], source: str) -> _Files:
 
 
 _FILES = {
-    "cifar10": _Files("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
-                      ("cifar-10-python.tar.gz",), "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
-    "cifar100": _Files("cifar-100-python", ("train", "test"), ("cifar-100-python.tar.gz",),
-                       "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+    "cifar10": _Files(
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
+        ("cifar-10-python.tar.gz",),
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    ),
+    "cifar100": _Files(
+        "cifar-100-python",
+        ("train", "test"),
+        ("cifar-100-python.tar.gz",),
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    ),
     "mnist": _mnist_like("MNIST", _MNIST_FILES, "https://ossci-datasets.s3.amazonaws.com/mnist/"),
-    "fashion_mnist": _mnist_like("FashionMNIST", _MNIST_FILES,
-                                 "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"),
-    "emnist": _Files(os.path.join("EMNIST", "raw"), _EMNIST_FILES, (os.path.join("EMNIST", "raw", "gzip.zip"),),
-                     "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip"),
+    "fashion_mnist": _mnist_like(
+        "FashionMNIST", _MNIST_FILES, "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+    ),
+    "emnist": _Files(
+        os.path.join("EMNIST", "raw"),
+        _EMNIST_FILES,
+        (os.path.join("EMNIST", "raw", "gzip.zip"),),
+        "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip",
+    ),
 }
 
 

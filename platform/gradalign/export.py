@@ -15,8 +15,8 @@ import importlib.metadata
 import os
 import re
 import subprocess
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import plotly.graph_objects as go
 
@@ -29,8 +29,10 @@ DEFAULT_WIDTH = 900  # layout px, for figures whose layout sets no width (the re
 DEFAULT_HEIGHT = 500
 PNG_SCALE = 2.0  # PNG pixels per layout px; SVG and PDF are vector, written at scale 1
 RENDER_TIMEOUT_S = 120.0  # per figure, inside Kaleido
-_HOW_TO_GET_ONE = ("install one (Debian/Ubuntu: `apt-get install chromium`, or `make browser` in this repository), "
-                   "or set BROWSER_PATH to a Chrome or Chromium executable")
+_HOW_TO_GET_ONE = (
+    "install one (Debian/Ubuntu: `apt-get install chromium`, or `make browser` in this repository), "
+    "or set BROWSER_PATH to a Chrome or Chromium executable"
+)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -67,14 +69,23 @@ def find_browser() -> str:
     except (OSError, subprocess.TimeoutExpired) as err:
         raise ExportUnavailable(f"{where} does not start ({err}): {_HOW_TO_GET_ONE}") from None
     if probe.returncode != 0:
-        raise ExportUnavailable(f"{where} exits with {probe.returncode} on --version "
-                                f"({(probe.stderr or probe.stdout).strip()[-300:]}): {_HOW_TO_GET_ONE}")
+        raise ExportUnavailable(
+            f"{where} exits with {probe.returncode} on --version "
+            f"({(probe.stderr or probe.stdout).strip()[-300:]}): {_HOW_TO_GET_ONE}"
+        )
     return str(path)
 
 
-def write_figures(figures: Sequence[tuple[str, str, go.Figure]], folder: str | Path, formats: str | Iterable[str],
-                  *, browser: str | None = None, width: int | None = None, height: int | None = None,
-                  png_scale: float = PNG_SCALE) -> dict[str, dict[str, Path]]:
+def write_figures(
+    figures: Sequence[tuple[str, str, go.Figure]],
+    folder: str | Path,
+    formats: str | Iterable[str],
+    *,
+    browser: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    png_scale: float = PNG_SCALE,
+) -> dict[str, dict[str, Path]]:
     """Write each (figure_id, caption, figure) as `folder/<figure_id>.<format>`, all in one browser session.
 
     Formats, figure ids and the browser are checked before anything is written. `width` / `height` (layout px)
@@ -94,8 +105,9 @@ def write_figures(figures: Sequence[tuple[str, str, go.Figure]], folder: str | P
         for fmt in formats:
             path = folder / f"{fig_id}.{fmt}"
             written.setdefault(fig_id, {})[fmt] = path
-            specs.append({"fig": fig, "path": path,
-                          "opts": {"format": fmt, **size, "scale": png_scale if fmt == "png" else 1}})
+            specs.append(
+                {"fig": fig, "path": path, "opts": {"format": fmt, **size, "scale": png_scale if fmt == "png" else 1}}
+            )
     if not specs:
         return written
     folder.mkdir(parents=True, exist_ok=True)
@@ -117,8 +129,10 @@ def _render(specs: list[dict], browser: str) -> None:
     missing = [str(s["path"]) for s in specs if not Path(s["path"]).is_file()]
     if errors or missing:
         detail = "; ".join(str(e) for e in errors) if errors else "no error reported"
-        raise ExportUnavailable(f"{len(missing)} of {len(specs)} figure files were not written "
-                                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): {detail}")
+        raise ExportUnavailable(
+            f"{len(missing)} of {len(specs)} figure files were not written "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): {detail}"
+        )
 
 
 def _require_kaleido() -> None:
@@ -127,5 +141,6 @@ def _require_kaleido() -> None:
     except importlib.metadata.PackageNotFoundError:
         raise ExportUnavailable("static figure export needs Kaleido: pip install 'kaleido>=1.5'") from None
     if int(version.split(".")[0]) < 1:
-        raise ExportUnavailable(f"static figure export needs Kaleido >= 1 (installed: {version}): "
-                                "pip install --upgrade 'kaleido>=1.5'")
+        raise ExportUnavailable(
+            f"static figure export needs Kaleido >= 1 (installed: {version}): pip install --upgrade 'kaleido>=1.5'"
+        )

@@ -18,7 +18,6 @@ from torch.nn.modules.utils import _ntuple
 
 from .fast_layers import _sum
 
-
 _CONVS = {1: F.conv1d, 2: F.conv2d}
 """The convolution by number of spatial dimensions."""
 
@@ -49,8 +48,9 @@ def _from_grouped(t: Tensor, m: int) -> Tensor:
 
 def _conv_backward(grad, x, weight, conf, groups, mask):
     stride, padding, dilation = conf
-    return torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
-                                               [0] * len(stride), groups, mask)
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, None, stride, padding, dilation, False, [0] * len(stride), groups, mask
+    )
 
 
 CONV_LOOP_MIN_EXAMPLES = 8
@@ -113,8 +113,14 @@ class _ConvClientGrads(Function):
                 return out
             # one grouped convolution backward, group i = client i (as vmap's batching rule)
             shape = (m * weight.shape[0], *weight.shape[1:])
-            gw = _conv_backward(_to_grouped(grad, m), _to_grouped(x, m), weight.new_empty(1).expand(shape), conf,
-                                m * groups, (False, True, False))[1]
+            gw = _conv_backward(
+                _to_grouped(grad, m),
+                _to_grouped(x, m),
+                weight.new_empty(1).expand(shape),
+                conf,
+                m * groups,
+                (False, True, False),
+            )[1]
             return gw.reshape(m, *weight.shape)
 
         run.store(wn, weight_grads)
@@ -138,8 +144,9 @@ class _ConvAligned(Function):
         ctx.run, ctx.names, ctx.conf, ctx.groups = run, (wn, bn), conf, groups
         m = run.m
         if _loop(x, m):
-            return _conv_forward_per_client(x, lambda i: weights[i], lambda i: None if biases is None else biases[i],
-                                            conf, groups, m)
+            return _conv_forward_per_client(
+                x, lambda i: weights[i], lambda i: None if biases is None else biases[i], conf, groups, m
+            )
         w = weights.reshape(-1, *weights.shape[2:])
         b = biases.reshape(-1) if biases is not None else None
         return _from_grouped(_conv(_to_grouped(x, m), w, b, conf, m * groups), m)
@@ -168,8 +175,14 @@ class _ConvAligned(Function):
             gx = _conv_input_grad_per_client(grad, x, lambda i: weights[i], conf, groups, m)
         elif ctx.needs_input_grad[0]:
             shape = (x.shape[0] // m, m * x.shape[1], *x.shape[2:])
-            gx = _conv_backward(_to_grouped(grad, m), x.new_empty(1).expand(shape),
-                                weights.reshape(-1, *weights.shape[2:]), conf, m * groups, (True, False, False))[0]
+            gx = _conv_backward(
+                _to_grouped(grad, m),
+                x.new_empty(1).expand(shape),
+                weights.reshape(-1, *weights.shape[2:]),
+                conf,
+                m * groups,
+                (True, False, False),
+            )[0]
             gx = _from_grouped(gx, m)
         return gx, None, None, None, None, None, None, None, None
 

@@ -19,8 +19,8 @@ products), and its displaced points Z_i = shift + beta g_i (`Factored`) are appl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -161,8 +161,14 @@ class FactoredGrads:
         """h_i g_i^T = (h_i inputs_i^T) grads_i per client (rows [m*r, out]): the saved `gram_grads` when h is the
         very input they were made of (same memory, unmodified), else computed (differentiably in h)."""
         x = self.inputs
-        if (h.data_ptr() == x.data_ptr() and h.shape == x.shape and h.stride() == x.stride()
-                and h.dtype == x.dtype and h.device == x.device and h._version == self.input_version):
+        if (
+            h.data_ptr() == x.data_ptr()
+            and h.shape == x.shape
+            and h.stride() == x.stride()
+            and h.dtype == x.dtype
+            and h.device == x.device
+            and h._version == self.input_version
+        ):
             return self.gram_grads
         m = self.clients
         gram = torch.bmm(_clients(h, m), _clients(x, m).transpose(1, 2))
@@ -189,6 +195,7 @@ class Factored:
 
 
 # -- Linear and GroupNorm: ordinary autograd ops; weight gradients from the gradient at the layer's output ---------
+
 
 def _unchanged(saved: Tensor, version: int, name: str) -> None:
     if saved._version != version:
@@ -224,12 +231,14 @@ def linear_at_shared(run: Pass, x: Tensor, weight: Tensor, bias: Tensor | None, 
 
 def _summed_linear_grads(run: Pass, x: Tensor, version: int, wn: str, bn: str | None):
     """The finish of a displaced Linear: sum_i delta_i^T x_i is one product over all rows, as in large-batch SGD."""
+
     def finish(grad: Tensor) -> None:
         _unchanged(x, version, wn)
         g2 = _rows(grad)
         run.store(wn, lambda out: _mm(g2.t(), _rows(x), out))
         if bn is not None:
             run.store(bn, lambda out: _sum(g2, 0, out))
+
     return finish
 
 
@@ -242,7 +251,7 @@ def linear_displaced(run: Pass, x: Tensor, weights: Tensor, biases: Tensor | Non
     return y
 
 
-def linear_factored(run: Pass, h: Tensor, z: "Factored", biases: Tensor | None, wn: str, bn: str | None) -> Tensor:
+def linear_factored(run: Pass, h: Tensor, z: Factored, biases: Tensor | None, wn: str, bn: str | None) -> Tensor:
     """Client i's rows through Z_i = shift + beta delta_i^T x_i: y_i = h_i shift^T + beta (h_i x_i^T) delta_i.
 
     One product over all rows with the shared shift plus small per-client [r, r] products, instead of the [m, out,
@@ -260,8 +269,12 @@ def linear_factored(run: Pass, h: Tensor, z: "Factored", biases: Tensor | None, 
         else:  # the per-client part written into a 2-d tensor whose own (not a view's) in-place product autograd
             y = rows.new_empty(rows.shape[0], out_features)  # records: no copy forward, none backward
             if biases is not None:
-                torch.add(biases.unsqueeze(1), per_client.view(m, -1, out_features), alpha=z.beta,
-                          out=y.view(m, -1, out_features))
+                torch.add(
+                    biases.unsqueeze(1),
+                    per_client.view(m, -1, out_features),
+                    alpha=z.beta,
+                    out=y.view(m, -1, out_features),
+                )
             else:
                 torch.mul(per_client, z.beta, out=y)
             y.addmm_(rows, shift.t())
@@ -274,8 +287,9 @@ def linear_factored(run: Pass, h: Tensor, z: "Factored", biases: Tensor | None, 
     return y
 
 
-def group_norm_affine(run: Pass, normalized: Tensor, scale: Tensor, shift: Tensor | None, wn: str,
-                      bn: str | None) -> Tensor:
+def group_norm_affine(
+    run: Pass, normalized: Tensor, scale: Tensor, shift: Tensor | None, wn: str, bn: str | None
+) -> Tensor:
     """out = normalized * scale + shift, per client ([m, C] scales: the Z_i) or shared ([C]: at x).
 
     The scale and shift gradients: per client for shared values, summed over clients for per-client ones.

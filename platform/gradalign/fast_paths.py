@@ -38,7 +38,7 @@ examples, as cross-entropy: cheaper; `mean_loss=None` checks it).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +46,27 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
-from .fast_convs import _ConvAligned, _ConvClientGrads, _conv_args
+from .fast_convs import _conv_args, _ConvAligned, _ConvClientGrads
 from .fast_layers import (
-    Factored, FactoredGrads, Pass, Unsupported, group_norm_affine, linear_at_shared, linear_displaced, linear_factored,
+    Factored,
+    FactoredGrads,
+    Pass,
+    Unsupported,
+    group_norm_affine,
+    linear_at_shared,
+    linear_displaced,
+    linear_factored,
 )
 
 __all__ = [
-    "SUPPORTED_MODULES", "Factored", "FactoredGrads", "Unsupported", "client_gradients", "displaced_gradient_sum",
-    "displaced_points", "unsupported_reason",
+    "SUPPORTED_MODULES",
+    "Factored",
+    "FactoredGrads",
+    "Unsupported",
+    "client_gradients",
+    "displaced_gradient_sum",
+    "displaced_points",
+    "unsupported_reason",
 ]
 
 SUPPORTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm)
@@ -77,10 +90,13 @@ def unsupported_reason(model: nn.Module) -> str | None:
         if not own:
             continue
         base = next((cls for cls in SUPPORTED_MODULES if isinstance(module, cls)), None)
-        if base is None or any(getattr(type(module), f) is not getattr(base, f)
-                               for f in ("forward", "_conv_forward") if hasattr(base, f)):
-            return f"{name or 'model'} ({type(module).__name__}) holds parameters and is not one of " \
-                   f"{', '.join(c.__name__ for c in SUPPORTED_MODULES)}"
+        if base is None or any(
+            getattr(type(module), f) is not getattr(base, f) for f in ("forward", "_conv_forward") if hasattr(base, f)
+        ):
+            return (
+                f"{name or 'model'} ({type(module).__name__}) holds parameters and is not one of "
+                f"{', '.join(c.__name__ for c in SUPPORTED_MODULES)}"
+            )
         extra = sorted(set(own) - {"weight", "bias"})
         if extra:
             return f"{name or 'model'} ({type(module).__name__}) holds extra parameters {extra}"
@@ -92,12 +108,40 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 # -- the mode that swaps them in --------------------------------------------------------------------------------
 
-_METADATA = frozenset({
-    "shape", "dtype", "device", "requires_grad", "is_leaf", "ndim", "layout", "names", "grad_fn", "is_cuda",
-    "is_sparse", "is_quantized", "is_meta", "is_nested", "itemsize", "nbytes", "size", "dim", "numel", "nelement",
-    "ndimension", "stride", "is_contiguous", "is_floating_point", "is_complex", "element_size", "__len__", "__hash__",
-    "__repr__", "__format__",
-})
+_METADATA = frozenset(
+    {
+        "shape",
+        "dtype",
+        "device",
+        "requires_grad",
+        "is_leaf",
+        "ndim",
+        "layout",
+        "names",
+        "grad_fn",
+        "is_cuda",
+        "is_sparse",
+        "is_quantized",
+        "is_meta",
+        "is_nested",
+        "itemsize",
+        "nbytes",
+        "size",
+        "dim",
+        "numel",
+        "nelement",
+        "ndimension",
+        "stride",
+        "is_contiguous",
+        "is_floating_point",
+        "is_complex",
+        "element_size",
+        "__len__",
+        "__hash__",
+        "__repr__",
+        "__format__",
+    }
+)
 """What a forward may ask of a parameter without using its values (anything else on a parameter is refused)."""
 
 
@@ -153,8 +197,10 @@ class _PerClient(TorchFunctionMode):
         if wn is None:
             raise Unsupported(f"parameter {bn!r} is the bias of a {what} whose weight is not a parameter")
         if input.dim() == 0 or input.shape[0] != self.n:
-            raise Unsupported(f"the input of a {what} has shape {tuple(input.shape)}, not the {self.n} examples along "
-                              "its first dimension")
+            raise Unsupported(
+                f"the input of a {what} has shape {tuple(input.shape)}, not the {self.n} examples along "
+                "its first dimension"
+            )
         self.run.uses[wn] = self.run.uses.get(wn, 0) + 1
         return wn, bn
 
@@ -204,23 +250,37 @@ class _PerClient(TorchFunctionMode):
         return group_norm_affine(self.run, normalized, scale, shift, *names)
 
 
-_HANDLERS = {F.linear: _PerClient._linear, F.conv1d: _PerClient._conv1d, F.conv2d: _PerClient._conv2d,
-             F.group_norm: _PerClient._group_norm}
+_HANDLERS = {
+    F.linear: _PerClient._linear,
+    F.conv1d: _PerClient._conv1d,
+    F.conv2d: _PerClient._conv2d,
+    F.group_norm: _PerClient._group_norm,
+}
 """The layers `_PerClient` evaluates per client (unbound: a mode holding its own bound methods would be a reference
 cycle, which keeps a step's graph and activations alive until Python's garbage collector runs)."""
 
 
-def _evaluate(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor, aligned: Mapping[str, Tensor] | None,
-              mean_loss: bool | None, out: Mapping[str, Tensor] | None, factored: bool = False,
-              params: Mapping[str, Tensor] | None = None, grad_scale: float = 1.0
-              ) -> tuple[dict[str, Tensor | FactoredGrads], Tensor, bool | None]:
+def _evaluate(
+    model: nn.Module,
+    loss_fn,
+    inputs: Tensor,
+    targets: Tensor,
+    aligned: Mapping[str, Tensor] | None,
+    mean_loss: bool | None,
+    out: Mapping[str, Tensor] | None,
+    factored: bool = False,
+    params: Mapping[str, Tensor] | None = None,
+    grad_scale: float = 1.0,
+) -> tuple[dict[str, Tensor | FactoredGrads], Tensor, bool | None]:
     params = dict(model.named_parameters()) if params is None else params
     if not params:
         raise Unsupported("the model has no parameters")
     m, b = inputs.shape[:2]
     out = out or {}
-    dests = {n: out[n] if n in out else p.new_empty(p.shape if aligned is not None else (m, *p.shape))
-             for n, p in params.items()}
+    dests = {
+        n: out[n] if n in out else p.new_empty(p.shape if aligned is not None else (m, *p.shape))
+        for n, p in params.items()
+    }
     run = Pass(m, dests, {} if factored else None)
     try:
         with torch.enable_grad():
@@ -233,9 +293,8 @@ def _evaluate(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor, aligne
             if total.requires_grad:  # the backward pass: the convolutions fill `dests`, the taps get their gradients
                 anchors = [run.anchored] if run.anchored is not None else []
                 seed = None if grad_scale == 1 else torch.full_like(total, grad_scale)
-                grads = torch.autograd.grad(total, [*anchors, *(edge for edge, _ in run.taps)], seed,
-                                            allow_unused=True)
-                grads = grads[len(anchors):]
+                grads = torch.autograd.grad(total, [*anchors, *(edge for edge, _ in run.taps)], seed, allow_unused=True)
+                grads = grads[len(anchors) :]
         with torch.no_grad():  # (the saved layer inputs are nodes of the graph)
             for (_, finish), grad in zip(run.taps, grads):
                 if grad is not None:  # (None: the layer's output did not reach the loss; its gradients stay 0)
@@ -266,10 +325,16 @@ def _loss_sum(loss_fn, output: Tensor, targets: Tensor, m: int, b: int, mean_los
     return total, None
 
 
-def client_gradients(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor, mean_loss: bool | None = False,
-                     out: Mapping[str, Tensor] | None = None, factored: bool = False,
-                     params: Mapping[str, Tensor] | None = None
-                     ) -> tuple[dict[str, Tensor | FactoredGrads], Tensor, bool | None]:
+def client_gradients(
+    model: nn.Module,
+    loss_fn,
+    inputs: Tensor,
+    targets: Tensor,
+    mean_loss: bool | None = False,
+    out: Mapping[str, Tensor] | None = None,
+    factored: bool = False,
+    params: Mapping[str, Tensor] | None = None,
+) -> tuple[dict[str, Tensor | FactoredGrads], Tensor, bool | None]:
     """Each client's gradient at the model's parameters (by name, [m, ...]) and the sum of the client losses.
 
     `inputs` [m, b, ...], `targets` [m, b, ...]: the same numbers as `functional.client_gradients` with vmap. With
@@ -285,9 +350,14 @@ def client_gradients(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor,
     return _evaluate(model, loss_fn, inputs, targets, None, mean_loss, out, factored, params)
 
 
-def displaced_points(params: Mapping[str, Tensor], client_grads: Mapping[str, Tensor | FactoredGrads],
-                     mean_grad: Mapping[str, Tensor], beta: float, overwrite: bool = False, mean_scale: float = 1.0
-                     ) -> dict[str, Tensor | Factored]:
+def displaced_points(
+    params: Mapping[str, Tensor],
+    client_grads: Mapping[str, Tensor | FactoredGrads],
+    mean_grad: Mapping[str, Tensor],
+    beta: float,
+    overwrite: bool = False,
+    mean_scale: float = 1.0,
+) -> dict[str, Tensor | Factored]:
     """Each client's Z_i = (x - beta ḡ) + beta g_i by name: written over `client_grads` ([m, ...], one pass), or
     `Factored` for `FactoredGrads` (kept as factors: never [m, out, in] values). With `overwrite`, the shared part
     x - beta ḡ is also written over `mean_grad` (no new parameter-sized tensors at all). ḡ is `mean_scale *
@@ -300,10 +370,17 @@ def displaced_points(params: Mapping[str, Tensor], client_grads: Mapping[str, Te
     return points
 
 
-def displaced_gradient_sum(model: nn.Module, loss_fn, displaced: Mapping[str, Tensor | Factored], inputs: Tensor,
-                           targets: Tensor, mean_loss: bool | None = False, out: Mapping[str, Tensor] | None = None,
-                           params: Mapping[str, Tensor] | None = None, grad_scale: float = 1.0
-                           ) -> tuple[dict[str, Tensor], Tensor, bool | None]:
+def displaced_gradient_sum(
+    model: nn.Module,
+    loss_fn,
+    displaced: Mapping[str, Tensor | Factored],
+    inputs: Tensor,
+    targets: Tensor,
+    mean_loss: bool | None = False,
+    out: Mapping[str, Tensor] | None = None,
+    params: Mapping[str, Tensor] | None = None,
+    grad_scale: float = 1.0,
+) -> tuple[dict[str, Tensor], Tensor, bool | None]:
     """grad_scale * sum_i grad f_i(Z_i) by name (shaped like the parameters) and sum_i f_i(Z_i).
 
     `displaced` holds the per-client points Z_i by parameter name ([m, ...] or `Factored`); the model's own

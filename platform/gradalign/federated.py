@@ -124,8 +124,11 @@ class Scaffold(FederatedAlgorithm):
         self.server_control += summed / self.config.clients
 
     def state_dict(self):
-        return {**super().state_dict(), "server_control": self.server_control.clone(),
-                "client_controls": {cid: v.clone() for cid, v in self.client_controls.items()}}
+        return {
+            **super().state_dict(),
+            "server_control": self.server_control.clone(),
+            "client_controls": {cid: v.clone() for cid, v in self.client_controls.items()},
+        }
 
     def load_state_dict(self, state):
         super().load_state_dict(state)

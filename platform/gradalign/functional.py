@@ -8,8 +8,8 @@ own (e.g. displaced) parameters, and one all-reduce of a flat buffer communicate
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,7 @@ class ParamLayout:
     numels: tuple[int, ...]
 
     @classmethod
-    def of(cls, model: nn.Module) -> "ParamLayout":
+    def of(cls, model: nn.Module) -> ParamLayout:
         named = list(model.named_parameters())
         return cls(
             names=tuple(n for n, _ in named),
@@ -61,7 +61,7 @@ class ParamLayout:
         """
         out, offset = {}, 0
         for n, s, k in zip(self.names, self.shapes, self.numels):
-            out[n] = buffer[offset:offset + clients * k].view(clients, *s)
+            out[n] = buffer[offset : offset + clients * k].view(clients, *s)
             offset += clients * k
         return out
 
@@ -93,7 +93,7 @@ def write_flat_grads_(model: nn.Module, flat: Tensor) -> None:
     offset = 0
     for p in model.parameters():
         n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
         offset += n
 
 
@@ -167,13 +167,18 @@ class Alignment:
 
     def as_dict(self) -> dict[str, float]:
         return {
-            "grad_variance": self.grad_variance, "grad_cosine": self.grad_cosine, "grad_norm_sq": self.grad_norm_sq,
-            "gns_trace": self.gns_trace, "gns_grad_sq": self.gns_grad_sq, "gns_simple": self.gns_simple,
+            "grad_variance": self.grad_variance,
+            "grad_cosine": self.grad_cosine,
+            "grad_norm_sq": self.grad_norm_sq,
+            "gns_trace": self.gns_trace,
+            "gns_grad_sq": self.gns_grad_sq,
+            "gns_simple": self.gns_simple,
         }
 
 
-def gradient_moments(client_grads: Mapping[str, Tensor | FactoredGrads], out: Tensor | None = None,
-                     cosine: bool = True) -> Tensor:
+def gradient_moments(
+    client_grads: Mapping[str, Tensor | FactoredGrads], out: Tensor | None = None, cosine: bool = True
+) -> Tensor:
     """Local sums that, summed over all processes, give ḡ and the alignment diagnostics.
 
     Returns [sum_i g_i, sum_i g_i/|g_i| (only with `cosine`), sum_i |g_i|^2] packed in one flat vector of length
@@ -189,8 +194,11 @@ def gradient_moments(client_grads: Mapping[str, Tensor | FactoredGrads], out: Te
         out = (first if isinstance(first, Tensor) else first.grads).new_empty(rows_wanted * size + 1)
     weights = out.new_ones(1, m)
     if cosine:  # the per-client squared norms, for the weights 1/|g_i|
-        norms = [torch.linalg.vector_norm(t.reshape(m, -1), dim=1) for t in client_grads.values()
-                 if isinstance(t, Tensor)] if m else []
+        norms = (
+            [torch.linalg.vector_norm(t.reshape(m, -1), dim=1) for t in client_grads.values() if isinstance(t, Tensor)]
+            if m
+            else []
+        )
         sq = torch.stack(norms).square_().sum(0) if norms else out.new_zeros(m)
         for t in client_grads.values():
             if not isinstance(t, Tensor):
@@ -201,21 +209,27 @@ def gradient_moments(client_grads: Mapping[str, Tensor | FactoredGrads], out: Te
         sq_sum = out.new_zeros(())
         for t in client_grads.values():
             sq_sum += torch.dot(flat := t.reshape(-1), flat) if isinstance(t, Tensor) else t.squared_norm_sum()
-    rows, offset = out[:rows_wanted * size].view(rows_wanted, size), 0  # [sum_i g_i; sum_i g_i/|g_i|], in place
+    rows, offset = out[: rows_wanted * size].view(rows_wanted, size), 0  # [sum_i g_i; sum_i g_i/|g_i|], in place
     for t in client_grads.values():
         n = math.prod(t.shape[1:])
         if isinstance(t, Tensor):
-            torch.mm(weights, t.reshape(m, n), out=rows[:, offset:offset + n])
+            torch.mm(weights, t.reshape(m, n), out=rows[:, offset : offset + n])
         else:
             for j in range(rows_wanted):
-                t.weighted_sum(weights[j] if j else None, out=rows[j, offset:offset + n].view(t.shape[1:]))
+                t.weighted_sum(weights[j] if j else None, out=rows[j, offset : offset + n].view(t.shape[1:]))
         offset += n
     out[-1] = sq_sum
     return out
 
 
-def alignment_from_moments(moments: Tensor, num_clients: int, client_batch_size: int,
-                           cosine: bool = True, in_place: bool = False, divide: bool = True) -> tuple[Tensor, Alignment]:
+def alignment_from_moments(
+    moments: Tensor,
+    num_clients: int,
+    client_batch_size: int,
+    cosine: bool = True,
+    in_place: bool = False,
+    divide: bool = True,
+) -> tuple[Tensor, Alignment]:
     """(ḡ, diagnostics) from the all-reduced `gradient_moments` of `num_clients` clients of batch b each.
 
     Without `cosine` (moments of length P + 1) the mean pairwise cosine is NaN; the rest is the same. With
@@ -225,8 +239,8 @@ def alignment_from_moments(moments: Tensor, num_clients: int, client_batch_size:
     size = (moments.numel() - 1) // 2 if cosine else moments.numel() - 1
     m, b = num_clients, client_batch_size
     grad_sum = moments[:size]
-    small_sq = moments[-1].item() / m                      # mean_i |g_i|^2, batch size b
-    big_sq = grad_sum.dot(grad_sum).item() / (m * m)       # |ḡ|^2, batch size m*b
+    small_sq = moments[-1].item() / m  # mean_i |g_i|^2, batch size b
+    big_sq = grad_sum.dot(grad_sum).item() / (m * m)  # |ḡ|^2, batch size m*b
     if not divide:
         mean_grad = grad_sum
     else:
@@ -236,7 +250,7 @@ def alignment_from_moments(moments: Tensor, num_clients: int, client_batch_size:
     cos = nan
     if m > 1:
         if cosine:
-            unit_sum = moments[size:2 * size]
+            unit_sum = moments[size : 2 * size]
             cos = (unit_sum.dot(unit_sum).item() - m) / (m * (m - 1))
         big = m * b
         grad_sq = (big * big_sq - b * small_sq) / (big - b)
@@ -246,8 +260,9 @@ def alignment_from_moments(moments: Tensor, num_clients: int, client_batch_size:
     return mean_grad, Alignment(variance, cos, big_sq, trace, grad_sq)
 
 
-def gradalign_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[tuple[Tensor, Tensor]], beta: float,
-                       fast_path: bool = True) -> list[Tensor]:
+def gradalign_gradient(
+    model: nn.Module, loss_fn: LossFn, batches: Sequence[tuple[Tensor, Tensor]], beta: float, fast_path: bool = True
+) -> list[Tensor]:
     """GradAlign's update direction d = (1/m) sum_i grad f_i(x - beta (ḡ - g_i)) for any module.
 
     `batches` holds one (inputs, targets) pair per client; `loss_fn(outputs, targets)` returns the mean loss.
@@ -273,10 +288,12 @@ def gradalign_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[tupl
     if fast_path and isinstance(inputs, Tensor) and fast_paths.unsupported_reason(model) is None:
         try:
             grads, _, _ = fast_paths.client_gradients(model, loss_fn, inputs, targets, factored=True)
-            displaced = fast_paths.displaced_points(params, grads, layout.unflatten(sum_clients(grads)), beta,
-                                                    mean_scale=1 / m)
-            aligned, _, _ = fast_paths.displaced_gradient_sum(model, loss_fn, displaced, inputs, targets,
-                                                              grad_scale=1 / m)
+            displaced = fast_paths.displaced_points(
+                params, grads, layout.unflatten(sum_clients(grads)), beta, mean_scale=1 / m
+            )
+            aligned, _, _ = fast_paths.displaced_gradient_sum(
+                model, loss_fn, displaced, inputs, targets, grad_scale=1 / m
+            )
             return [aligned[n] for n in layout.names]
         except fast_paths.Unsupported:
             pass  # the model uses a parameter outside the supported layers: the generic path below

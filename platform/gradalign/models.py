@@ -10,7 +10,7 @@ fixed at build time.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -117,8 +117,9 @@ class MNIST1DCNN(nn.Module):
         for kernel in (5, 3, 3):
             out = _conv1d_length(out, kernel, 2, 1)
         if out < 1:
-            raise ValueError(f"model 'cnn' on signals needs a length of at least 3 (three stride-2 convolutions), "
-                             f"got {length}")
+            raise ValueError(
+                f"model 'cnn' on signals needs a length of at least 3 (three stride-2 convolutions), got {length}"
+            )
         self.conv1 = nn.Conv1d(channels, width, 5, stride=2, padding=1)
         self.conv2 = nn.Conv1d(width, width, 3, stride=2, padding=1)
         self.conv3 = nn.Conv1d(width, width, 3, stride=2, padding=1)
@@ -144,9 +145,16 @@ class CNN(nn.Sequential):
             raise ValueError(f"model 'cnn' needs images of at least 4x4 (two 2x2 pools), got {height}x{width}")
         flat = 64 * (height // 4) * (width // 4)
         super().__init__(
-            nn.Conv2d(channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(flat, 512), nn.ReLU(), nn.Linear(512, num_classes),
+            nn.Conv2d(channels, 32, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(flat, 512),
+            nn.ReLU(),
+            nn.Linear(512, num_classes),
         )
 
 
@@ -166,9 +174,17 @@ class LeNet(nn.Sequential):
         for _ in range(2):
             h, w = (h + 2 * pad - 4) // 2, (w + 2 * pad - 4) // 2
         super().__init__(
-            nn.Conv2d(channels, 6, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(16 * h * w, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+            nn.Conv2d(channels, 6, 5, padding=pad),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5, padding=pad),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * h * w, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
             nn.Linear(84, num_classes),
         )
 

@@ -1,8 +1,8 @@
 """Split a training set over clients.
 
 Every scheme returns one sorted int64 index array per client; the arrays are disjoint. `iid`, `sorted` and
-the two Dirichlet schemes cover every example; `one_class` with fewer clients than classes leaves the other classes out (each
-client must hold exactly one class); `natural` returns the given split. All schemes are deterministic given
+the two Dirichlet schemes cover every example; `one_class` with fewer clients than classes leaves the other classes
+out (each client must hold exactly one class); `natural` returns the given split. All schemes are deterministic given
 `seed`, and impossible requests (a client that would end up empty, more clients than examples, ...) raise a
 ValueError that names the problem instead of silently producing an empty client, which would only surface later
 as a division by zero or a NaN loss.
@@ -11,7 +11,8 @@ as a division by zero or a NaN loss.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -123,8 +124,12 @@ def _dirichlet_label_mix(y: np.ndarray, m: int, alpha: float, rng: np.random.Gen
             draw = np.minimum(draw, left - take)
             take += draw
             need -= int(draw.sum())
-        parts.append(np.concatenate([[pools[j].pop() for _ in range(int(take[j]))] for j in range(len(classes))]
-                                    + [np.empty(0, dtype=np.int64)]))
+        parts.append(
+            np.concatenate(
+                [[pools[j].pop() for _ in range(int(take[j]))] for j in range(len(classes))]
+                + [np.empty(0, dtype=np.int64)]
+            )
+        )
         left -= take
     return parts
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import datetime
 import html
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,12 +32,24 @@ from . import figures as F
 from .analysis import CONFIG_COLUMNS, fit_critical_batches, noise_scale_from_history, significance
 from .export import ExportUnavailable, parse_formats, write_figures
 
-__all__ = ["default_figures", "critical_batch_table", "fixed_parameters", "noise_by_algorithm", "provenance_from_history",
-           "significance_tables", "write_report"]
+__all__ = [
+    "default_figures",
+    "critical_batch_table",
+    "fixed_parameters",
+    "noise_by_algorithm",
+    "provenance_from_history",
+    "significance_tables",
+    "write_report",
+]
 
 PROVENANCE_COLUMNS = ("git_commit", "python", "torch", "ray", "optuna", "hardware")
-COMPARISONS = (("gradalign", "large_batch_sgd"), ("gradalign", "sgd"), ("fedga", "fedavg"), ("fedga", "fedprox"),
-               ("fedga", "scaffold"))
+COMPARISONS = (
+    ("gradalign", "large_batch_sgd"),
+    ("gradalign", "sgd"),
+    ("fedga", "fedavg"),
+    ("fedga", "fedprox"),
+    ("fedga", "scaffold"),
+)
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1280px;
        padding: 1em 2em; color: #222; }
@@ -90,8 +102,10 @@ def _cell(value) -> str:
 def _dict_table(values: Mapping, empty: str = "Nothing recorded.") -> str:
     if not values:
         return f"<p>{html.escape(empty)}</p>"
-    rows = "".join(f'<tr><th class="text">{html.escape(str(k))}</th><td class="text">{html.escape(_fmt(v))}</td></tr>'
-                   for k, v in values.items())
+    rows = "".join(
+        f'<tr><th class="text">{html.escape(str(k))}</th><td class="text">{html.escape(_fmt(v))}</td></tr>'
+        for k, v in values.items()
+    )
     return f"<table><tbody>{rows}</tbody></table>"
 
 
@@ -119,23 +133,41 @@ def provenance_from_history(history: pd.DataFrame) -> dict:
 
 def critical_batch_table(fits: Mapping[str, dict], noise: Mapping[str, float]) -> pd.DataFrame:
     """Per algorithm: fitted S_min, E_min, B_crit (McCandlish) next to the predicted B_simple."""
-    rows = [{"algorithm": name, "S_min": fit["S_min"], "E_min": fit["E_min"], "B_crit (fit)": fit["B_crit"],
-             "B_simple (predicted)": noise.get(name, np.nan), "points": fit["n_points"],
-             "rms log residual": fit["rms_log_residual"], "note": fit["reason"] or ""} for name, fit in fits.items()]
+    rows = [
+        {
+            "algorithm": name,
+            "S_min": fit["S_min"],
+            "E_min": fit["E_min"],
+            "B_crit (fit)": fit["B_crit"],
+            "B_simple (predicted)": noise.get(name, np.nan),
+            "points": fit["n_points"],
+            "rms log residual": fit["rms_log_residual"],
+            "note": fit["reason"] or "",
+        }
+        for name, fit in fits.items()
+    ]
     return pd.DataFrame(rows)
 
 
-def significance_tables(history: pd.DataFrame, by: str = "batch_size", target: float | None = None,
-                        comparisons: Sequence[tuple[str, str]] = COMPARISONS,
-                        cost: str = "steps_to_target") -> pd.DataFrame:
+def significance_tables(
+    history: pd.DataFrame,
+    by: str = "batch_size",
+    target: float | None = None,
+    comparisons: Sequence[tuple[str, str]] = COMPARISONS,
+    cost: str = "steps_to_target",
+) -> pd.DataFrame:
     """Welch comparisons (difference, 95% CI, p, n) for every comparison whose two algorithms both appear: final
     test accuracy, and the `cost` to the target (steps; a federated study: communications)."""
     present = set(history["algorithm"].dropna()) if "algorithm" in history.columns else set()
     if by not in history.columns:
         return pd.DataFrame()
     metrics = ["acc_final"] + ([cost] if target is not None else [])
-    parts = [significance(history, a, b, by=by, metric=m, target=target)
-             for a, b in comparisons if a in present and b in present for m in metrics]
+    parts = [
+        significance(history, a, b, by=by, metric=m, target=target)
+        for a, b in comparisons
+        if a in present and b in present
+        for m in metrics
+    ]
     parts = [p for p in parts if not p.empty]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
@@ -148,43 +180,96 @@ def noise_by_algorithm(history: pd.DataFrame) -> dict:
     return {row.algorithm: row.B_simple for row in table.itertuples()}
 
 
-def default_figures(history: pd.DataFrame, cells: pd.DataFrame, x: str = "batch_size",
-                    fits: Mapping[str, dict] | None = None,
-                    noise: Mapping[str, float] | None = None) -> list[tuple[str, str, go.Figure]]:
+def default_figures(
+    history: pd.DataFrame,
+    cells: pd.DataFrame,
+    x: str = "batch_size",
+    fits: Mapping[str, dict] | None = None,
+    noise: Mapping[str, float] | None = None,
+) -> list[tuple[str, str, go.Figure]]:
     """The standard figures as (id, caption, figure); the scaling figure only when `x` is the batch size."""
-    out = [("fig-accuracy", "Test accuracy at the end of the budget; error bars are the std over seeds.",
-            F.accuracy_vs_x(cells, x=x))]
+    out = [
+        (
+            "fig-accuracy",
+            "Test accuracy at the end of the budget; error bars are the std over seeds.",
+            F.accuracy_vs_x(cells, x=x),
+        )
+    ]
     if x == "batch_size":
-        out.append(("fig-scaling", "Dotted grey: perfect scaling. Dashed: McCandlish fit S = S_min(1 + B_crit/B). "
-                    "Stars and dashed verticals: fitted B_crit; dotted verticals: B_simple from the gradient noise.",
-                    F.steps_vs_batch(cells, fits=fits, noise=noise, x=x)))
-    out.append(("fig-pareto-parallelism", "Cells not dominated in (parallelism, accuracy).",
-                F.pareto_figure(cells, x=x, y="acc_mean", maximize_x=True)))
-    out.append(("fig-pareto-time", "Cells not dominated in (wall time per run, accuracy).",
-                F.pareto_figure(cells, x="wall_time_mean", y="acc_mean", maximize_x=False,
-                                title="Pareto frontier: test accuracy vs wall time (less is better)")))
-    out.append(("fig-alignment", "V = mean_i ||g_i - g||^2 and the mean pairwise cosine of client gradients.",
-                F.alignment_over_training(history, color=x)))
-    out.append(("fig-hyperparameters", "The lr and beta the tuning phase chose for each cell.",
-                F.hyperparameters_vs_x(cells, x=x)))
+        out.append(
+            (
+                "fig-scaling",
+                "Dotted grey: perfect scaling. Dashed: McCandlish fit S = S_min(1 + B_crit/B). "
+                "Stars and dashed verticals: fitted B_crit; dotted verticals: B_simple from the gradient noise.",
+                F.steps_vs_batch(cells, fits=fits, noise=noise, x=x),
+            )
+        )
+    out.append(
+        (
+            "fig-pareto-parallelism",
+            "Cells not dominated in (parallelism, accuracy).",
+            F.pareto_figure(cells, x=x, y="acc_mean", maximize_x=True),
+        )
+    )
+    out.append(
+        (
+            "fig-pareto-time",
+            "Cells not dominated in (wall time per run, accuracy).",
+            F.pareto_figure(
+                cells,
+                x="wall_time_mean",
+                y="acc_mean",
+                maximize_x=False,
+                title="Pareto frontier: test accuracy vs wall time (less is better)",
+            ),
+        )
+    )
+    out.append(
+        (
+            "fig-alignment",
+            "V = mean_i ||g_i - g||^2 and the mean pairwise cosine of client gradients.",
+            F.alignment_over_training(history, color=x),
+        )
+    )
+    out.append(
+        (
+            "fig-hyperparameters",
+            "The lr and beta the tuning phase chose for each cell.",
+            F.hyperparameters_vs_x(cells, x=x),
+        )
+    )
     return out
 
 
 def _figure_html(fig_id: str, caption: str, fig: go.Figure, files: Mapping[str, Path] | None = None) -> str:
-    div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=fig_id,
-                      config={"responsive": True, "displaylogo": False})
-    links = " ".join(f'<a class="static" href="{html.escape(f"{p.parent.name}/{p.name}")}">{fmt.upper()}</a>'
-                     for fmt, p in (files or {}).items())
-    caption = html.escape(caption) + (f" <span class=\"static\">Static copies: {links}</span>" if links else "")
+    div = fig.to_html(
+        full_html=False, include_plotlyjs=False, div_id=fig_id, config={"responsive": True, "displaylogo": False}
+    )
+    links = " ".join(
+        f'<a class="static" href="{html.escape(f"{p.parent.name}/{p.name}")}">{fmt.upper()}</a>'
+        for fmt, p in (files or {}).items()
+    )
+    caption = html.escape(caption) + (f' <span class="static">Static copies: {links}</span>' if links else "")
     return f'<figure class="plot" data-figure="{fig_id}">{div}<figcaption>{caption}</figcaption></figure>'
 
 
-def write_report(path: str | Path, history: pd.DataFrame, cells: pd.DataFrame, summary: Mapping,
-                 warnings: Sequence[str], provenance: Mapping, budget: Mapping,
-                 title: str = "GradAlign batch-scaling study", *, x: str = "batch_size",
-                 significance_table: pd.DataFrame | None = None,
-                 figures: Sequence[tuple[str, str, go.Figure]] | None = None,
-                 verdict: Sequence[str] = (), export: Sequence[str] = (), browser: str | None = None) -> Path:
+def write_report(
+    path: str | Path,
+    history: pd.DataFrame,
+    cells: pd.DataFrame,
+    summary: Mapping,
+    warnings: Sequence[str],
+    provenance: Mapping,
+    budget: Mapping,
+    title: str = "GradAlign batch-scaling study",
+    *,
+    x: str = "batch_size",
+    significance_table: pd.DataFrame | None = None,
+    figures: Sequence[tuple[str, str, go.Figure]] | None = None,
+    verdict: Sequence[str] = (),
+    export: Sequence[str] = (),
+    browser: str | None = None,
+) -> Path:
     """Write the study's report as ONE self-contained HTML file and return its path.
 
     `summary`: headline facts (e.g. target, best cell); `warnings`: messages (e.g. from `edge_warnings`);
@@ -208,8 +293,10 @@ def write_report(path: str | Path, history: pd.DataFrame, cells: pd.DataFrame, s
     provenance = {**provenance_from_history(history), **provenance}
     command = provenance.get("command", summary.get("command", ""))
     cell_table = cells.drop(columns=[c for c in ("target",) if c in cells.columns])
-    warn_html = "".join(f'<div class="warning">{html.escape(str(w))}</div>' for w in warnings) or \
-        '<p class="ok">No warnings.</p>'
+    warn_html = (
+        "".join(f'<div class="warning">{html.escape(str(w))}</div>' for w in warnings)
+        or '<p class="ok">No warnings.</p>'
+    )
     path, exported, failure = Path(path), {}, None
     if export:
         try:
@@ -221,27 +308,29 @@ def write_report(path: str | Path, history: pd.DataFrame, cells: pd.DataFrame, s
     sections = [
         f'<section id="overview"><h1>{html.escape(title)}</h1>'
         + (f'<div id="verdict" class="verdict"><h2>Verdict</h2><ul>{verdict_html}</ul></div>' if verdict else "")
-        + f'<p>Generated {stamp}.</p>'
+        + f"<p>Generated {stamp}.</p>"
         f'<pre class="command">{html.escape(str(command) or "(command not recorded)")}</pre>'
-        f'{_dict_table(summary, "No summary.")}'
+        f"{_dict_table(summary, 'No summary.')}"
         + (f"<h3>Critical batch size</h3>{_table(critical_batch_table(fits, noise))}" if fits else "")
         + "</section>",
         f'<section id="budget"><h2>Budget and fixed parameters</h2>{_dict_table(budget, "Budget not recorded.")}'
-        f'<h3>Fixed across the study</h3>{_dict_table(fixed_parameters(history))}</section>',
+        f"<h3>Fixed across the study</h3>{_dict_table(fixed_parameters(history))}</section>",
         '<section id="figures"><h2>Figures</h2>'
-        + "".join(_figure_html(*f, exported.get(f[0])) for f in figures) + "</section>",
+        + "".join(_figure_html(*f, exported.get(f[0])) for f in figures)
+        + "</section>",
         f'<section id="cells"><h2>Cells</h2><p>Seed-phase statistics per cell (target accuracy {_fmt(target)}); '
         f'"to target" columns average the n_reached seeds that reach it.</p>'
-        f'{_table(cell_table, "No cells.")}</section>',
+        f"{_table(cell_table, 'No cells.')}</section>",
         f'<section id="significance"><h2>Significance (Welch t-test over seeds)</h2>'
-        f'{_table(significance_table, "No pair of compared algorithms in this study.")}</section>',
+        f"{_table(significance_table, 'No pair of compared algorithms in this study.')}</section>",
         f'<section id="warnings"><h2>Warnings</h2>{warn_html}</section>',
         f'<section id="provenance"><h2>Provenance</h2>{_dict_table(provenance)}</section>',
     ]
     document = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f'<style>{_CSS}</style>\n<script type="text/javascript">{get_plotlyjs()}</script>\n</head>\n<body>\n'
-        + "\n".join(sections) + "\n</body></html>\n"
+        + "\n".join(sections)
+        + "\n</body></html>\n"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(document, encoding="utf-8")

@@ -7,7 +7,7 @@ the instability, at the cost of that many runs per trial. `SeedGroup` has the `T
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .config import TrainConfig
 from .training import Trainer

@@ -34,8 +34,10 @@ class Splits:
     """For datasets that come split over clients: each client's indices into the (reduced) training split."""
 
     def __repr__(self) -> str:
-        return (f"Splits(name={self.name!r}, train={len(self.y_train)}, val={len(self.y_val)}, "
-                f"test={len(self.y_test)}, num_classes={self.num_classes})")
+        return (
+            f"Splits(name={self.name!r}, train={len(self.y_train)}, val={len(self.y_val)}, "
+            f"test={len(self.y_test)}, num_classes={self.num_classes})"
+        )
 
 
 def holdout_indices(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +74,14 @@ def with_validation(data: Dataset, fraction: float, seed: int) -> Splits:
             natural.append(kept)
     t, v = torch.from_numpy(train), torch.from_numpy(val)
     return Splits(
-        x_train=data.x_train[t], y_train=data.y_train[t], x_val=data.x_train[v], y_val=data.y_train[v],
-        x_test=data.x_test, y_test=data.y_test, num_classes=data.num_classes, input_shape=data.input_shape,
-        name=data.name, natural_partition=natural,
+        x_train=data.x_train[t],
+        y_train=data.y_train[t],
+        x_val=data.x_train[v],
+        y_val=data.y_train[v],
+        x_test=data.x_test,
+        y_test=data.y_test,
+        num_classes=data.num_classes,
+        input_shape=data.input_shape,
+        name=data.name,
+        natural_partition=natural,
     )

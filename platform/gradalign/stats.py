@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,8 +31,20 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> dict:
     va = np.asarray([v for v in a if np.isfinite(v)], dtype=float)
     vb = np.asarray([v for v in b if np.isfinite(v)], dtype=float)
     mean_a, mean_b = (float(v.mean()) if v.size else NAN for v in (va, vb))
-    out = dict(mean_a=mean_a, mean_b=mean_b, diff=mean_a - mean_b, ci_low=NAN, ci_high=NAN, n_a=int(va.size),
-               n_b=int(vb.size), t=NAN, df=NAN, p_value=NAN, testable=False, reason=None)
+    out = dict(
+        mean_a=mean_a,
+        mean_b=mean_b,
+        diff=mean_a - mean_b,
+        ci_low=NAN,
+        ci_high=NAN,
+        n_a=int(va.size),
+        n_b=int(vb.size),
+        t=NAN,
+        df=NAN,
+        p_value=NAN,
+        testable=False,
+        reason=None,
+    )
     if va.size < 2 or vb.size < 2:
         out["reason"] = f"not testable: n={va.size} vs {vb.size} (need >= 2 on each side)"
         return out
@@ -41,11 +53,17 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> dict:
         out["reason"] = "not testable: no variance on either side (identical values)"
         return out
     se = math.sqrt(sa + sb)
-    df = (sa + sb) ** 2 / ((sa ** 2 / (va.size - 1) if sa else 0.0) + (sb ** 2 / (vb.size - 1) if sb else 0.0))
+    df = (sa + sb) ** 2 / ((sa**2 / (va.size - 1) if sa else 0.0) + (sb**2 / (vb.size - 1) if sb else 0.0))
     t = out["diff"] / se
     half = float(stats.t.ppf(0.5 + level / 2, df)) * se
-    out.update(ci_low=out["diff"] - half, ci_high=out["diff"] + half, t=t, df=df,
-               p_value=float(2 * stats.t.sf(abs(t), df)), testable=True)
+    out.update(
+        ci_low=out["diff"] - half,
+        ci_high=out["diff"] + half,
+        t=t,
+        df=df,
+        p_value=float(2 * stats.t.sf(abs(t), df)),
+        testable=True,
+    )
     return out
 
 
@@ -58,21 +76,49 @@ def verdict(result: dict, a: str, b: str, alpha: float = 1 - LEVEL) -> str:
     return "not significant"
 
 
-def compare_groups(trials: pd.DataFrame, a: str, b: str, by: str, metric: str, alpha: float = 1 - LEVEL,
-                   reached: str | None = None) -> pd.DataFrame:
+def compare_groups(
+    trials: pd.DataFrame, a: str, b: str, by: str, metric: str, alpha: float = 1 - LEVEL, reached: str | None = None
+) -> pd.DataFrame:
     """Welch comparisons of algorithm `a` against `b` on `metric`, per value of `by`, from a trial table.
 
     With `reached` (a boolean column), `n_a_total`/`n_b_total` count every seed and `metric` is compared over
     those that reached the target only (the others have no value): the table says how many did.
     """
-    columns = [by, "a", "b", "metric", "mean_a", "mean_b", "diff", "ci_low", "ci_high", "n_a", "n_b",
-               "n_a_total", "n_b_total", "t", "df", "p_value", "verdict"]
+    columns = [
+        by,
+        "a",
+        "b",
+        "metric",
+        "mean_a",
+        "mean_b",
+        "diff",
+        "ci_low",
+        "ci_high",
+        "n_a",
+        "n_b",
+        "n_a_total",
+        "n_b_total",
+        "t",
+        "df",
+        "p_value",
+        "verdict",
+    ]
     rows = []
     for value, part in trials[trials["algorithm"].isin([a, b])].groupby(by, sort=True):
         side_a, side_b = part[part["algorithm"] == a], part[part["algorithm"] == b]
         result = welch(side_a[metric].to_numpy(float), side_b[metric].to_numpy(float))
-        rows.append({by: value, "a": a, "b": b, "metric": metric, **{k: result[k] for k in columns if k in result},
-                     "n_a_total": len(side_a), "n_b_total": len(side_b), "verdict": verdict(result, a, b, alpha)})
+        rows.append(
+            {
+                by: value,
+                "a": a,
+                "b": b,
+                "metric": metric,
+                **{k: result[k] for k in columns if k in result},
+                "n_a_total": len(side_a),
+                "n_b_total": len(side_b),
+                "verdict": verdict(result, a, b, alpha),
+            }
+        )
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -88,8 +134,15 @@ def fit_critical_batch(batch_sizes: Sequence[float], steps_to_target: Sequence[f
     s = np.asarray(steps_to_target, dtype=float)
     keep = np.isfinite(b) & np.isfinite(s) & (b > 0) & (s > 0)
     b, s = b[keep], s[keep]
-    out = {"S_min": NAN, "E_min": NAN, "B_crit": NAN, "n_points": int(b.size), "rms_log_residual": NAN,
-           "reason": None, "curve": pd.DataFrame(columns=["batch_size", "steps", "examples"], dtype=float)}
+    out = {
+        "S_min": NAN,
+        "E_min": NAN,
+        "B_crit": NAN,
+        "n_points": int(b.size),
+        "rms_log_residual": NAN,
+        "reason": None,
+        "curve": pd.DataFrame(columns=["batch_size", "steps", "examples"], dtype=float),
+    }
     if np.unique(b).size < 2:
         out["reason"] = f"need steps-to-target at >= 2 batch sizes, have {np.unique(b).size}"
         return out
@@ -108,8 +161,7 @@ def fit_critical_batch(batch_sizes: Sequence[float], steps_to_target: Sequence[f
         warnings.simplefilter("ignore")
         fit = optimize.least_squares(residuals, theta0, bounds=([-np.inf, lo], [np.inf, hi]), xtol=1e-14, ftol=1e-14)
     s_min, b_crit = float(np.exp(fit.x[0])), float(np.exp(fit.x[1]))
-    out.update(S_min=s_min, B_crit=b_crit, E_min=s_min * b_crit,
-               rms_log_residual=float(np.sqrt(np.mean(fit.fun ** 2))))
+    out.update(S_min=s_min, B_crit=b_crit, E_min=s_min * b_crit, rms_log_residual=float(np.sqrt(np.mean(fit.fun**2))))
     if fit.x[1] < lo + 0.01 * (hi - lo) or fit.x[1] > hi - 0.01 * (hi - lo):
         shape = "no speed-up" if fit.x[1] < (lo + hi) / 2 else "perfect scaling"
         out["reason"] = f"B_crit is pinned at the edge of the fit range ({shape} over the measured batch sizes)"
@@ -119,8 +171,9 @@ def fit_critical_batch(batch_sizes: Sequence[float], steps_to_target: Sequence[f
     return out
 
 
-def fit_critical_batches(cells: pd.DataFrame, by: str = "algorithm", x: str = "batch_size",
-                         y: str = "steps_to_target_mean") -> dict:
+def fit_critical_batches(
+    cells: pd.DataFrame, by: str = "algorithm", x: str = "batch_size", y: str = "steps_to_target_mean"
+) -> dict:
     """`fit_critical_batch` for each value of `by` in the cells frame: {value: fit dict}."""
     missing = [c for c in (by, x, y) if c not in cells.columns]
     if missing:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -30,9 +30,28 @@ from .partition import describe_partition, partition
 from .splits import with_validation
 
 METRIC_KEYS = (
-    "evaluation", "epochs", "steps", "rounds", "examples", "communications", "messages", "values_sent",
-    "train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy", "grad_variance", "grad_cosine",
-    "grad_norm_sq", "gns_trace", "gns_grad_sq", "gns_simple", "label_tv", "wall_time", "status",
+    "evaluation",
+    "epochs",
+    "steps",
+    "rounds",
+    "examples",
+    "communications",
+    "messages",
+    "values_sent",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "grad_variance",
+    "grad_cosine",
+    "grad_norm_sq",
+    "gns_trace",
+    "gns_grad_sq",
+    "gns_simple",
+    "label_tv",
+    "wall_time",
+    "status",
 )
 """The metrics of every evaluation (`Trainer.train_until_eval`). `evaluation` counts evaluations (1, 2, ...);
 `epochs` = examples / training-set size; `steps` counts sequential parameter updates (small-batch SGD: one per
@@ -59,7 +78,7 @@ class ClientSampler:
         while n > 0:
             if self.position == len(self.order):
                 self.order, self.position = self._shuffle(), 0
-            chunk = self.order[self.position:self.position + n]
+            chunk = self.order[self.position : self.position + n]
             self.position += len(chunk)
             n -= len(chunk)
             taken.append(chunk)
@@ -126,13 +145,23 @@ class Trainer:
         self.device = resolve_device(config.device, device)
         self.dtype = getattr(torch, config.dtype)
         data = dataset or load_dataset(  # (generated data depend on the split seed, not on the run seed)
-            config.dataset, data_dir=config.data_dir, download=config.download, seed=config.split_seed,
-            num_clients=config.clients, heterogeneity=config.heterogeneity, num_samples=config.num_samples,
+            config.dataset,
+            data_dir=config.data_dir,
+            download=config.download,
+            seed=config.split_seed,
+            num_clients=config.clients,
+            heterogeneity=config.heterogeneity,
+            num_samples=config.num_samples,
         )
         split = with_validation(data, config.val_fraction, config.split_seed)
         parts = partition(
-            split.y_train.numpy(), config.clients, config.partition, alpha=config.alpha,
-            iid_fraction=config.iid_fraction, seed=config.seed, natural=split.natural_partition,
+            split.y_train.numpy(),
+            config.clients,
+            config.partition,
+            alpha=config.alpha,
+            iid_fraction=config.iid_fraction,
+            seed=config.seed,
+            natural=split.natural_partition,
         )
         self.label_tv = describe_partition(split.y_train, parts, split.num_classes)["label_tv"]
         self.x_train = split.x_train.to(self.device, self.dtype)
@@ -164,7 +193,7 @@ class Trainer:
         c = self.config
         if c.clients_per_round == c.clients:
             return list(range(c.clients))
-        chosen = torch.randperm(c.clients, generator=self.participation_rng)[:c.clients_per_round]
+        chosen = torch.randperm(c.clients, generator=self.participation_rng)[: c.clients_per_round]
         return sorted(int(i) for i in chosen)
 
     def next_batch(self, diagnose: bool = False) -> RoundBatch:
@@ -220,12 +249,23 @@ class Trainer:
             self.status = "completed"
         self.wall_time += time.perf_counter() - start
         metrics = {
-            "evaluation": self.evaluation, "epochs": self.examples / len(self.y_train), "steps": self.steps,
-            "rounds": self.rounds, "examples": self.examples, "communications": self.communications,
-            "messages": self.messages, "values_sent": self.values_sent,
-            "train_loss": sum(losses) / len(losses), "val_loss": val_loss, "val_accuracy": val_accuracy,
-            "test_loss": test_loss, "test_accuracy": test_accuracy, **_mean_alignment(alignments),
-            "label_tv": self.label_tv, "wall_time": self.wall_time, "status": self.status,
+            "evaluation": self.evaluation,
+            "epochs": self.examples / len(self.y_train),
+            "steps": self.steps,
+            "rounds": self.rounds,
+            "examples": self.examples,
+            "communications": self.communications,
+            "messages": self.messages,
+            "values_sent": self.values_sent,
+            "train_loss": sum(losses) / len(losses),
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "test_loss": test_loss,
+            "test_accuracy": test_accuracy,
+            **_mean_alignment(alignments),
+            "label_tv": self.label_tv,
+            "wall_time": self.wall_time,
+            "status": self.status,
         }
         self.history.append(metrics)
         return metrics
@@ -245,12 +285,12 @@ class Trainer:
         if len(y) == 0:
             return math.nan, math.nan
         self.model.eval()
-        x, y = x[self.comm.rank::self.comm.world_size], y[self.comm.rank::self.comm.world_size]
+        x, y = x[self.comm.rank :: self.comm.world_size], y[self.comm.rank :: self.comm.world_size]
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         for i in range(0, len(y), chunk):
-            out = self.model(x[i:i + chunk])
-            totals[0] += F.cross_entropy(out, y[i:i + chunk], reduction="sum").double()
-            totals[1] += (out.argmax(1) == y[i:i + chunk]).sum()
+            out = self.model(x[i : i + chunk])
+            totals[0] += F.cross_entropy(out, y[i : i + chunk], reduction="sum").double()
+            totals[1] += (out.argmax(1) == y[i : i + chunk]).sum()
             totals[2] += len(out)
         self.comm.sum_(totals)
         self.model.train()
@@ -285,8 +325,17 @@ class Trainer:
         self.history = list(state["history"])
 
 
-_COUNTERS = ("evaluation", "steps", "rounds", "examples", "communications", "messages", "values_sent", "wall_time",
-             "status")
+_COUNTERS = (
+    "evaluation",
+    "steps",
+    "rounds",
+    "examples",
+    "communications",
+    "messages",
+    "values_sent",
+    "wall_time",
+    "status",
+)
 
 
 def _mean_alignment(alignments: list[dict]) -> dict:

@@ -8,15 +8,29 @@ interval and n; nothing is called a difference that the data cannot tell apart.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 
-__all__ = ["protocol_sentence", "accuracy_standard_error", "scaling_facts", "scaling_sentences", "federated_facts",
-           "federated_sentences"]
+__all__ = [
+    "protocol_sentence",
+    "accuracy_standard_error",
+    "scaling_facts",
+    "scaling_sentences",
+    "federated_facts",
+    "federated_sentences",
+]
 
-NAMES = {"sgd": "small-batch SGD", "large_batch_sgd": "large-batch SGD", "gradalign": "GradAlign",
-         "fedavg": "FedAvg", "fedprox": "FedProx", "scaffold": "SCAFFOLD", "fedga": "FedGA"}
+NAMES = {
+    "sgd": "small-batch SGD",
+    "large_batch_sgd": "large-batch SGD",
+    "gradalign": "GradAlign",
+    "fedavg": "FedAvg",
+    "fedprox": "FedProx",
+    "scaffold": "SCAFFOLD",
+    "fedga": "FedGA",
+}
 
 
 def _name(algorithm: str, start: bool = False) -> str:
@@ -54,23 +68,40 @@ def accuracy_standard_error(test_size: int, accuracy: float) -> float:
     return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / test_size) if test_size else math.nan
 
 
-def protocol_sentence(trials_per_cell: int, seeds: int, budget: str, test_size: int | None = None,
-                      accuracy: float | None = None, tuning_seeds: int = 1) -> str:
+def protocol_sentence(
+    trials_per_cell: int,
+    seeds: int,
+    budget: str,
+    test_size: int | None = None,
+    accuracy: float | None = None,
+    tuning_seeds: int = 1,
+) -> str:
     """How the numbers were made, in one or two sentences (and the noise floor one test set implies)."""
     scored = "the mean of its seeds' validation accuracy" if tuning_seeds > 1 else "its validation accuracy"
-    text = (f"Protocol: every cell was tuned with {trials_per_cell} trials scored by {scored}, then its best "
-            f"configuration re-ran with {seeds} new seeds whose test accuracy is reported (mean, 95% CI, n); "
-            f"budget: {budget}.")
+    text = (
+        f"Protocol: every cell was tuned with {trials_per_cell} trials scored by {scored}, then its best "
+        f"configuration re-ran with {seeds} new seeds whose test accuracy is reported (mean, 95% CI, n); "
+        f"budget: {budget}."
+    )
     if test_size and accuracy is not None and _finite(accuracy):
         se = accuracy_standard_error(test_size, accuracy)
-        text += (f" On the {test_size}-example test set one run's accuracy near {100 * accuracy:.0f}% has a "
-                 f"standard error of {100 * se:.1f} points, so smaller differences between single runs are noise.")
+        text += (
+            f" On the {test_size}-example test set one run's accuracy near {100 * accuracy:.0f}% has a "
+            f"standard error of {100 * se:.1f} points, so smaller differences between single runs are noise."
+        )
     return text
 
 
 # -- batch scaling -----------------------------------------------------------------------------------------------
-def scaling_facts(cells: pd.DataFrame, sig: pd.DataFrame, fits: Mapping[str, dict], noise: Mapping[str, float],
-                  reference: str = "sgd", tolerance: float = 0.01, x: str = "batch_size") -> dict:
+def scaling_facts(
+    cells: pd.DataFrame,
+    sig: pd.DataFrame,
+    fits: Mapping[str, dict],
+    noise: Mapping[str, float],
+    reference: str = "sgd",
+    tolerance: float = 0.01,
+    x: str = "batch_size",
+) -> dict:
     """The numbers the batch-scaling verdict states.
 
     For every algorithm but the reference: its difference from the reference at each B (from `sig`, the rows
@@ -80,12 +111,22 @@ def scaling_facts(cells: pd.DataFrame, sig: pd.DataFrame, fits: Mapping[str, dic
     """
     acc = sig[sig["metric"] == "acc_final"] if len(sig) else sig
     ref_cells = cells[cells["algorithm"] == reference]
-    facts: dict[str, Any] = {"reference": None, "algorithms": {}, "fits": {}, "gradalign_vs_large_batch": [],
-                             "tolerance": tolerance}
+    facts: dict[str, Any] = {
+        "reference": None,
+        "algorithms": {},
+        "fits": {},
+        "gradalign_vs_large_batch": [],
+        "tolerance": tolerance,
+    }
     if len(ref_cells):
         r = ref_cells.iloc[0]
-        facts["reference"] = {"algorithm": reference, x: r[x], "acc": r["acc_mean"], "std": r["acc_std"],
-                              "n": int(r["n_seeds"])}
+        facts["reference"] = {
+            "algorithm": reference,
+            x: r[x],
+            "acc": r["acc_mean"],
+            "std": r["acc_std"],
+            "n": int(r["n_seeds"]),
+        }
     for algorithm in sorted(set(cells["algorithm"]) - {reference}):
         rows = acc[(acc["a"] == algorithm) & (acc["b"] == reference)].sort_values(x) if len(acc) else acc
         holds, drop = None, None
@@ -96,12 +137,19 @@ def scaling_facts(cells: pd.DataFrame, sig: pd.DataFrame, fits: Mapping[str, dic
                 holds = row[x]
             elif drop is None:
                 drop = row
-        facts["algorithms"][algorithm] = {"holds_up_to": holds, "first_drop": drop,
-                                          "largest": rows[x].max() if len(rows) else None,
-                                          "rows": rows.to_dict("records")}
+        facts["algorithms"][algorithm] = {
+            "holds_up_to": holds,
+            "first_drop": drop,
+            "largest": rows[x].max() if len(rows) else None,
+            "rows": rows.to_dict("records"),
+        }
     for algorithm, fit in fits.items():
-        facts["fits"][algorithm] = {"B_crit": fit.get("B_crit"), "reason": fit.get("reason"),
-                                    "n_points": fit.get("n_points"), "B_simple": noise.get(algorithm)}
+        facts["fits"][algorithm] = {
+            "B_crit": fit.get("B_crit"),
+            "reason": fit.get("reason"),
+            "n_points": fit.get("n_points"),
+            "B_simple": noise.get(algorithm),
+        }
     versus = acc[(acc["a"] == "gradalign") & (acc["b"] == "large_batch_sgd")] if len(acc) else acc
     facts["gradalign_vs_large_batch"] = versus.sort_values(x).to_dict("records") if len(versus) else []
     return facts
@@ -114,22 +162,30 @@ def scaling_sentences(facts: Mapping[str, Any], target: float | None = None, x: 
     ref = facts["reference"]
     if ref is not None:
         spread = f" ± {100 * ref['std']:.1f}" if _finite(ref["std"]) else ""
-        out.append(f"The reference, {_name(ref['algorithm'])} at b = {ref[x]:g}, reaches {100 * ref['acc']:.1f}%"
-                   f"{spread} test accuracy (n = {ref['n']}).")
+        out.append(
+            f"The reference, {_name(ref['algorithm'])} at b = {ref[x]:g}, reaches {100 * ref['acc']:.1f}%"
+            f"{spread} test accuracy (n = {ref['n']})."
+        )
         for algorithm, f in facts["algorithms"].items():
             name, drop, holds = _name(algorithm, start=True), f["first_drop"], f["holds_up_to"]
             if drop is None and holds is not None:
                 out.append(f"{name} stays within {_tolerance(tol)} of it at every B up to {holds:g}.")
             elif drop is not None and holds is not None:
-                out.append(f"{name} stays within {_tolerance(tol)} of it up to B = {holds:g}; at B = {drop[x]:g} it "
-                           f"is {_points(drop['diff'])} points ({_ci(drop)}).")
+                out.append(
+                    f"{name} stays within {_tolerance(tol)} of it up to B = {holds:g}; at B = {drop[x]:g} it "
+                    f"is {_points(drop['diff'])} points ({_ci(drop)})."
+                )
             elif drop is not None:
-                out.append(f"{name} is more than {_tolerance(tol)} below it already at the smallest B = {drop[x]:g}: "
-                           f"{_points(drop['diff'])} points ({_ci(drop)}).")
+                out.append(
+                    f"{name} is more than {_tolerance(tol)} below it already at the smallest B = {drop[x]:g}: "
+                    f"{_points(drop['diff'])} points ({_ci(drop)})."
+                )
     fitted = {a: f for a, f in facts["fits"].items() if _finite(f["B_crit"])}
     if fitted:
-        parts = [f"{_name(a)} B_crit ≈ {f['B_crit']:.3g}" + (" (a bound only: " + f["reason"] + ")"
-                                                             if f["reason"] else "") for a, f in fitted.items()]
+        parts = [
+            f"{_name(a)} B_crit ≈ {f['B_crit']:.3g}" + (" (a bound only: " + f["reason"] + ")" if f["reason"] else "")
+            for a, f in fitted.items()
+        ]
         predicted = [f"{_name(a)} {f['B_simple']:.3g}" for a, f in facts["fits"].items() if _finite(f["B_simple"])]
         goal = f"{100 * target:.0f}% validation accuracy" if target is not None else "the target"
         text = f"Critical batch size (McCandlish fit of the steps to {goal}): {'; '.join(parts)}."
@@ -150,8 +206,7 @@ def scaling_sentences(facts: Mapping[str, Any], target: float | None = None, x: 
 
 
 # -- federated ---------------------------------------------------------------------------------------------------
-def federated_facts(cells: pd.DataFrame, sig: pd.DataFrame, by: str = "setting",
-                    focus: str = "fedga") -> list[dict]:
+def federated_facts(cells: pd.DataFrame, sig: pd.DataFrame, by: str = "setting", focus: str = "fedga") -> list[dict]:
     """Per setting: the best algorithm by mean test accuracy, and `focus`'s differences (rows of `sig`) on final
     accuracy and communications to the target."""
     out = []
@@ -159,8 +214,15 @@ def federated_facts(cells: pd.DataFrame, sig: pd.DataFrame, by: str = "setting",
         best = part.sort_values("acc_mean", ascending=False).iloc[0]
         rows = sig[(sig[by] == setting) & (sig["a"] == focus)] if len(sig) and by in sig else sig.iloc[0:0]
         tv = part["label_tv_mean"].mean() if "label_tv_mean" in part else math.nan
-        out.append({"setting": setting, "label_tv": tv, "best": best["algorithm"], "best_acc": best["acc_mean"],
-                    "rows": rows.to_dict("records")})
+        out.append(
+            {
+                "setting": setting,
+                "label_tv": tv,
+                "best": best["algorithm"],
+                "best_acc": best["acc_mean"],
+                "rows": rows.to_dict("records"),
+            }
+        )
     return out
 
 
@@ -171,11 +233,13 @@ def federated_sentences(facts: Sequence[Mapping[str, Any]], focus: str = "fedga"
         text = f"{f['setting']}{tv}: best {_name(f['best'])} at {100 * f['best_acc']:.1f}% test accuracy"
         acc = [r for r in f["rows"] if r["metric"] == "acc_final"]
         if acc:
-            text += "; " + "; ".join(f"{_name(focus)} − {_name(r['b'])} {_points(r['diff'])} points ({_ci(r)})"
-                                     for r in acc)
+            text += "; " + "; ".join(
+                f"{_name(focus)} − {_name(r['b'])} {_points(r['diff'])} points ({_ci(r)})" for r in acc
+            )
         comm = [r for r in f["rows"] if r["metric"] == "communications_to_target" and _finite(r["diff"])]
         if comm:
             text += "; communications to the target: " + "; ".join(
-                f"{_name(focus)} − {_name(r['b'])} {r['diff']:+.0f} ({_ci(r, counts=True)})" for r in comm)
+                f"{_name(focus)} − {_name(r['b'])} {r['diff']:+.0f} ({_ci(r, counts=True)})" for r in comm
+            )
         out.append(text + ".")
     return out

@@ -6,7 +6,8 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pyarrow.fs
 
@@ -31,7 +32,6 @@ DRIVER_RESOURCE = "train_driver"
 """Custom resource a Train-driver trial holds instead of a CPU (its Train workers hold the CPUs)."""
 
 _TRAIN_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "extras")
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,7 +72,6 @@ def _is_finite(value: Any) -> bool:
         return math.isfinite(float(value))
     except (TypeError, ValueError):
         return False
-
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import ray
 
@@ -64,8 +65,14 @@ def connect(
     local: bool = False,
 ) -> dict[str, float]:
     """`connect_ray(...)`, returning only the cluster's resources (what `plan_concurrency` needs)."""
-    return connect_ray(address, local=local, num_cpus=num_cpus, driver_slots=driver_slots, runtime_env=runtime_env,
-                       include_dashboard=include_dashboard).resources
+    return connect_ray(
+        address,
+        local=local,
+        num_cpus=num_cpus,
+        driver_slots=driver_slots,
+        runtime_env=runtime_env,
+        include_dashboard=include_dashboard,
+    ).resources
 
 
 def connect_ray(
@@ -109,8 +116,14 @@ def connect_ray(
             if local and os.environ.pop("RAY_ADDRESS", None):
                 note = "ignoring RAY_ADDRESS (--local)"  # and keeping it from this Ray's workers
             cpus = num_cpus or os.cpu_count() or 1
-            ray.init(address="local", num_cpus=cpus, resources={DRIVER_RESOURCE: driver_slots or cpus},
-                     include_dashboard=include_dashboard, runtime_env=env, logging_level="WARNING")
+            ray.init(
+                address="local",
+                num_cpus=cpus,
+                resources={DRIVER_RESOURCE: driver_slots or cpus},
+                include_dashboard=include_dashboard,
+                runtime_env=env,
+                logging_level="WARNING",
+            )
     return _describe(note)
 
 
@@ -127,8 +140,10 @@ def recorded_cluster(probe_timeout_s: float = PROBE_TIMEOUT_S) -> tuple[str | No
         return None, ""
     if _port_answers(recorded, probe_timeout_s):
         return recorded, ""
-    return None, (f"{_address_file()} records a Ray at {recorded} (from `ray start`), but nothing answers there; "
-                  "starting a local Ray instead")
+    return None, (
+        f"{_address_file()} records a Ray at {recorded} (from `ray start`), but nothing answers there; "
+        "starting a local Ray instead"
+    )
 
 
 def _named_address(address: str | None) -> tuple[str | None, str]:
@@ -153,8 +168,11 @@ def _join(address: str, source: str, runtime_env: dict, timeout_s: float, token_
         _token_auth_if_token_exists()
     deadline = time.monotonic() + timeout_s
     if not _wait_for_port(gcs, timeout_s / 3):
-        raise ClusterUnreachable(_unreachable_message(
-            address, source, f"nothing accepts connections at {gcs} (waited {timeout_s / 3:.0f} s)", timeout_s))
+        raise ClusterUnreachable(
+            _unreachable_message(
+                address, source, f"nothing accepts connections at {gcs} (waited {timeout_s / 3:.0f} s)", timeout_s
+            )
+        )
     try:
         with _bounded_gcs_connect(max(5.0, deadline - time.monotonic() - 10.0)):
             ray.init(address=gcs, runtime_env=runtime_env, logging_level="WARNING")
@@ -177,11 +195,13 @@ def _token_auth_if_token_exists() -> None:
 
 def _unreachable_message(address: str, source: str, reason: str, timeout_s: float) -> str:
     named = f" ({source})" if source else ""
-    return (f"cannot join the Ray cluster at {address}{named} within about {timeout_s:.0f} s: {reason}. Check that "
-            "Ray runs there (`ray status` on its head node); that this machine may reach that address and port "
-            "(firewall, security group: a cluster made with `ray up` is used from its head, through `ray exec`, "
-            "`ray attach` or `ray job submit`); that RAY_AUTH_MODE=token and ~/.ray/auth_token match the "
-            "cluster's; or drop --address (and unset RAY_ADDRESS) to use Ray on this machine")
+    return (
+        f"cannot join the Ray cluster at {address}{named} within about {timeout_s:.0f} s: {reason}. Check that "
+        "Ray runs there (`ray status` on its head node); that this machine may reach that address and port "
+        "(firewall, security group: a cluster made with `ray up` is used from its head, through `ray exec`, "
+        "`ray attach` or `ray job submit`); that RAY_AUTH_MODE=token and ~/.ray/auth_token match the "
+        "cluster's; or drop --address (and unset RAY_ADDRESS) to use Ray on this machine"
+    )
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -219,6 +239,7 @@ def _bounded_gcs_connect(timeout_s: float) -> Iterator[None]:
     """
     try:
         from ray._raylet import Config
+
         previous_timeout = Config.py_gcs_connect_timeout_s()
     except (ImportError, AttributeError):  # another Ray version: the port probe alone bounds the usual failures
         Config, previous_timeout = None, None

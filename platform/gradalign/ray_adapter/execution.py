@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from gradalign.config import (
     ConfigError,
@@ -98,7 +99,8 @@ def plan_concurrency(
     have_cpu = float(cluster.get("CPU", 0))
     if need_cpu > have_cpu:
         raise ConfigError(
-            "workers", execution.workers,
+            "workers",
+            execution.workers,
             f"{execution.workers} worker(s) x {execution.cpus_per_worker:g} CPU = {need_cpu:g} CPUs per trial, "
             f"but the cluster has {have_cpu:g} CPUs",
         )

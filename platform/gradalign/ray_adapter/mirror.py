@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import optuna
 import pandas as pd
@@ -30,8 +31,14 @@ class OptunaMirror(tune.Callback):
     `sync_optuna_study` makes the study agree with the final results table.
     """
 
-    def __init__(self, storage: str, study_name: str, space: SearchSpace, objectives: Sequence[tuple[str, str]],
-                 execution: TrialExecution | None = None):
+    def __init__(
+        self,
+        storage: str,
+        study_name: str,
+        space: SearchSpace,
+        objectives: Sequence[tuple[str, str]],
+        execution: TrialExecution | None = None,
+    ):
         self.storage = storage
         self.study_name = study_name
         self.space = space
@@ -65,7 +72,9 @@ class OptunaMirror(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if COUNTER in result and self.objectives[0][0] in result:
-            self._intermediate.setdefault(self._id(trial), {})[int(result[COUNTER])] = float(result[self.objectives[0][0]])
+            self._intermediate.setdefault(self._id(trial), {})[int(result[COUNTER])] = float(
+                result[self.objectives[0][0]]
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._add_safely(trial, error=False)
@@ -78,7 +87,9 @@ class OptunaMirror(tune.Callback):
         try:
             self.add(self._id(trial), trial.config, trial.last_result, error=error)
         except Exception as exc:  # noqa: BLE001
-            warnings.warn(f"could not copy trial {trial.trial_id} to the Optuna study {self.storage}: {exc!r}")
+            warnings.warn(
+                f"could not copy trial {trial.trial_id} to the Optuna study {self.storage}: {exc!r}", stacklevel=2
+            )
 
     def known_trial_ids(self) -> set[str]:
         return {t.user_attrs.get("tune_trial_id") for t in self.study().get_trials(deepcopy=False)}

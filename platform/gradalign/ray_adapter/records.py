@@ -11,9 +11,9 @@ One JSON file per configuration (`TrialExecution.history_path(key)`)::
     {"key": ..., "config": {...}, "trial_ids": [first Tune trial id, later ones...], "created": unix time,
      "history": [per-evaluation metrics], "trained": [[evaluation, pid], ...]}
 
-`trained` gets one entry each time an evaluation interval is actually computed (and saved), so it counts the trainings. The first
-Tune trial id is the trial's id in every table and in the Optuna study, whichever Tune trial reported it last. A
-trial that Tune itself ended before its budget was spent (stopped by ASHA) also gets a marker
+`trained` gets one entry each time an evaluation interval is actually computed (and saved), so it counts the
+trainings. The first Tune trial id is the trial's id in every table and in the Optuna study, whichever Tune
+trial reported it last. A trial that Tune itself ended before its budget was spent (stopped by ASHA) also gets a marker
 (`ended/<key>.json`, written by `RecordCloser` in the driver), so that a restored study does not train it further.
 """
 
@@ -23,8 +23,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow.fs
 from ray import tune
@@ -77,8 +78,14 @@ class TrialRecord:
         return done or (self.ended is not None and bool(self.history))
 
     def to_json(self) -> dict[str, Any]:
-        return {"key": self.key, "config": self.config, "trial_ids": self.trial_ids, "created": self.created,
-                "history": self.history, "trained": self.trained}
+        return {
+            "key": self.key,
+            "config": self.config,
+            "trial_ids": self.trial_ids,
+            "created": self.created,
+            "history": self.history,
+            "trained": self.trained,
+        }
 
 
 class TrialRecords:
@@ -100,10 +107,15 @@ class TrialRecords:
         if not isinstance(data, dict):  # none yet, or a pre-record history list (nothing to reconcile with)
             return None
         ended = _read_json(self._ended_path(key))
-        return TrialRecord(key=key, config=dict(data.get("config") or {}), trial_ids=list(data.get("trial_ids") or []),
-                           created=float(data.get("created") or 0.0), history=list(data.get("history") or []),
-                           trained=[list(t) for t in data.get("trained") or []],
-                           ended=(ended or {}).get("status") if isinstance(ended, dict) else None)
+        return TrialRecord(
+            key=key,
+            config=dict(data.get("config") or {}),
+            trial_ids=list(data.get("trial_ids") or []),
+            created=float(data.get("created") or 0.0),
+            history=list(data.get("history") or []),
+            trained=[list(t) for t in data.get("trained") or []],
+            ended=(ended or {}).get("status") if isinstance(ended, dict) else None,
+        )
 
     def record_of(self, config: Mapping[str, Any]) -> TrialRecord | None:
         return self.read(trial_key(config))
@@ -146,7 +158,8 @@ class TrialRecords:
 
 
 def update_record(uri: str, history: list[dict[str, Any]], trained_evaluation: int | None) -> None:
-    """Rewrite a record's history after an evaluation, adding `[trained_evaluation, pid]` to its trainings (atomically)."""
+    """Rewrite a record's history after an evaluation, adding `[trained_evaluation, pid]` to its trainings
+    (atomically)."""
     data = _read_json(uri)
     data = data if isinstance(data, dict) else {}
     data["history"] = history

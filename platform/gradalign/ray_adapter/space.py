@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import optuna
 
@@ -134,7 +135,8 @@ class SearchSpace:
             users = _SEARCHABLE[name][1]
             if users is not None and not set(self._algorithm_choices()) & set(users):
                 raise ConfigError(
-                    name, (rng.low, rng.high),
+                    name,
+                    (rng.low, rng.high),
                     f"only {', '.join(users)} use {name}; algorithm={'/'.join(self._algorithm_choices())}",
                 )
         if any(isinstance(b, bool) or not isinstance(b, int) for b in self.batch_sizes):
@@ -150,7 +152,9 @@ class SearchSpace:
         dists = self.distributions(algorithm)
         for name, value in point.items():
             if name not in dists:
-                raise ConfigError(name, value, f"initial point sets a parameter that is not searched ({', '.join(dists)})")
+                raise ConfigError(
+                    name, value, f"initial point sets a parameter that is not searched ({', '.join(dists)})"
+                )
             dist = dists[name]
             if isinstance(dist, optuna.distributions.CategoricalDistribution):
                 inside = value in dist.choices

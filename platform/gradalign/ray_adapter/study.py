@@ -6,8 +6,9 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import optuna
 from ray import tune
@@ -152,8 +153,10 @@ class _StatusOptunaSearch(OptunaSearch):
 
     def _repeats(self, ot_trial) -> bool:
         """Whether another trial of the study has exactly the parameters of `ot_trial`."""
-        return any(t.number != ot_trial.number and t.params == ot_trial.params
-                   for t in self._ot_study.get_trials(deepcopy=False))
+        return any(
+            t.number != ot_trial.number and t.params == ot_trial.params
+            for t in self._ot_study.get_trials(deepcopy=False)
+        )
 
     def _unknown_records(self) -> list[dict[str, Any]]:
         """Parameters of the trial records of this study (whose config holds `match`) that no trial this searcher
@@ -192,8 +195,12 @@ class _StatusOptunaSearch(OptunaSearch):
         return {**self.__dict__, "_replay": None}
 
 
-def make_searcher(space: SearchSpace, settings: StudySettings, records: TrialRecords | None = None,
-                  match: Mapping[str, Any] | None = None) -> Searcher:
+def make_searcher(
+    space: SearchSpace,
+    settings: StudySettings,
+    records: TrialRecords | None = None,
+    match: Mapping[str, Any] | None = None,
+) -> Searcher:
     """`OptunaSearch` over `space` with a seeded multivariate TPE; startup trials scale with the budget.
 
     Given the study's trial `records` (those whose config holds the entries `match`, e.g. a cell's key), the
@@ -248,7 +255,7 @@ def asha_rungs(settings: StudySettings, max_epochs: float) -> tuple[float, ...]:
         return ()
     max_t, rf = _asha_max_t(settings, max_epochs), settings.reduction_factor
     count = int(math.log(max_t / settings.grace_period) / math.log(rf) + 1)
-    return tuple(settings.grace_period * rf ** k for k in range(count))
+    return tuple(settings.grace_period * rf**k for k in range(count))
 
 
 def run_study(
@@ -315,8 +322,10 @@ def run_study(
                 verbose=settings.verbose,
             ),
         )
-    log(f"study {settings.name!r}: {settings.num_samples} trials, {execution.workers} worker(s) x "
-        f"{execution.cpus_per_worker:g} CPU each, trial resources {resources}, up to {concurrency} at once")
+    log(
+        f"study {settings.name!r}: {settings.num_samples} trials, {execution.workers} worker(s) x "
+        f"{execution.cpus_per_worker:g} CPU each, trial resources {resources}, up to {concurrency} at once"
+    )
     return tuner.fit()
 
 
@@ -324,8 +333,11 @@ def _check_dataset(space: SearchSpace) -> None:
     """Load the study's dataset once, here: missing files (without download) are refused before Ray starts."""
     name = str(space.fixed.get("dataset", TrainConfig.dataset))
     try:
-        load_dataset(name, data_dir=space.fixed.get("data_dir", TrainConfig.data_dir),
-                     download=bool(space.fixed.get("download", False)))
+        load_dataset(
+            name,
+            data_dir=space.fixed.get("data_dir", TrainConfig.data_dir),
+            download=bool(space.fixed.get("download", False)),
+        )
     except (DatasetNotFoundError, DatasetCorruptError) as err:
         raise ConfigError("dataset", name, str(err)) from None
     finally:
@@ -349,8 +361,10 @@ def _fingerprint(space: SearchSpace, settings: StudySettings, execution: TrialEx
     """What a resumed study must share with the study it resumes, flattened to 'space.lr.high'-style keys."""
     what = {
         "space": dataclasses.asdict(space),
-        "study": {k: getattr(settings, k) for k in ("objectives", "num_samples", "seed", "asha", "grace_period",
-                                                     "reduction_factor", "initial_points")},
+        "study": {
+            k: getattr(settings, k)
+            for k in ("objectives", "num_samples", "seed", "asha", "grace_period", "reduction_factor", "initial_points")
+        },
         "execution": {k: getattr(execution, k) for k in ("workers", "cpus_per_worker", "use_gpu")},
     }
     return flat_settings(what)
@@ -359,9 +373,13 @@ def _fingerprint(space: SearchSpace, settings: StudySettings, execution: TrialEx
 def _check_same_study(settings: StudySettings, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
     changes = setting_changes(saved, now)
     if changes:
-        raise ConfigError("name", settings.name, f"a study of this name at {settings.storage_path} was started with "
-                          f"other settings ({'; '.join(changes)}); resume it with the same options, or start a new "
-                          "study with another --name (or --out)")
+        raise ConfigError(
+            "name",
+            settings.name,
+            f"a study of this name at {settings.storage_path} was started with "
+            f"other settings ({'; '.join(changes)}); resume it with the same options, or start a new "
+            "study with another --name (or --out)",
+        )
 
 
 def setting_changes(saved: Mapping[str, Any] | None, now: Mapping[str, Any], limit: int = 8) -> list[str]:
