@@ -1,7 +1,7 @@
 """Federated learning under heterogeneous clients: FedAvg, FedProx, SCAFFOLD and FedGA, tuned per cell.
 
     python studies/federated.py                   # MNIST-1D, three label-skew levels (about 10 min, 2 cores)
-    python studies/federated.py --smoke-test      # the whole pipeline on digits in about 2 minutes
+    python studies/federated.py --smoke-test      # the whole pipeline on digits in about a minute
     python studies/federated.py --preset paper    # the paper's setting, scaled down: one class per client
     python studies/federated.py --report-only --out results/federated
 
@@ -27,26 +27,21 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 
 from gradalign import figures as F
 from gradalign.algorithms import communications_per_update
-from gradalign.config import DATASETS, FEDERATED_ALGORITHMS, MODELS, ConfigError, TrainConfig
-from gradalign.ray_adapter import Range, SearchSpace
+from gradalign.config import ALIGNING_ALGORITHMS, FEDERATED_ALGORITHMS, ConfigError, TrainConfig
+from gradalign.findings import build_report
+from gradalign.protocol import Budget, StudyProtocol
+from gradalign.ranges import Range
 from gradalign.verdict import federated_facts, federated_sentences, protocol_sentence
-from studies.cells import Cell, save_table
-from studies.reporting import build_report, print_outcome
-from studies.study_cli import (
-    add_common_arguments,
-    describe_study,
-    parse_study_args,
-    range_arg,
-    run_study_script,
-    split_sizes,
-)
+from studies.study_cli import DataLocation, StudyCommand, range_arg, seed_lists, split_sizes, study_parser
 
+KIND = "federated"
 SMOKE = dict(
     dataset="digits",
     splits=["dirichlet:0.1"],
@@ -73,14 +68,24 @@ REFERENCES = ("gradalign", "large_batch_sgd")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("scientific axes")
+    p, groups = study_parser(
+        __doc__,
+        default_name=KIND,
+        smoke=SMOKE,
+        dataset="mnist1d",
+        model="mlp",
+        epochs=None,
+        target=0.8,
+        lr_range=(0.01, 1.0),
+        beta_range=(1e-5, 1.0),
+    )
+    g = groups["axes"]
     g.add_argument(
         "--splits",
         nargs="+",
         default=["dirichlet:10", "dirichlet:0.3", "one_class"],
-        help="client data splits: 'dirichlet:ALPHA' (each client's label mix ~ Dir(ALPHA x global mix), equal "
-        "client sizes; smaller alpha = more heterogeneous), 'one_class', 'iid'",
+        help="client data splits: 'dirichlet:ALPHA' (each client's label mix ~ Dir(ALPHA x global mix), "
+        "equal client sizes; smaller alpha = more heterogeneous), 'one_class', 'iid'",
     )
     g.add_argument("--participation", type=float, nargs="+", default=[0.5], help="fractions of clients per round")
     g.add_argument("--local-steps", type=int, nargs="+", default=[5], help="K: local steps per round")
@@ -100,20 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ALG",
         help="data-parallel references over all clients, one step per round (gradalign, large_batch_sgd)",
     )
-    g = p.add_argument_group("fixed parameters and budget")
-    g.add_argument("--dataset", default="mnist1d", choices=DATASETS, help="default mnist1d (generated offline)")
-    g.add_argument("--model", default="mlp", choices=MODELS, help="default mlp (the MNIST-1D paper's MLP)")
-    g.add_argument("--clients", type=int, default=10, help="number of clients")
-    g.add_argument("--client-batch", type=int, default=16, help="examples per client per local step")
+    g = groups["fixed"]
+    g.add_argument("--clients", type=int, default=10, help="number of clients (default 10)")
+    g.add_argument("--client-batch", type=int, default=16, help="examples per client per local step (default 16)")
     g.add_argument(
         "--communications",
         type=int,
         default=80,
         help="budget: all-reduces per run, the same for every algorithm (FedAvg: one per round, FedGA and "
-        "GradAlign: two), so a multiple of 2",
-    )
-    g.add_argument(
-        "--target", type=float, default=0.8, help="target validation accuracy for communications-to-target, in (0, 1]"
+        "GradAlign: two), so a multiple of 2 (default 80)",
     )
     g.add_argument(
         "--preset",
@@ -122,18 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
         "per round, K=5, FedAvg vs SCAFFOLD vs FedGA with 5 seeds, 200 communications (the paper's "
         "setting, scaled down); options you give explicitly keep your values",
     )
-    g = p.add_argument_group("nuisance parameters, re-tuned in every cell")
-    g.add_argument("--lr-range", type=range_arg, default=(0.01, 1.0), metavar="LOW,HIGH", help="client step size (log)")
-    g.add_argument("--beta-range", type=range_arg, default=(1e-5, 1.0), metavar="LOW,HIGH", help="β of FedGA (log)")
-    g.add_argument("--mu-range", type=range_arg, default=(1e-3, 1.0), metavar="LOW,HIGH", help="μ of FedProx (log)")
+    g = groups["nuisance"]
+    g.add_argument(
+        "--mu-range",
+        type=range_arg,
+        default=(1e-3, 1.0),
+        metavar="LOW,HIGH",
+        help="μ of FedProx, log-uniform (default 0.001,1)",
+    )
     g.add_argument(
         "--server-lr-range",
         type=range_arg,
         default=None,
         metavar="LOW,HIGH",
-        help="server step size (log); default 'none': fixed at 1",
+        help="server step size, log-uniform (default none: fixed at 1)",
     )
-    add_common_arguments(p, default_name="federated", smoke=SMOKE)
     return p
 
 
@@ -148,25 +151,24 @@ def parse_split(text: str) -> tuple[str, float]:
                 "splits", text, "write a Dirichlet split as dirichlet:ALPHA, e.g. dirichlet:0.1"
             ) from None
         if not alpha > 0 or math.isinf(alpha):
-            raise ConfigError("alpha", alpha, "Dirichlet alpha must be > 0 and finite")
+            raise ConfigError("splits", text, "Dirichlet alpha must be > 0 and finite")
         return name, alpha
     if name in ("one_class", "iid") and not value:
         return name, math.nan
     raise ConfigError("splits", text, "each split is dirichlet:ALPHA, one_class or iid")
 
 
-def validate(args: argparse.Namespace) -> None:
-    for text in args.splits:
-        parse_split(text)
+def make_protocol(args: argparse.Namespace, data: DataLocation) -> StudyProtocol:
+    """The study, from the options: scientific axes, nuisance ranges, fixed parameters and the budget."""
+    splits = [parse_split(text) for text in args.splits]
     if not args.algorithms and not args.references:
         raise ConfigError("algorithms", args.algorithms, "name at least one algorithm")
-    if args.clients < 1:
-        raise ConfigError("clients", args.clients, "must be >= 1")
+    for name in ("clients", "client_batch"):
+        if getattr(args, name) < 1:
+            raise ConfigError(name, getattr(args, name), "must be >= 1")
     for p in args.participation:
         if not 0 < p <= 1:
             raise ConfigError("participation", p, "must lie in (0, 1]")
-        if round(p * args.clients) > args.clients:
-            raise ConfigError("participation", p, f"asks for more clients per round than the {args.clients} clients")
     for k in args.local_steps:
         if k < 1:
             raise ConfigError("local_steps", k, "K (local steps) must be >= 1")
@@ -176,69 +178,135 @@ def validate(args: argparse.Namespace) -> None:
             args.communications,
             "must be a positive even number (FedGA and GradAlign communicate twice per round)",
         )
-    if not 0 < args.target <= 1:
-        raise ConfigError("target", args.target, "target accuracy must lie in (0, 1]")
-    n_train = split_sizes(args, clients=args.clients)["train"]
-    args.budget_epochs = args.communications * args.clients * args.client_batch * max(args.local_steps) / n_train
-
-
-def plan_cells(args: argparse.Namespace) -> tuple[Cell, ...]:
-    base = dict(
+    sizes = split_sizes(args.dataset, data, args.num_samples, args.val_fraction, clients=args.clients)
+    check_client_splits(args, data, splits)
+    algorithms = [*args.algorithms, *args.references]
+    ranges = {}
+    for algorithm in algorithms:
+        ranges[algorithm] = {"lr": Range(*args.lr_range, log=True)}
+        if algorithm in ALIGNING_ALGORITHMS:
+            ranges[algorithm]["beta"] = Range(*args.beta_range, log=True)
+        if algorithm == "fedprox":
+            ranges[algorithm]["mu"] = Range(*args.mu_range, log=True)
+        if args.server_lr_range and algorithm in FEDERATED_ALGORITHMS:
+            ranges[algorithm]["server_lr"] = Range(*args.server_lr_range, log=True)
+        if args.momentum_range:
+            ranges[algorithm]["momentum"] = Range(*args.momentum_range)
+    c = args.communications
+    epochs = c * args.clients * args.client_batch * max(args.local_steps) / sizes["train"]
+    budget = Budget(
+        "communications",
+        c,
+        epochs,
+        f"{c} communications (all-reduces) per run: FedAvg, FedProx, SCAFFOLD and large-batch SGD {c} "
+        f"rounds, FedGA and GradAlign {c // 2}",
+    )
+    return StudyProtocol(
+        kind=KIND,
+        name=args.name,
         dataset=args.dataset,
         model=args.model,
         num_samples=args.num_samples,
-        clients=args.clients,
-        seed=0,
-        download=args.download,
-        batch_size=args.clients * args.client_batch,
+        budget=budget,
+        split_sizes=sizes,
+        axes={
+            "splits": list(args.splits),
+            "participation": list(args.participation),
+            "local_steps": list(args.local_steps),
+            "algorithms": list(args.algorithms),
+            "references": list(args.references),
+        },
+        fixed={
+            "clients": args.clients,
+            "batch_size": args.clients * args.client_batch,
+            **({} if args.momentum_range else {"momentum": args.momentum}),
+        },
+        ranges=ranges,
+        trials_per_cell=args.trials_per_cell,
+        **seed_lists(args),
+        sampler_seed=args.sampler_seed,
+        asha=args.asha,
+        grace_period=args.grace_period,
+        target=args.target,
+        tolerance=args.tolerance,
         val_fraction=args.val_fraction,
         eval_points=args.eval_points,
-        data_dir=str(Path(args.data_dir).resolve()),
+        notes={
+            "clients": str(args.clients),
+            "examples per client per local step": str(args.client_batch),
+            "counted in": "communications, messages (one per participating client and communication) and values "
+            "sent; rounds shown too",
+        },
     )
-    lr = Range(*args.lr_range, log=True)
+
+
+def check_client_splits(args: argparse.Namespace, data: DataLocation, splits) -> None:
+    """Split the training set over the clients as every run will (seed 0): an impossible split (more clients than
+    examples, an empty client) is refused now, not in every trial after Ray started."""
+    from gradalign.data import clear_cache, load_dataset
+    from gradalign.partition import partition
+    from gradalign.splits import with_validation
+
+    loaded = load_dataset(
+        args.dataset,
+        data_dir=data.data_dir,
+        download=data.download,
+        num_clients=args.clients,
+        num_samples=args.num_samples,
+    )
+    labels = with_validation(loaded, args.val_fraction, 0).y_train
+    clear_cache()
+    if args.clients > len(labels):
+        raise ConfigError("clients", args.clients, f"more clients than the {len(labels)} training examples")
+    for (scheme, alpha), text in zip(splits, args.splits):
+        try:
+            parts = partition(labels, args.clients, scheme, alpha=alpha if scheme == "dirichlet" else 0.5, seed=0)
+        except ValueError as err:
+            raise ConfigError(
+                "clients",
+                args.clients,
+                f"the split {text!r} of the {len(labels)} training examples "
+                f"over {args.clients} clients is impossible: {err}",
+            ) from None
+        smallest = min(len(part) for part in parts)
+        if smallest < 1:
+            raise ConfigError("clients", args.clients, f"the split {text!r} leaves a client without examples")
+
+
+def plan_cells(protocol: StudyProtocol, data: DataLocation) -> list:
+    """Every split x (federated algorithm x participation x K, then the references at full participation, K = 1)."""
+    from gradalign.ray_adapter import Cell, SearchSpace
+
+    axes = protocol.axes
+    base = dict(
+        dataset=protocol.dataset,
+        model=protocol.model,
+        num_samples=protocol.num_samples,
+        seed=protocol.tuning_seeds[0],
+        download=data.download,
+        val_fraction=protocol.val_fraction,
+        eval_points=protocol.eval_points,
+        data_dir=data.data_dir,
+        **protocol.fixed,
+    )
     cells = []
-    for text in args.splits:
+    for text in axes["splits"]:
         scheme, alpha = parse_split(text)
         split = dict(partition=scheme, **({"alpha": alpha} if scheme == "dirichlet" else {}))
-        coords = dict(split=text, alpha=alpha)
-        settings = [(a, p, k) for a in args.algorithms for p in args.participation for k in args.local_steps]
-        settings += [(a, 1.0, 1) for a in args.references]
+        settings = [(a, p, k) for a in axes["algorithms"] for p in axes["participation"] for k in axes["local_steps"]]
+        settings += [(a, 1.0, 1) for a in axes["references"]]
         for algorithm, p, k in settings:
             fixed = {**base, **split, "algorithm": algorithm}
             if algorithm in FEDERATED_ALGORITHMS:
                 fixed.update(participation=p, local_steps=k)
-            per_round = communications_per_update(TrainConfig.from_dict(fixed))
-            fixed["budget_steps"] = args.communications // per_round
-            space = SearchSpace(
-                fixed=fixed,
-                lr=lr,
-                beta=Range(*args.beta_range, log=True) if algorithm in ("fedga", "gradalign") else None,
-                mu=Range(*args.mu_range, log=True) if algorithm == "fedprox" else None,
-                **(
-                    {"server_lr": Range(*args.server_lr_range, log=True)}
-                    if args.server_lr_range and algorithm in FEDERATED_ALGORITHMS
-                    else {}
-                ),
-            )
-            key = f"{algorithm}-{text.replace(':', '')}" + (
-                f"-p{p:g}-K{k}" if algorithm in FEDERATED_ALGORITHMS else ""
-            )
-            cells.append(
-                Cell(
-                    key,
-                    {
-                        **coords,
-                        "algorithm": algorithm,
-                        "participation": p,
-                        "local_steps": k,
-                        "setting": f"{text}, p={p:g}, K={k}"
-                        if algorithm in FEDERATED_ALGORITHMS
-                        else f"{text}, reference",
-                    },
-                    space,
-                )
-            )
-    return tuple(cells)
+            fixed["budget_steps"] = protocol.budget.amount // communications_per_update(TrainConfig.from_dict(fixed))
+            space = SearchSpace(fixed=fixed, **{"lr": None, **protocol.ranges[algorithm]})
+            federated = algorithm in FEDERATED_ALGORITHMS
+            key = f"{algorithm}-{text.replace(':', '')}" + (f"-p{p:g}-K{k}" if federated else "")
+            setting = f"{text}, p={p:g}, K={k}" if federated else f"{text}, reference"
+            coords = dict(split=text, alpha=alpha, algorithm=algorithm, participation=p, local_steps=k, setting=setting)
+            cells.append(Cell(key, coords, space))
+    return cells
 
 
 def federated_figures(history: pd.DataFrame, cells: pd.DataFrame) -> list:
@@ -286,78 +354,54 @@ def federated_figures(history: pd.DataFrame, cells: pd.DataFrame) -> list:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_study_args(build_parser(), argv, presets={"paper": PAPER})
-    describe = describe_study(
-        "federated",
-        args,
-        f"{args.communications} communications per run of {args.dataset}/{args.model} over {args.clients} clients",
-    )
-    return run_study_script(args, argv, plan_cells, validate, report, describe)
-
-
-def verdict(args: argparse.Namespace):
+def verdict(protocol: StudyProtocol):
     """The report's opening sentences: protocol, then per setting the best algorithm and FedGA's differences."""
 
     def sentences(history: pd.DataFrame, cells: pd.DataFrame, sig: pd.DataFrame) -> list[str]:
-        budget = (
-            f"{args.communications} communications per run ({args.communications} rounds of FedAvg, FedProx and "
-            f"SCAFFOLD, {args.communications // 2} of FedGA)"
+        first = protocol_sentence(
+            protocol.trials_per_cell,
+            len(protocol.seeds),
+            protocol.budget.sentence(),
+            protocol.test_size,
+            cells["acc_mean"].mean(),
+            len(protocol.tuning_seeds),
         )
-        test_size = getattr(args, "split_sizes", {}).get("test")
-        protocol = protocol_sentence(
-            args.trials_per_cell, args.seeds, budget, test_size, cells["acc_mean"].mean(), args.tuning_seeds
-        )
-        return [protocol, *federated_sentences(federated_facts(cells, sig))]
+        return [first, *federated_sentences(federated_facts(cells, sig))]
 
     return sentences
 
 
-def report(out: Path, args: argparse.Namespace, command: str, history: pd.DataFrame) -> int:
-    save_table(history, out / "history")
-    ranges = {}  # per algorithm: only what was searched for it
-    for algorithm in set(history["algorithm"]):
-        ranges[algorithm] = {"lr": tuple(args.lr_range)}
-        if algorithm in ("fedga", "gradalign"):
-            ranges[algorithm]["beta"] = tuple(args.beta_range)
-        if algorithm == "fedprox":
-            ranges[algorithm]["mu"] = tuple(args.mu_range)
-        if args.server_lr_range and algorithm in FEDERATED_ALGORITHMS:
-            ranges[algorithm]["server_lr"] = tuple(args.server_lr_range)
-    budget = {
-        "budget": f"{args.communications} communications (all-reduces) per run: FedAvg, FedProx, SCAFFOLD and "
-        f"large-batch SGD {args.communications} rounds, FedGA and GradAlign {args.communications // 2}",
-        "counted in": "communications, messages (one per participating client and communication) and values "
-        "sent; rounds shown too",
-        "clients": args.clients,
-        "examples per client per local step": args.client_batch,
-        "tuning": f"{args.trials_per_cell} trials per cell, scored by validation accuracy at the end of the "
-        f"budget" + (f" (mean of {args.tuning_seeds} seeds)" if args.tuning_seeds > 1 else ""),
-        "final runs": f"{args.seeds} seeds per cell's best configuration, disjoint from the tuning seeds; "
-        "their test accuracy is reported",
-        "validation split": f"{args.val_fraction:g} of the training data (stratified, the same for every seed)",
-        "target": f"validation accuracy {args.target} (communications to it interpolated between evaluations)",
-    }
+def write_report(protocol: StudyProtocol, command: StudyCommand) -> Path:
+    started = time.perf_counter()
     path = build_report(
-        out,
-        history,
-        target=args.target,
+        command.out,
+        command.history(),
+        protocol,
         x="split",
         by="setting",
         cost="communications_to_target",
         extra_axes=("setting", "participation", "local_steps"),
         title="GradAlign federated study: heterogeneity and participation",
-        command=command,
-        budget=budget,
-        search_ranges=ranges,
+        command=command.text,
         reference=None,
         comparisons=(("fedga", "fedavg"), ("fedga", "scaffold"), ("fedga", "fedprox")),
         figures=federated_figures,
-        export=args.export,
-        verdict=verdict(args),
+        export=command.args.export,
+        verdict=verdict(protocol),
     )
-    print_outcome(out, path)
-    return 0
+    command.finish_report(path, started)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = StudyCommand(build_parser(), argv, KIND, presets={"paper": PAPER})
+    with command.refusals():
+        args = command.args
+        protocol = command.recorded() if args.report_only else make_protocol(args, command.data)
+        if not args.report_only:
+            command.run(protocol, plan_cells(protocol, command.data))
+        write_report(protocol, command)
+    return command.code
 
 
 if __name__ == "__main__":

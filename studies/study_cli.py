@@ -1,32 +1,74 @@
-"""Command-line options and checks that every study script shares."""
+"""The command line every study script shares: one option dialect, presets, the checks before launch, and the run.
+
+A study script builds its parser with `study_parser` (the shared options, in the same groups with the same names,
+forms and help text everywhere: a range is `--NAME-range LOW,HIGH`, a value `--NAME VALUE`), adds its scientific
+axes, and then reads top to bottom::
+
+    command = StudyCommand(build_parser(), argv, kind="batch-scaling")
+    with command.refusals():                      # bad input: 'error: --option value: why', exit code 2
+        protocol = command.recorded() if command.args.report_only else make_protocol(command.args)
+        if not command.args.report_only:
+            command.run(protocol, plan_cells(protocol, command.data))
+        write_report(protocol, command)
+    return command.code
+
+Everything that can be checked is checked before Ray starts: the options (named as the user typed them), the
+dataset, the output and storage folders, a study already in the folder (same kind, same protocol), and the amount
+of work (far beyond the default study asks for `--yes`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gradalign.config import ConfigError
+import pandas as pd
+
+from gradalign.config import DATASETS, MODELS, ConfigError
 from gradalign.data import DatasetCorruptError, DatasetNotFoundError
 from gradalign.export import FORMATS, ExportUnavailable, find_browser, parse_formats
-from studies.cluster_checks import (  # noqa: F401  (storage_problem: re-exported)
-    ClusterNotReady,
-    check_cluster,
-    join_or_start,
-    storage_problem,
-)
+from gradalign.protocol import SEED_BASE, StudyProtocol
+from gradalign.study_file import check_study_file, read_study_file
+from gradalign.tables import DamagedTable, NothingToReport, load_history
 
-SEED_BASE = 1000
-"""The final runs' seeds are SEED_BASE, SEED_BASE + 1, ...; tuning trials use 0, 1, ...: never the same run."""
+WORK_LIMIT_EXAMPLES = 3e8
+"""Training examples a study may process in all before it asks for --yes (the default batch-scaling study: ~1.2e7)."""
+
+RUN_ONLY = {
+    "address",
+    "local",
+    "num_cpus",
+    "cpus_per_worker",
+    "gpus_per_worker",
+    "max_concurrent",
+    "max_failures",
+    "storage",
+    "data_dir",
+    "download",
+    "yes",
+    "extend_seeds",
+}
+"""Options about where and how a study runs, not what it measures (they do nothing with --report-only)."""
+REPORT_ONLY_OK = {"report_only", "out", "name", "export", "smoke_test", "preset"} | RUN_ONLY
+"""Options --report-only accepts: where the study is and what to write; the science comes from its record."""
 
 
+class Refused(ValueError):
+    """Bad input that is not one option's value (e.g. options that --report-only cannot honour)."""
+
+
+# -- option types -------------------------------------------------------------------------------------------------
 def range_arg(text: str) -> tuple[float, float] | None:
-    """'LOW,HIGH' -> (low, high); 'none' -> None. Emptiness (low >= high) is refused by the search space."""
+    """'LOW,HIGH' -> (low, high); 'none' -> None. Emptiness (low >= high) is refused by the protocol."""
     if text.strip().lower() == "none":
         return None
     try:
@@ -44,58 +86,206 @@ def export_arg(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def add_common_arguments(p: argparse.ArgumentParser, default_name: str, smoke: dict, tuning_seeds: int = 1) -> None:
-    g = p.add_argument_group(
-        "tuning and seeds (tuning reads the validation split; the seed runs report the test split)"
+def rewrite_deprecated(argv: list[str], table: Mapping[str, tuple[str, int]]) -> list[str]:
+    """The previous release's spellings in the current dialect, each with a note on stderr: `table` maps OLD to (NEW,
+    number of values): 2 values 'LO HI' become 'LO,HI' (only when both are numbers: '--momentum 0.9' is today's
+    form), 1 value is kept, 0 (a flag) becomes 'NEW 1'."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        new, count = table.get(token, (None, 0))
+        values = argv[i + 1 : i + 1 + count]
+        if new is None or len(values) < count or (count == 2 and not all(map(_is_number, values))):
+            out.append(token)
+            i += 1
+            continue
+        replaced = [new, ",".join(values)] if count == 2 else [new, *values] if count else [new, "1"]
+        print(
+            f"note: {token} {' '.join(values)} is deprecated and will be removed in the next release; write "
+            f"{' '.join(replaced)}",
+            file=sys.stderr,
+        )
+        out += [f"{replaced[0]}={replaced[1]}"] if count == 2 else replaced
+        i += 1 + count
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# -- the shared options -------------------------------------------------------------------------------------------
+def study_parser(
+    doc: str,
+    *,
+    default_name: str,
+    smoke: Mapping[str, Any],
+    dataset: str = "mnist1d",
+    model: str = "cnn",
+    epochs: float | None = 20,
+    target: float = 0.6,
+    lr_range: tuple[float, float] = (0.001, 0.5),
+    beta_range: tuple[float, float] | None = (1e-4, 1.0),
+    trials_per_cell: int = 8,
+    tuning_seeds: int = 1,
+    seeds: int = 3,
+) -> tuple[argparse.ArgumentParser, dict[str, argparse._ArgumentGroup]]:
+    """A study's parser with every shared option; returns it and its groups (the script adds its own options to
+    'axes', 'fixed' and 'nuisance'). `epochs=None`: the script states its own budget option."""
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    g.add_argument("--trials-per-cell", type=int, default=8, help="Optuna (TPE) trials per cell")
+    groups = {
+        "axes": p.add_argument_group("scientific axes"),
+        "fixed": p.add_argument_group("fixed parameters and budget"),
+        "nuisance": p.add_argument_group("nuisance parameters, re-tuned in every cell (ranges: LOW,HIGH or none)"),
+        "tuning": p.add_argument_group(
+            "tuning and seeds (tuning reads the validation split; seed runs the test split)"
+        ),
+        "where": p.add_argument_group("where it runs"),
+        "files": p.add_argument_group("files"),
+        "modes": p.add_argument_group("modes"),
+    }
+    g = groups["fixed"]
+    g.add_argument("--dataset", default=dataset, choices=DATASETS, help=f"dataset (default {dataset})")
+    g.add_argument("--model", default=model, choices=MODELS, help=f"model (default {model})")
+    if epochs is not None:
+        g.add_argument(
+            "--epochs",
+            type=float,
+            default=epochs,
+            help="budget: every run sees EPOCHS x (training-set size) examples, rounded up to a multiple of "
+            f"every batch size so that every cell sees exactly the same number (default {epochs:g})",
+        )
+        g.add_argument(
+            "--budget-steps",
+            type=int,
+            default=None,
+            help="budget in steps instead: every run takes this many updates (large batches then see more examples)",
+        )
     g.add_argument(
-        "--tuning-seeds",
-        type=int,
-        default=tuning_seeds,
-        help="seeds each tuning trial trains side by side, scored by their mean (robust to a configuration "
-        "at the edge of stability; costs that many runs per trial). Tuning seeds are 0, 1, ... "
-        f"(default {tuning_seeds})",
+        "--target",
+        type=float,
+        default=target,
+        help=f"target validation accuracy for the cost to the target, in (0, 1] (default {target:g})",
     )
     g.add_argument(
-        "--seeds",
-        type=int,
-        default=3,
-        help=f"seeds the best configuration of each cell is re-run with ({SEED_BASE}, {SEED_BASE + 1}, ...: "
-        "disjoint from the tuning seeds, so no final run repeats a tuning trial)",
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="what 'within' means in the verdict: a test-accuracy difference, finite and >= 0 (default "
+        "0.01: one percentage point)",
     )
     g.add_argument(
         "--val-fraction",
         type=float,
         default=0.1,
-        help="fraction of the training data held out for validation (stratified; the same split for every seed)",
+        help="fraction of the training data held out for validation (stratified; the same split for "
+        "every seed; default 0.1)",
     )
     g.add_argument(
         "--eval-points",
         type=int,
         default=40,
-        help="evaluations per run, log-spaced in steps (resolves steps to target early and late)",
+        help="evaluations per run, log-spaced in steps (resolves the cost to the target early and late)",
+    )
+    g.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="mnist1d only: examples to generate (default: the canonical 5000 = 4000 train / 1000 test; a "
+        "multiple of 10); a larger test set narrows the confidence intervals",
+    )
+    g = groups["nuisance"]
+    g.add_argument(
+        "--lr-range",
+        type=range_arg,
+        default=lr_range,
+        metavar="LOW,HIGH",
+        help=f"step-size search range, log-uniform (default {lr_range[0]:g},{lr_range[1]:g})",
+    )
+    if beta_range is not None:
+        g.add_argument(
+            "--beta-range",
+            type=range_arg,
+            default=beta_range,
+            metavar="LOW,HIGH",
+            help=f"GradAlign's / FedGA's β search range, log-uniform (default {beta_range[0]:g},{beta_range[1]:g})",
+        )
+    g.add_argument(
+        "--momentum-range",
+        type=range_arg,
+        default=None,
+        metavar="LOW,HIGH",
+        help="momentum search range, uniform in [0, 1) (default none: fixed at --momentum)",
+    )
+    g.add_argument("--momentum", type=float, default=0.9, help="the momentum when it is not searched (default 0.9)")
+    g = groups["tuning"]
+    g.add_argument(
+        "--trials-per-cell",
+        type=int,
+        default=trials_per_cell,
+        help=f"Optuna (TPE) trials per cell (default {trials_per_cell})",
+    )
+    g.add_argument(
+        "--tuning-seeds",
+        type=int,
+        default=tuning_seeds,
+        help="seeds each tuning trial trains side by side, scored by their mean (robust to a configuration "
+        f"at the edge of stability; costs that many runs per trial). Tuning seeds are 0, 1, ... (default "
+        f"{tuning_seeds})",
+    )
+    g.add_argument(
+        "--seeds",
+        type=int,
+        default=seeds,
+        help=f"seeds the chosen configuration of each cell is re-run with ({SEED_BASE}, {SEED_BASE + 1}, "
+        f"...: disjoint from the tuning seeds; default {seeds})",
     )
     g.add_argument("--asha", action="store_true", help="stop unpromising tuning trials early (ASHA on epochs)")
+    g.add_argument(
+        "--grace-period",
+        type=float,
+        default=1.0,
+        help="ASHA: epochs' worth of examples before a trial may be stopped (default 1)",
+    )
     g.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (cell i uses seed + i)")
-    g = p.add_argument_group("where it runs")
+    g = groups["where"]
     where = g.add_mutually_exclusive_group()
     where.add_argument(
         "--address",
         default=None,
-        help="Ray cluster to join (HOST:PORT); default: RAY_ADDRESS, else the Ray that `ray start` "
-        "runs on this machine (on a cluster's head node: the cluster), else a new local Ray",
+        help="Ray cluster to join (HOST:PORT); default: RAY_ADDRESS, else the Ray that `ray start` runs "
+        "on this machine (on a cluster's head node: the cluster), else a new local Ray",
     )
     where.add_argument(
         "--local",
         action="store_true",
         help="always start a private local Ray, even where a cluster runs on this machine",
     )
-    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per training process")
+    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of a Ray started here (default: all)")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per training process")
     g.add_argument("--gpus-per-worker", type=int, default=0, choices=(0, 1), help="1: one GPU per training process")
-    g.add_argument("--max-concurrent", type=int, default=None, help="cap on trials running at once")
-    g = p.add_argument_group("files")
-    g.add_argument("--name", default=default_name, help="study name; re-running a name resumes it")
+    g.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="cap on trials running at once (default: as many as the CPUs allow)",
+    )
+    g.add_argument(
+        "--max-failures",
+        type=int,
+        default=1,
+        help="retries per trial, each resuming from its last saved evaluation (default 1)",
+    )
+    g = groups["files"]
+    g.add_argument(
+        "--name", default=default_name, help=f"study name; re-running a name resumes it (default {default_name})"
+    )
     g.add_argument("--out", default=None, help="output folder (default: results/<name>)")
     g.add_argument(
         "--storage",
@@ -103,36 +293,30 @@ def add_common_arguments(p: argparse.ArgumentParser, default_name: str, smoke: d
         help="Ray storage for trial state: an absolute path or URI shared by all nodes (s3://..., NFS); "
         "default: $GRADALIGN_STORAGE, else the output folder",
     )
-    g.add_argument("--data-dir", default="data", help="where downloadable datasets live")
+    g.add_argument("--data-dir", default="data", help="where downloadable datasets live (default data)")
     g.add_argument("--download", action="store_true", help="allow downloading datasets into --data-dir")
-    g.add_argument(
-        "--num-samples",
-        type=int,
-        default=None,
-        help="mnist1d only: examples to generate (default: the canonical 5000 = 4000 train / 1000 test; "
-        "a multiple of 10); a larger test set narrows the confidence intervals",
-    )
     g.add_argument(
         "--export",
         type=export_arg,
         default=(),
         metavar="FORMATS",
-        help=f"also write every report figure as <out>/figures/<figure>.<format>, for papers; "
-        f"FORMATS: comma-separated, any of {','.join(FORMATS)}. Needs Chrome or Chromium (checked before "
-        "training; `apt-get install chromium` or `make browser`, or set BROWSER_PATH); works with "
-        "--report-only",
+        help=f"also write every report figure as <out>/figures/<figure>.<format>, for papers; FORMATS: "
+        f"comma-separated, any of {','.join(FORMATS)}. Needs Chrome or Chromium (checked before training; "
+        "`make browser`, or set BROWSER_PATH); works with --report-only",
     )
-    g = p.add_argument_group("modes")
+    g = groups["modes"]
     g.add_argument(
         "--smoke-test",
         action="store_true",
-        help="the whole pipeline on a tiny budget (" + ", ".join(f"{k}={v}" for k, v in smoke.items()) + "); "
-        "options you give explicitly keep your values",
+        help="the whole pipeline on a tiny budget ("
+        + ", ".join(f"{k}={v}" for k, v in smoke.items())
+        + "); options you give explicitly keep your values",
     )
     g.add_argument(
         "--report-only",
         action="store_true",
-        help="rebuild the report from the output folder (finished or partial study) without training",
+        help="rebuild the report from the output folder (finished or partial study) without training; the "
+        "protocol comes from the folder's study.json, so options that would change it are refused",
     )
     g.add_argument(
         "--extend-seeds",
@@ -140,20 +324,29 @@ def add_common_arguments(p: argparse.ArgumentParser, default_name: str, smoke: d
         help="accept a larger --seeds for a study folder started with fewer seeds: only the runs of the "
         "new seeds are trained (any other change of settings is refused)",
     )
-    p.set_defaults(_smoke=smoke, _default_name=default_name)
+    g.add_argument(
+        "--yes",
+        action="store_true",
+        help=f"start a study whose work is far beyond the default's (more than {WORK_LIMIT_EXAMPLES:.0e} "
+        "training examples in all) without asking",
+    )
+    p.set_defaults(_smoke=dict(smoke), _default_name=default_name)
+    return p, groups
 
 
+# -- parsing ------------------------------------------------------------------------------------------------------
 _UNSET = object()
+_NEGATIVE = re.compile(r"^-[\d.]")
 
 
-def parse_study_args(
-    parser: argparse.ArgumentParser,
-    argv: list[str] | None = None,
-    presets: Mapping[str, Mapping[str, Any]] | None = None,
+def parse(
+    parser: argparse.ArgumentParser, argv: Sequence[str], presets: Mapping[str, Mapping[str, Any]] | None = None
 ) -> argparse.Namespace:
     """Parse `argv`, then apply `--smoke-test` (or `--preset NAME`, one of `presets`) to every option the user did not
-    give explicitly: explicit values always win, and are then validated like any other (`--smoke-test --seeds 0`
-    is refused, not replaced). Both at once are refused. Prints which values the preset set."""
+    give explicitly: explicit values always win, and are then checked like any other (`--smoke-test --seeds 0` is
+    refused, not replaced). Both at once are refused. Prints which values the preset set. `args._explicit` holds the
+    destinations the user gave."""
+    argv = _join_negative_ranges(parser, argv)
     args = parser.parse_args(argv)
     # An option given on the command line overwrites a marker put in its place beforehand; defaults do not.
     marked = parser.parse_args(argv, namespace=argparse.Namespace(**{k: _UNSET for k in vars(args)}))
@@ -165,8 +358,8 @@ def parse_study_args(
         chosen.append(("--smoke-test", args._smoke, f"{args._default_name}-smoke"))
     if len(chosen) > 1:
         parser.error(
-            f"{chosen[0][0]} and {chosen[1][0]} set the same options differently; use one of them "
-            "(and give any value you want to change explicitly)"
+            f"{chosen[0][0]} and {chosen[1][0]} set the same options differently; use one of them (and give "
+            "any value you want to change explicitly)"
         )
     for label, values, name in chosen:
         applied = {k: v for k, v in values.items() if k not in explicit}
@@ -175,165 +368,249 @@ def parse_study_args(
         if "name" not in explicit:
             args.name = name
         kept = [f"--{k.replace('_', '-')}" for k in values if k in explicit]
-        print(
-            f"{label}: {', '.join(f'{k}={v}' for k, v in applied.items())}"
-            + (f" (your {', '.join(kept)} kept)" if kept else ""),
-            flush=True,
-        )
+        if not args.report_only:
+            print(
+                f"{label}: {', '.join(f'{k}={v}' for k, v in applied.items())}"
+                + (f" (your {', '.join(kept)} kept)" if kept else ""),
+                flush=True,
+            )
     if args.out is None:
         args.out = str(Path("results") / args.name)
+    args._explicit = explicit
     return args
 
 
-def validate_common(args: argparse.Namespace) -> None:
-    """Refuse impossible tuning and execution options, naming the option and the value."""
-    if args.trials_per_cell < 1:
-        raise ConfigError("trials_per_cell", args.trials_per_cell, "each cell needs at least one tuning trial")
-    if args.seeds < 1:
-        raise ConfigError("seeds", args.seeds, "the best configuration of each cell needs at least one seed run")
-    if not (args.cpus_per_worker > 0 and math.isfinite(args.cpus_per_worker)):
-        raise ConfigError("cpus_per_worker", args.cpus_per_worker, "must be a positive number")
-    if args.max_concurrent is not None and args.max_concurrent < 1:
-        raise ConfigError("max_concurrent", args.max_concurrent, "must be >= 1")
-    for name in ("tuning_seeds", "eval_points"):
+def _join_negative_ranges(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """`--beta-range -1,0.5` as `--beta-range=-1,0.5`: argparse would take '-1,0.5' for an option."""
+    ranges = {s for a in parser._actions if a.dest.endswith("_range") for s in a.option_strings}
+    out, argv = [], list(argv)
+    for i, token in enumerate(argv):
+        if i and argv[i - 1] in ranges and _NEGATIVE.match(token) and out and out[-1] == argv[i - 1]:
+            out[-1] = f"{argv[i - 1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+@dataclass(frozen=True)
+class DataLocation:
+    """Where the datasets live (not part of the protocol: a study may move)."""
+
+    data_dir: str
+    download: bool
+
+
+def split_sizes(
+    dataset: str, data: DataLocation, num_samples: int | None, val_fraction: float, clients: int | None = None
+) -> dict[str, int]:
+    """Examples in the train / val / test splits of `dataset` (the training split is what one epoch is). Loads the
+    dataset here, in the driver: a missing one is refused before Ray starts (and downloaded once, with
+    --download, not by every trial at the same time)."""
+    from gradalign.data import clear_cache, load_dataset
+    from gradalign.splits import with_validation
+
+    if not 0 < val_fraction < 1:
+        raise ConfigError("val_fraction", val_fraction, "must lie in (0, 1): tuning needs a validation split")
+    loaded = load_dataset(
+        dataset, data_dir=data.data_dir, download=data.download, num_clients=clients, num_samples=num_samples
+    )
+    split = with_validation(loaded, val_fraction, 0)
+    sizes = {"train": len(split.y_train), "val": len(split.y_val), "test": len(split.y_test)}
+    clear_cache()  # the trials load their own copies: do not keep one in the driver
+    return sizes
+
+
+def seed_lists(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    """The protocol's tuning seeds (0, 1, ...) and final seeds (SEED_BASE, ...) from --tuning-seeds and --seeds."""
+    for name in ("tuning_seeds", "seeds", "trials_per_cell", "eval_points"):
         if getattr(args, name) < 1:
             raise ConfigError(name, getattr(args, name), "must be >= 1")
-    if not 0 < args.val_fraction < 1:
-        raise ConfigError("val_fraction", args.val_fraction, "must lie in (0, 1): tuning needs a validation split")
+    return {"tuning_seeds": tuple(range(args.tuning_seeds)), "seeds": tuple(SEED_BASE + i for i in range(args.seeds))}
 
 
-def common_settings(args: argparse.Namespace) -> dict:
-    return dict(
-        trials_per_cell=args.trials_per_cell,
-        seeds=tuple(SEED_BASE + i for i in range(args.seeds)),
-        tuning_seeds=tuple(range(args.tuning_seeds)),
+# -- the command --------------------------------------------------------------------------------------------------
+class StudyCommand:
+    """One invocation of a study script: its options, its refusals, the run and the report's inputs."""
+
+    def __init__(
+        self,
+        parser: argparse.ArgumentParser,
+        argv: Sequence[str] | None,
+        kind: str,
+        presets: Mapping[str, Mapping[str, Any]] | None = None,
+    ):
+        self.parser = parser
+        self.argv = list(sys.argv[1:] if argv is None else argv)
+        self.kind = kind
+        self.args = parse(parser, self.argv, presets)
+        self.out = Path(self.args.out).resolve()
+        self.text = " ".join([f"studies/{kind.replace('-', '_')}.py", *self.argv])
+        self.data = DataLocation(str(Path(self.args.data_dir).resolve()), bool(self.args.download))
+        self.code = 0
+
+    @contextmanager
+    def refusals(self) -> Iterator[None]:
+        """Bad input, a missing dataset, a damaged file or an unreachable cluster end the command with 'error: ...'
+        (exit code 2); a study whose every trial of a cell failed, with exit code 1. Never a traceback."""
+        from gradalign.ray_adapter import ClusterUnreachable, StudyFailed
+        from gradalign.ray_adapter.cluster_checks import ClusterNotReady
+
+        try:
+            yield
+        except ConfigError as err:
+            self.code = fail(self.explain(err))
+        except Refused as err:
+            self.code = fail(err)
+        except ExportUnavailable as err:
+            written = (self.out / "report.html").exists() and self.args.export
+            hint = (
+                (
+                    f"\n(the HTML report and tables are written; retry the figures with --report-only --export "
+                    f"{','.join(self.args.export)})"
+                )
+                if written
+                else ""
+            )
+            self.code = fail(f"{err}{hint}")
+        except (
+            DatasetNotFoundError,
+            DatasetCorruptError,
+            ClusterUnreachable,
+            ClusterNotReady,
+            ConnectionError,
+            DamagedTable,
+            NothingToReport,
+        ) as err:
+            self.code = fail(err)
+        except StudyFailed as err:
+            self.code = fail(err, code=1)
+
+    def explain(self, err: ConfigError) -> str:
+        """'--option typed: invalid field=value: why' when the field is an option of this script."""
+        option = _option_of(self.parser, err.field)
+        if option is None:
+            return str(err)
+        typed = _typed(self.argv, option)
+        said = f"{option} {typed}" if typed is not None else f"{option} (not given: a default or a preset's value)"
+        return f"{said}: {err}"
+
+    # -- --report-only ---------------------------------------------------------------------------------------------
+    def recorded(self) -> StudyProtocol:
+        """The protocol of the study in the output folder, for --report-only. Options that would change the science
+        are refused (the report states the recorded protocol); so is a folder of another kind of study."""
+        changed = sorted(self.args._explicit - REPORT_ONLY_OK)
+        if changed:
+            typed = []
+            for dest in changed:
+                option = _option_of(self.parser, dest) or f"--{dest.replace('_', '-')}"
+                value = _typed(self.argv, option)
+                typed.append(f"{option} {value}".strip() if value is not None else option)
+            raise Refused(
+                f"--report-only rebuilds the report from the study's own record ({self.out / 'study.json'}): "
+                f"{', '.join(typed)} cannot change what the study measured; drop "
+                f"{'it' if len(changed) == 1 else 'them'} (the report states the recorded protocol)"
+            )
+        saved = read_study_file(self.out)
+        if saved is None:
+            what = "no study here" if not self.out.exists() else "no study.json in it: not a study folder"
+            raise ConfigError("out", str(self.out), f"nothing to rebuild ({what})")
+        if saved.kind != self.kind:
+            raise ConfigError(
+                "out",
+                str(self.out),
+                f"this folder holds a {saved.kind} study, not a {self.kind} "
+                f"study: rebuild it with studies/{saved.kind.replace('-', '_')}.py --report-only",
+            )
+        return saved.protocol
+
+    def history(self) -> pd.DataFrame:
+        return load_history(self.out)
+
+    # -- the run ---------------------------------------------------------------------------------------------------
+    def run(self, protocol: StudyProtocol, cells) -> pd.DataFrame:
+        """Check everything that can be checked, join (or start) Ray, run the engine; returns the history."""
+        import ray
+
+        from gradalign.ray_adapter import StudyPlan, run_plan
+        from gradalign.ray_adapter.cluster_checks import check_cluster, join_or_start
+        from gradalign.ray_adapter.progress import TALLY
+        from trainables import gradalign_trainable
+
+        args = self.args
+        resources = _resources(args)
+        plan = StudyPlan(protocol, self.out, tuple(cells), resources)
+        check_writable(self.out, "out")
+        if resources.storage and "://" not in resources.storage:
+            if not os.path.isabs(resources.storage):
+                raise ConfigError("storage", resources.storage, "must be an absolute path or a URI (s3://...)")
+            check_writable(Path(resources.storage), "storage")
+        check_study_file(self.out, protocol, plan.cell_settings(), args.extend_seeds)
+        runs = len(plan.cells) * (protocol.trials_per_cell * len(protocol.tuning_seeds) + len(protocol.seeds))
+        work = runs * protocol.budget.epochs * protocol.split_sizes["train"]
+        if work > WORK_LIMIT_EXAMPLES and not args.yes:
+            raise ConfigError(
+                "yes",
+                False,
+                f"this study would train {runs} runs of up to {protocol.budget.epochs:.3g} epochs "
+                f"(about {work:.2g} training examples in all, {work / 1.2e7:.0f} times the default study, which takes "
+                "about 8 minutes on 2 CPU cores): check the budget, or pass --yes to start it",
+            )
+        if args.export:  # no browser: say so now, not after the study has trained
+            find_browser()
+        print(
+            f"{self.kind} study {protocol.name!r}: {len(plan.cells)} cells x {protocol.trials_per_cell} tuning trials"
+            + (f" ({len(protocol.tuning_seeds)} seeds each)" if len(protocol.tuning_seeds) > 1 else "")
+            + f" + {len(protocol.seeds)} seeds = {runs} training runs; output in {self.out}",
+            flush=True,
+        )
+        print(f"budget: {protocol.budget.sentence()}", flush=True)
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own experiment banner and TensorBoard hints
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # (one 'study created' line per cell)
+        started = time.perf_counter()
+        connection = join_or_start(args.address, args.local, num_cpus=args.num_cpus)
+        check_cluster(connection, multi_worker=any(c.workers > 1 for c in plan.cells), storage=plan.storage)
+        history = run_plan(plan, gradalign_trainable, address=args.address, extend_seeds=args.extend_seeds)
+        cpus = float(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1.0
+        print(
+            f"all cells finished in {time.perf_counter() - started:.0f} s; "
+            f"{TALLY.line(time.perf_counter() - started, cpus)}",
+            flush=True,
+        )
+        return history
+
+    def finish_report(self, path: Path, started: float) -> None:
+        """The last lines: where the files are, the figures written, then the verdict."""
+        from gradalign.findings import print_outcome
+
+        if self.args.export:
+            print(
+                f"figures ({', '.join(self.args.export)}): {self.out / 'figures'} (report written in "
+                f"{time.perf_counter() - started:.1f} s)",
+                flush=True,
+            )
+        print_outcome(self.out, path)
+
+
+def _resources(args: argparse.Namespace):
+    from gradalign.ray_adapter import Resources
+
+    if not (math.isfinite(args.cpus_per_worker) and args.cpus_per_worker > 0):
+        raise ConfigError("cpus_per_worker", args.cpus_per_worker, "must be a positive number")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise ConfigError("num_cpus", args.num_cpus, "a Ray started here needs at least 1 CPU")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError("max_concurrent", args.max_concurrent, "must be >= 1")
+    if args.max_failures < 0:
+        raise ConfigError("max_failures", args.max_failures, "must be >= 0 (retries per trial)")
+    return Resources(
         storage=args.storage,
         cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker,
-        asha=args.asha,
         max_concurrent=args.max_concurrent,
-        sampler_seed=args.sampler_seed,
+        max_failures=args.max_failures,
     )
-
-
-def run_study_script(args: argparse.Namespace, argv: list[str] | None, plan_cells, validate, report, describe) -> int:
-    """The body every study script shares: report-only, or validate -> plan -> check -> run every cell -> report.
-
-    `plan_cells(args)` and `validate(args)` must raise ConfigError (or ValueError) on bad input, before Ray starts;
-    `report(out, args, command, history)` writes the report; `describe(plan)` is the opening progress line.
-    Before Ray starts, the datasets must be present (or --download given), the output folder writable, and a study
-    already in the folder must have been started with the same settings.
-    """
-    from studies.cells import StudyFailed, StudyPlan, load_history, run_plan, throughput
-    from studies.settings_file import check_plan
-
-    out = Path(args.out).resolve()
-    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
-    try:
-        if args.export:  # no browser: say so now, not after the study has trained
-            find_browser()
-    except ExportUnavailable as err:
-        return fail(err)
-    if args.report_only:
-        try:
-            history = load_history(out)
-        except StudyFailed as err:
-            return fail(err)
-        return _report(report, out, args, command, history)
-    try:
-        validate_common(args)
-        validate(args)
-        plan = StudyPlan(
-            name=args.name,
-            out_dir=out,
-            cells=plan_cells(args),
-            budget_epochs=args.budget_epochs,
-            **common_settings(args),
-        )
-        check_datasets(plan)
-        check_writable(out, "out")
-        if plan.storage and "://" not in plan.storage:
-            check_writable(Path(plan.storage), "storage")
-        check_plan(plan, extend_seeds=args.extend_seeds)
-    except (ConfigError, ValueError, DatasetNotFoundError, DatasetCorruptError) as err:
-        return fail(err)
-    print(f"{describe(plan)}; output in {out}", flush=True)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own experiment banner and TensorBoard hints: not ours
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # (one 'study created' line per cell)
-    started = time.perf_counter()
-    try:
-        prepare_cluster(args, plan)
-        history = run_plan(plan, address=args.address, extend_seeds=args.extend_seeds)
-    except (ConfigError, ConnectionError, ClusterNotReady) as err:
-        return fail(err)
-    except StudyFailed as err:
-        return fail(err, code=1)
-    seconds = time.perf_counter() - started
-    print(f"all cells finished in {seconds:.0f} s; {throughput(history, seconds, _cluster_cpus())}", flush=True)
-    return _report(report, out, args, command, history)
-
-
-def _cluster_cpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1.0
-
-
-def _report(report, out: Path, args: argparse.Namespace, command: str, history) -> int:
-    """`report(...)`, with a failed figure export said in one line (the HTML report and tables are written)."""
-    started = time.perf_counter()
-    try:
-        code = report(out, args, command, history)
-    except ExportUnavailable as err:
-        return fail(
-            ExportUnavailable(
-                f"{err}\n(the HTML report and tables are written; retry the figures with "
-                f"--report-only --export {','.join(args.export)})"
-            )
-        )
-    if args.export:
-        print(
-            f"figures ({', '.join(args.export)}): {out / 'figures'} (report written in "
-            f"{time.perf_counter() - started:.1f} s)",
-            flush=True,
-        )
-    return code
-
-
-def split_sizes(args: argparse.Namespace, clients: int | None = None) -> dict[str, int]:
-    """Examples in the train / val / test splits of `args.dataset` (the training split is what one epoch is).
-    Loads the dataset in the driver, so a missing one is refused before Ray starts; records the sizes in `args`."""
-    from gradalign.data import load_dataset
-    from gradalign.splits import with_validation
-
-    data = load_dataset(
-        args.dataset, data_dir=args.data_dir, download=args.download, num_clients=clients, num_samples=args.num_samples
-    )
-    split = with_validation(data, args.val_fraction, 0)
-    args.split_sizes = {"train": len(split.y_train), "val": len(split.y_val), "test": len(split.y_test)}
-    return args.split_sizes
-
-
-def check_datasets(plan) -> None:
-    """Load every dataset the plan's cells use, once, in this process: a missing one (without --download) raises
-    `DatasetNotFoundError` naming the files and how to get them, before Ray starts. With --download, this is where
-    it is downloaded (once, not by every trial at the same time)."""
-    from gradalign.data import clear_cache, load_dataset
-
-    needed = {
-        (
-            c.space.fixed.get("dataset", "digits"),
-            c.space.fixed.get("data_dir", "data"),
-            bool(c.space.fixed.get("download", False)),
-            c.space.fixed.get("num_samples"),
-        )
-        for c in plan.cells
-    }
-    for name, data_dir, download, num_samples in sorted(needed, key=str):
-        load_dataset(name, data_dir=data_dir, download=download, num_samples=num_samples)
-    clear_cache()  # the trials load their own copies: do not keep one in the driver
 
 
 def check_writable(folder: Path, option: str) -> None:
@@ -349,22 +626,30 @@ def check_writable(folder: Path, option: str) -> None:
         ) from None
 
 
-def describe_study(kind: str, args: argparse.Namespace, budget: str):
-    """`run_study_script`'s `describe`: '<kind> study <name>: N cells x T tuning trials + S seeds, <budget>'."""
-    return lambda plan: (
-        f"{kind} study {args.name!r}: {len(plan.cells)} cells x {args.trials_per_cell} "
-        f"tuning trials + {len(plan.seeds)} seeds, {budget}"
-    )
-
-
-def fail(err: Exception, code: int = 2) -> int:
-    print(f"error: {err}", file=sys.stderr)
+def fail(err: Exception | str, code: int = 2) -> int:
+    print(f"error: {err}", file=sys.stderr, flush=True)
     return code
 
 
-def prepare_cluster(args: argparse.Namespace, plan) -> None:
-    """Join the cluster (or start a local Ray), say which, and refuse one that cannot run the plan's cells."""
-    connection = join_or_start(args.address, args.local)
-    check_cluster(
-        connection, multi_worker=any(cell.workers > 1 for cell in plan.cells), storage=plan.storage or str(plan.out_dir)
-    )
+def _option_of(parser: argparse.ArgumentParser, field: str) -> str | None:
+    """The long option whose destination is `field` (or `field` + '_range'), if the parser has one."""
+    for dest in (field, f"{field}_range", field.removesuffix("_range")):
+        for action in parser._actions:
+            if action.dest == dest and action.option_strings and action.help != argparse.SUPPRESS:
+                return max(action.option_strings, key=len)
+    return None
+
+
+def _typed(argv: Sequence[str], option: str) -> str | None:
+    """What the user typed after `option` ('--opt a b' -> 'a b', '--opt=a' -> 'a'); None if not given."""
+    for i, token in enumerate(argv):
+        if token.startswith(option + "="):
+            return token.split("=", 1)[1]
+        if token == option:
+            values = []
+            for value in argv[i + 1 :]:
+                if value.startswith("--") or (value.startswith("-") and not _NEGATIVE.match(value)):
+                    break
+                values.append(value)
+            return " ".join(values) if values else ""
+    return None

@@ -1,131 +1,106 @@
 """Tune one algorithm on one setting with Ray Tune + Optuna, locally or on a running Ray cluster.
 
-    python studies/tune.py                                   # GradAlign on MNIST-1D, 16 trials, a few minutes on 2 CPUs
-    python studies/tune.py --algorithm fedprox --mu 1e-3 1 --name digits-fedprox
-    python studies/tune.py --workers 2 --asha                # each trial = a 2-worker Ray Train run
-    python studies/tune.py --name my-study                   # again, after a crash or Ctrl-C: resumes it
+    python studies/tune.py                                    # GradAlign on MNIST-1D, 16 trials, a few minutes
+    python studies/tune.py --smoke-test                       # the whole pipeline on digits in about a minute
+    python studies/tune.py --algorithm fedprox --mu-range 1e-3,1 --name digits-fedprox --dataset digits
+    python studies/tune.py --workers 2 --asha                 # each trial = a 2-worker Ray Train run
+    python studies/tune.py --report-only --out results/tune   # rebuild the report from the folder
 
-What varies: lr (log-uniform), beta (GradAlign/FedGA, log-uniform), the batch size (categorical), and optionally
-momentum, weight decay, local steps K and server step size (federated) and mu (FedProx). Everything else is fixed
-(--set FIELD=VALUE for any TrainConfig field). The budget is --epochs passes' worth of training examples per trial
-(or --budget-steps updates), --trials trials. Trials are scored on the validation split (--metric, default
-val_accuracy, at the end of the budget); the test split is only reported.
+A one-cell study on the same engine as the scaling studies: the nuisance parameters (lr, β for GradAlign/FedGA,
+the batch size among --batch-sizes, and optionally momentum, weight decay, local steps K, μ and the server step
+size) are tuned with Optuna's TPE on the validation split (--metric, default val_accuracy at the end of the
+budget; --multi-objective adds the wall time as a second objective), then the chosen configuration is re-run with
+fresh seeds whose test accuracy is the result (mean, 95% CI, n). Everything else is fixed (--set FIELD=VALUE for
+any TrainConfig field). The budget is --epochs passes' worth of training examples per run (or --budget-steps).
 
-Writes into OUT/NAME/: results.parquet and results.csv (a row per trial per evaluation: configuration, metrics, status,
-provenance), optuna.db (the Optuna study: `optuna-dashboard sqlite:///OUT/NAME/optuna.db`), figures/*.html
-(optimization history, parameter importances, lr x beta contour), tune/ (Ray Tune's experiment, for resuming),
-train/, state/ and history/ (trial checkpoints and metric histories) and study.json (what a resume must match).
+Writes into --out (default results/<name>): report.html (verdict, tuning figures, cells), summary.json, the tables
+(history, cells), optuna.db (`optuna-dashboard sqlite:///OUT/optuna.db`) and study.json (what a resume must match).
+Re-running the same command resumes the study; --report-only rebuilds the report.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import os
+import math
 import sys
+import time
 from pathlib import Path
 
-import optuna
+import pandas as pd
 
-import trainables
-from gradalign.config import ALGORITHMS, ALIGNING_ALGORITHMS, DATASETS, MODELS, PARTITIONS, ConfigError
-from gradalign.ray_adapter import (
-    GROUP_SEEDS,
-    Range,
-    SearchSpace,
-    StudySettings,
-    TrialExecution,
-    results_table,
-    run_study,
-    sync_optuna_study,
-    write_results_table,
+from gradalign.config import ALGORITHMS, ALIGNING_ALGORITHMS, FEDERATED_ALGORITHMS, PARTITIONS, ConfigError
+from gradalign.findings import build_report
+from gradalign.protocol import Budget, StudyProtocol
+from gradalign.ranges import Range
+from gradalign.verdict import protocol_sentence
+from studies.study_cli import (
+    DataLocation,
+    StudyCommand,
+    range_arg,
+    rewrite_deprecated,
+    seed_lists,
+    split_sizes,
+    study_parser,
 )
-from studies.cluster_checks import ClusterNotReady, check_cluster, join_or_start
-from studies.common import ProgressPrinter, best_row, format_params, write_figures
+
+KIND = "tune"
+SMOKE = dict(
+    dataset="digits",
+    model="mlp",
+    epochs=2,
+    batch_sizes=[64, 128],
+    trials_per_cell=3,
+    seeds=2,
+    eval_points=6,
+    target=0.5,
+)
+DEPRECATED = {
+    "--lr": ("--lr-range", 2),
+    "--beta": ("--beta-range", 2),
+    "--momentum": ("--momentum-range", 2),
+    "--weight-decay": ("--weight-decay-range", 2),
+    "--local-steps": ("--local-steps-range", 2),
+    "--mu": ("--mu-range", 2),
+    "--server-lr": ("--server-lr-range", 2),
+    "--trials": ("--trials-per-cell", 1),
+    "--gpu": ("--gpus-per-worker", 0),
+}
+"""The spellings of the previous release: OLD VALUES -> NEW (ranges: 'LO HI' -> 'LO,HI'), with a note on stderr."""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("study")
-    g.add_argument("--name", default=None, help="study name (default DATASET-ALGORITHM); re-running a name resumes it")
-    g.add_argument(
-        "--out", default="results/tune", help="output folder; the study lives in OUT/NAME (default %(default)s)"
+def build_parser() -> argparse.ArgumentParser:
+    p, groups = study_parser(
+        __doc__,
+        default_name=KIND,
+        smoke=SMOKE,
+        dataset="mnist1d",
+        model="cnn",
+        epochs=5,
+        target=0.6,
+        lr_range=(0.01, 1.0),
+        beta_range=(1e-4, 0.5),
+        trials_per_cell=16,
+        seeds=3,
     )
-    g.add_argument("--trials", type=int, default=16, help="number of trials (default %(default)s)")
-    g.add_argument(
-        "--metric",
-        default="val_accuracy",
-        help="metric to optimise, at a trial's last evaluation; a validation metric (val_accuracy, "
-        "val_loss), since the test split is for reporting (default %(default)s)",
-    )
-    g.add_argument(
-        "--mode", choices=("max", "min"), default=None, help="max or min (default: max for accuracy, else min)"
-    )
-    g.add_argument(
-        "--multi-objective",
-        action="store_true",
-        help="optimise METRIC and wall_time (min) together (Pareto front; ASHA then uses METRIC)",
-    )
-    g.add_argument("--sampler-seed", type=int, default=0, help="seed of Optuna's TPE sampler (default %(default)s)")
-    g.add_argument(
-        "--asha", action="store_true", help="stop unpromising trials early (ASHA on epochs of examples seen)"
-    )
-    g.add_argument(
-        "--grace-period",
-        type=float,
-        default=1.0,
-        help="ASHA: epochs' worth of examples before a trial may be stopped (default %(default)s)",
-    )
-    g.add_argument(
-        "--time-budget", type=float, default=None, help="seconds after which no new trial starts (default: none)"
-    )
-
-    g = p.add_argument_group("fixed setting")
-    g.add_argument(
-        "--dataset",
-        choices=DATASETS,
-        default="mnist1d",
-        help="dataset (default %(default)s, generated offline; digits is bundled; others need --download)",
-    )
-    g.add_argument("--model", choices=MODELS, default="cnn", help="model (default %(default)s)")
-    g.add_argument(
-        "--algorithm", choices=ALGORITHMS, default="gradalign", help="algorithm to tune (default %(default)s)"
-    )
+    g = groups["fixed"]
+    g.add_argument("--algorithm", choices=ALGORITHMS, default="gradalign", help="algorithm to tune (default gradalign)")
     g.add_argument(
         "--clients",
         type=int,
         default=8,
-        help="clients m; every batch size must be divisible by it (default %(default)s)",
+        help="clients m (micro-batches); every batch size must be divisible by it (default 8)",
     )
     g.add_argument(
-        "--epochs",
-        type=float,
-        default=5,
-        help="budget per trial in passes over the training split (default %(default)s)",
-    )
-    g.add_argument("--budget-steps", type=int, default=None, help="budget in updates instead of epochs")
-    g.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="fraction of the training data held out for validation (default %(default)s)",
+        "--partition", choices=PARTITIONS, default="iid", help="how data are split over clients (default iid)"
     )
     g.add_argument(
-        "--partition", choices=PARTITIONS, default="iid", help="how data are split over clients (default %(default)s)"
-    )
-    g.add_argument(
-        "--seed", type=int, default=0, help="seed of every trial's model, partition and batches (default %(default)s)"
-    )
-    g.add_argument(
-        "--tuning-seeds",
+        "--workers",
         type=int,
         default=1,
-        help="seeds each trial trains side by side (SEED, SEED+1, ...), scored by their mean: robust to "
-        "configurations at the edge of stability, at that many runs per trial (default %(default)s)",
+        help="processes per trial: 1 trains inside the trial process; N > 1 runs a Ray Train TorchTrainer (default 1)",
     )
-    g.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="(default %(default)s)")
-    g.add_argument("--data-dir", default="data", help="dataset folder (made absolute: trials run in other folders)")
-    g.add_argument("--download", action="store_true", help="allow downloading the dataset into --data-dir")
+    g.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="(default float32)")
     g.add_argument(
         "--set",
         action="append",
@@ -133,143 +108,238 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FIELD=VALUE",
         help="fix any other TrainConfig field, e.g. --set participation=0.5 (repeatable)",
     )
-
-    g = p.add_argument_group("search space (LO HI ranges; give a range to search a parameter, omit it to fix it)")
-    g.add_argument(
-        "--lr", type=float, nargs=2, default=(1e-2, 1.0), metavar=("LO", "HI"), help="log-uniform (default %(default)s)"
-    )
-    g.add_argument(
-        "--beta",
-        type=float,
-        nargs=2,
-        default=(1e-4, 0.5),
-        metavar=("LO", "HI"),
-        help="log-uniform, only for gradalign/fedga (default %(default)s)",
-    )
+    g = groups["nuisance"]
     g.add_argument(
         "--batch-sizes",
         type=int,
         nargs="+",
-        default=(64, 128, 256),
+        default=[64, 128, 256],
         metavar="B",
-        help="categorical global batch sizes (default %(default)s)",
-    )
-    g.add_argument("--momentum", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="uniform, in [0, 1)")
-    g.add_argument(
-        "--weight-decay", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="log-uniform, LO > 0"
+        help="global batch sizes to choose from (categorical; one value fixes it; default 64 128 256)",
     )
     g.add_argument(
-        "--local-steps", type=int, nargs=2, default=None, metavar=("LO", "HI"), help="integer K, federated algorithms"
-    )
-    g.add_argument("--mu", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="log-uniform, fedprox only")
-    g.add_argument(
-        "--server-lr",
-        type=float,
-        nargs=2,
+        "--weight-decay-range",
+        type=range_arg,
         default=None,
-        metavar=("LO", "HI"),
-        help="log-uniform server step size, federated algorithms",
-    )
-
-    g = p.add_argument_group("execution")
-    g.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="processes per trial: 1 trains inside the trial process; N > 1 runs a Ray Train TorchTrainer "
-        "(default %(default)s)",
+        metavar="LOW,HIGH",
+        help="weight decay, log-uniform, LOW > 0 (default none: 0)",
     )
     g.add_argument(
-        "--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker (default %(default)s)"
-    )
-    g.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    g.add_argument(
-        "--max-concurrent", type=int, default=None, help="cap on concurrent trials (default: as many as the CPUs allow)"
-    )
-    g.add_argument(
-        "--max-failures",
-        type=int,
-        default=1,
-        help="retries per trial, each resuming from its checkpoint (default %(default)s)",
-    )
-    where = g.add_mutually_exclusive_group()
-    where.add_argument(
-        "--address",
+        "--local-steps-range",
+        type=range_arg,
         default=None,
-        help="Ray cluster to join (HOST:PORT); default: RAY_ADDRESS, else the Ray that `ray start` runs "
-        "on this machine (on a cluster's head node: the cluster), else a new local Ray",
+        metavar="LOW,HIGH",
+        help="integer K, federated algorithms (default none: fixed)",
     )
-    where.add_argument(
-        "--local",
+    g.add_argument(
+        "--mu-range",
+        type=range_arg,
+        default=None,
+        metavar="LOW,HIGH",
+        help="μ of FedProx, log-uniform (default none: FedProx's default)",
+    )
+    g.add_argument(
+        "--server-lr-range",
+        type=range_arg,
+        default=None,
+        metavar="LOW,HIGH",
+        help="server step size, log-uniform, federated algorithms (default none: 1)",
+    )
+    g = groups["tuning"]
+    g.add_argument(
+        "--metric",
+        choices=("val_accuracy", "val_loss"),
+        default="val_accuracy",
+        help="metric to optimise at a trial's last evaluation: the validation split (the test split is for "
+        "reporting; default val_accuracy)",
+    )
+    g.add_argument(
+        "--mode", choices=("max", "min"), default=None, help="max or min (default: max for accuracy, min for a loss)"
+    )
+    g.add_argument(
+        "--multi-objective",
         action="store_true",
-        help="always start a private local Ray, even where a cluster runs on this machine",
+        help="optimise METRIC and the wall time (min) together (a Pareto front; the chosen configuration "
+        "is the best on METRIC; ASHA then uses METRIC)",
     )
-    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of a Ray started here (default: all)")
-    return p.parse_args(argv)
+    return p
 
 
-def build(args: argparse.Namespace) -> tuple[SearchSpace, StudySettings, TrialExecution]:
-    """Scientific/nuisance/fixed split of the arguments into a search space, study settings and execution."""
-    fixed = dict(
-        dataset=args.dataset,
-        model=args.model,
-        algorithm=args.algorithm,
-        clients=args.clients,
-        epochs=args.epochs,
-        budget_steps=args.budget_steps,
-        val_fraction=args.val_fraction,
-        partition=args.partition,
-        seed=args.seed,
-        dtype=args.dtype,
-        data_dir=os.path.abspath(args.data_dir),
-        download=args.download,
+def make_protocol(args: argparse.Namespace, data: DataLocation) -> StudyProtocol:
+    """The one cell: what is searched, what is fixed, the budget."""
+    sizes = split_sizes(
+        args.dataset,
+        data,
+        args.num_samples,
+        args.val_fraction,
+        clients=args.clients if args.partition == "natural" else None,
     )
-    if args.tuning_seeds < 1:
-        raise ConfigError("tuning_seeds", args.tuning_seeds, "must be >= 1")
-    if args.tuning_seeds > 1:
-        fixed[GROUP_SEEDS] = [args.seed + i for i in range(args.tuning_seeds)]
-    if args.metric.startswith("test_"):
-        raise ConfigError(
-            "metric",
-            args.metric,
-            "tuning on the test split biases the result it reports: use "
-            "val_accuracy or val_loss (the test metrics are in the results table)",
-        )
+    fixed = {
+        "clients": args.clients,
+        "partition": args.partition,
+        "dtype": args.dtype,
+        **({} if args.momentum_range else {"momentum": args.momentum}),
+    }
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError("--set", item, "expected FIELD=VALUE")
+            raise ConfigError("set", item, "expected FIELD=VALUE")
         fixed[key.strip().replace("-", "_")] = _literal(value)
-    space = SearchSpace(
-        fixed=fixed,
-        lr=Range(*args.lr, log=True),
-        beta=Range(*args.beta, log=True) if args.algorithm in ALIGNING_ALGORITHMS and args.beta else None,
-        batch_sizes=tuple(args.batch_sizes or ()),
-        momentum=Range(*args.momentum) if args.momentum else None,
-        weight_decay=Range(*args.weight_decay, log=True) if args.weight_decay else None,
-        local_steps=Range(*args.local_steps) if args.local_steps else None,
-        mu=Range(*args.mu, log=True) if args.mu else None,
-        server_lr=Range(*args.server_lr, log=True) if args.server_lr else None,
-    )
+    if not args.batch_sizes or any(b < 1 for b in args.batch_sizes):
+        raise ConfigError("batch_sizes", args.batch_sizes, "every batch size must be >= 1")
+    if len(args.batch_sizes) == 1:
+        fixed["batch_size"] = args.batch_sizes[0]
+    algorithm = args.algorithm
+    searched = {"lr": Range(*args.lr_range, log=True)}
+    optional = {
+        "beta": (args.beta_range, True, ALIGNING_ALGORITHMS),
+        "momentum": (args.momentum_range, False, None),
+        "weight_decay": (args.weight_decay_range, True, None),
+        "local_steps": (args.local_steps_range, False, FEDERATED_ALGORITHMS),
+        "mu": (args.mu_range, True, ("fedprox",)),
+        "server_lr": (args.server_lr_range, True, FEDERATED_ALGORITHMS),
+    }
+    for name, (given, log, users) in optional.items():
+        if given is not None and (users is None or algorithm in users):
+            searched[name] = Range(*given, log=log)
+        elif given is not None and name != "beta":
+            raise ConfigError(f"{name}_range", given, f"only {', '.join(users)} use {name}; --algorithm {algorithm}")
     mode = args.mode or ("max" if "accuracy" in args.metric else "min")
     objectives = ((args.metric, mode),) + ((("wall_time", "min"),) if args.multi_objective else ())
-    name = args.name or f"{args.dataset}-{args.algorithm}"
-    settings = StudySettings(
-        name=name,
-        storage_path=os.path.abspath(os.path.join(args.out, name)),
-        num_samples=args.trials,
+    return StudyProtocol(
+        kind=KIND,
+        name=args.name,
+        dataset=args.dataset,
+        model=args.model,
+        num_samples=args.num_samples,
+        budget=budget_of(args, sizes["train"]),
+        split_sizes=sizes,
+        axes={"algorithm": algorithm, "workers": args.workers, "batch_sizes": list(args.batch_sizes)},
+        fixed=fixed,
+        ranges={algorithm: searched},
+        trials_per_cell=args.trials_per_cell,
+        **seed_lists(args),
         objectives=objectives,
-        seed=args.sampler_seed,
+        sampler_seed=args.sampler_seed,
         asha=args.asha,
         grace_period=args.grace_period,
-        max_concurrent_trials=args.max_concurrent,
-        max_failures=args.max_failures,
-        time_budget_s=args.time_budget,
+        target=args.target,
+        tolerance=args.tolerance,
+        val_fraction=args.val_fraction,
+        eval_points=args.eval_points,
+        notes={"batch size": "searched among " + ", ".join(map(str, args.batch_sizes))}
+        if len(args.batch_sizes) > 1
+        else {},
     )
-    execution = TrialExecution(
-        workers=args.workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu, storage_path=settings.storage_path
+
+
+def budget_of(args: argparse.Namespace, n_train: int) -> Budget:
+    if not (args.epochs > 0 and math.isfinite(args.epochs)):
+        raise ConfigError("epochs", args.epochs, "must be a positive finite number")
+    if args.budget_steps is not None:
+        if args.budget_steps < 1:
+            raise ConfigError("budget_steps", args.budget_steps, "must be a positive integer")
+        return Budget(
+            "steps",
+            args.budget_steps,
+            args.budget_steps * max(args.batch_sizes) / n_train,
+            f"{args.budget_steps} steps per run (training split: {n_train} examples)",
+        )
+    unit = math.lcm(*args.batch_sizes)
+    examples = unit * math.ceil(args.epochs * n_train / unit)
+    return Budget(
+        "examples",
+        examples,
+        examples / n_train,
+        f"{examples} training examples per run ({examples / n_train:.3g} epochs of the {n_train}-example "
+        f"training split; {examples // max(args.batch_sizes)} steps at B={max(args.batch_sizes)}, "
+        f"{examples // min(args.batch_sizes)} at B={min(args.batch_sizes)})",
     )
-    return space, settings, execution
+
+
+def plan_cells(protocol: StudyProtocol, data: DataLocation) -> list:
+    from gradalign.ray_adapter import Cell, SearchSpace
+
+    algorithm, budget = protocol.axes["algorithm"], protocol.budget
+    fixed = dict(
+        dataset=protocol.dataset,
+        model=protocol.model,
+        num_samples=protocol.num_samples,
+        algorithm=algorithm,
+        budget_examples=budget.amount if budget.unit == "examples" else None,
+        budget_steps=budget.amount if budget.unit == "steps" else None,
+        val_fraction=protocol.val_fraction,
+        eval_points=protocol.eval_points,
+        data_dir=data.data_dir,
+        download=data.download,
+        seed=protocol.tuning_seeds[0],
+        **protocol.fixed,
+    )
+    batch_sizes = protocol.axes["batch_sizes"]
+    space = SearchSpace(
+        fixed=fixed,
+        batch_sizes=tuple(batch_sizes) if len(batch_sizes) > 1 else (),
+        **{"lr": None, **protocol.ranges[algorithm]},
+    )
+    workers = protocol.axes["workers"]
+    return [Cell(algorithm, {"algorithm": algorithm, "workers": workers}, space, workers)]
+
+
+def verdict(protocol: StudyProtocol):
+    """The chosen configuration and what its seed runs reach, with the protocol that made the numbers."""
+
+    def sentences(history: pd.DataFrame, cells: pd.DataFrame, sig: pd.DataFrame) -> list[str]:
+        first = protocol_sentence(
+            protocol.trials_per_cell,
+            len(protocol.seeds),
+            protocol.budget.sentence(),
+            protocol.test_size,
+            cells["acc_mean"].mean() if len(cells) else None,
+            len(protocol.tuning_seeds),
+        )
+        out = [first]
+        searched = [p for p in protocol.ranges[protocol.axes["algorithm"]] if p != "local_steps"]
+        for row in cells.itertuples():
+            params = ", ".join(f"{p}={getattr(row, p):.3g}" for p in searched if _finite(getattr(row, p, None)))
+            spread = f" ± {100 * row.acc_std:.1f}" if _finite(row.acc_std) else ""
+            out.append(
+                f"The chosen configuration ({params}, B = {row.batch_size:g}) reaches {100 * row.acc_mean:.1f}%"
+                f"{spread} test accuracy (n = {row.n_seeds} seeds)."
+            )
+        return out
+
+    return sentences
+
+
+def write_report(protocol: StudyProtocol, command: StudyCommand) -> Path:
+    started = time.perf_counter()
+    path = build_report(
+        command.out,
+        command.history(),
+        protocol,
+        x="batch_size",
+        reference=None,
+        comparisons=(),
+        title=f"Tuning {protocol.axes['algorithm']} on {protocol.dataset}/{protocol.model}",
+        command=command.text,
+        verdict=verdict(protocol),
+        export=command.args.export,
+    )
+    command.finish_report(path, started)
+    print(f"optuna-dashboard sqlite:///{command.out / 'optuna.db'}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = rewrite_deprecated(list(sys.argv[1:] if argv is None else argv), DEPRECATED)
+    command = StudyCommand(build_parser(), argv, KIND)
+    with command.refusals():
+        args = command.args
+        protocol = command.recorded() if args.report_only else make_protocol(args, command.data)
+        if not args.report_only:
+            command.run(protocol, plan_cells(protocol, command.data))
+        write_report(protocol, command)
+    return command.code
 
 
 def _literal(text: str):
@@ -279,68 +349,11 @@ def _literal(text: str):
         return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if args.multi_objective and args.asha:
-        print(
-            "note: trials that ASHA stops report the wall time until they were stopped, so they sit at the fast "
-            "end of the Pareto front; read the front with that in mind (or drop --asha)",
-            file=sys.stderr,
-        )
+def _finite(value) -> bool:
     try:
-        space, settings, execution = build(args)
-        space.validate()  # before Ray starts
-        connection = join_or_start(args.address, args.local, num_cpus=args.num_cpus)
-        check_cluster(
-            connection,
-            multi_worker=args.workers > 1,
-            storage=settings.storage_path,
-            storage_fix="pass an --out folder on NFS (or another filesystem) mounted on every node",
-        )
-        progress = ProgressPrinter(
-            settings.num_samples, space.param_names, epochs=None if args.budget_steps else args.epochs
-        )
-        results = run_study(
-            trainables.gradalign_trainable, space, settings, execution, address=args.address, callbacks=[progress]
-        )
-    except (ConfigError, ConnectionError, ClusterNotReady) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    out = Path(settings.storage_path)
-    table = results_table(results, execution)
-    parquet, csv = write_results_table(table, out)
-    sync_optuna_study(table, settings.optuna_storage, settings.name, space, settings.objectives)
-
-    study = optuna.load_study(study_name=settings.name, storage=settings.optuna_storage)
-    figures = write_figures(study, out / "figures")
-
-    errors = sorted(set(table.loc[table["trial_status"] == "error", "trial_id"]))
-    best = best_row(table, settings.metric, settings.mode)
-    print(
-        f"\n{table['trial_id'].nunique()} trials, {len(table)} rows -> {parquet} and {csv}"
-        + (f"; {len(errors)} errored: {', '.join(errors)}" if errors else "")
-    )
-    print(
-        f"best trial {best['trial_id']} ({best['trial_status']}, after {best['epochs']:.3g} epochs, "
-        f"{best['steps']} steps): {settings.metric}={best[settings.metric]:.4g}; reported on the test split: "
-        f"test_accuracy={best['test_accuracy']:.4g} test_loss={best['test_loss']:.4g} "
-        f"wall_time={best['wall_time']:.1f}s"
-    )
-    print(f"  configuration: {format_params(best.to_dict(), space.param_names)}")
-    if len(settings.objectives) > 1:
-        names = [m for m, _ in settings.objectives]
-        print(f"Pareto front ({', '.join(names)}):")
-        for trial in sorted(study.best_trials, key=lambda t: t.values[0], reverse=settings.mode == "max"):
-            values = " ".join(f"{n}={v:.4g}" for n, v in zip(names, trial.values))
-            print(
-                f"  trial {trial.user_attrs.get('tune_trial_id')}: {values}  "
-                f"[{format_params(trial.params, space.param_names)}]"
-            )
-    print(f"figures: {', '.join(str(f) for f in figures)}")
-    print(f"optuna-dashboard {settings.optuna_storage}")
-    return 0
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The Tune function trainable: one trial = one GradAlign training run, saved and recorded at every evaluation and
-reported to Tune on a schedule (`trainables.reporting`: the last evaluation, ASHA's rungs, otherwise every few seconds).
+reported to Tune on a schedule (`trainables.report_schedule`: the last evaluation, ASHA's rungs, otherwise every few
+seconds).
 
 One worker: the trial trains in its own process (`LocalComm`, no TorchTrainer, no process group: start-up costs
 nothing), keeping its state in a stable per-configuration file. More workers: the trial is the Ray Train driver (Ray
@@ -28,9 +29,10 @@ from gradalign.comm import LocalComm
 from gradalign.config import TrainConfig
 from gradalign.ray_adapter import GROUP_SEEDS, TrialExecution, penalise
 from gradalign.ray_adapter._common import COUNTER
+from gradalign.ray_adapter.progress import RESUMED_AT
 from gradalign.ray_adapter.records import FROM_RECORD, TrialRecords, update_record
 from gradalign.seed_group import build_trainer
-from trainables.reporting import ReportSchedule
+from trainables.report_schedule import ReportSchedule
 from trainables.state import from_bytes, read_if_exists, to_bytes, write_atomic
 from trainables.worker import train_loop_per_worker
 
@@ -91,7 +93,7 @@ def train_in_process(
         trainer.load_state_dict(from_bytes(saved))
         if trainer.history:
             schedule.restored(trainer.history[-1])
-            report(penalise(trainer.history[-1]))
+            report({**penalise(trainer.history[-1]), RESUMED_AT: trainer.history[-1]["wall_time"]})
     while not trainer.done:
         metrics = penalise(trainer.train_until_eval())
         write_atomic(state_path, to_bytes(trainer.state_dict()))

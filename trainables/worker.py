@@ -25,7 +25,7 @@ from gradalign.ray_adapter import GROUP_SEEDS, penalise
 from gradalign.ray_adapter._common import COUNTER
 from gradalign.ray_adapter.records import update_record
 from gradalign.seed_group import build_trainer
-from trainables.reporting import ReportSchedule
+from trainables.report_schedule import ReportSchedule
 from trainables.state import from_bytes, read_if_exists, to_bytes, write_atomic
 
 

@@ -37,7 +37,7 @@ class TrialExecution:
     report_interval_s: float = 5.0
     """At most one intermediate report to Tune every this many seconds (0: every evaluation). Every evaluation is
     still saved and recorded; the last one, and the first at or past each of `report_rungs`, are always reported
-    (`trainables.reporting`)."""
+    (`trainables.report_schedule`)."""
     report_rungs: tuple[float, ...] = ()
     """`epochs` at which the scheduler decides (ASHA's rungs; set by the study from its scheduler)."""
 

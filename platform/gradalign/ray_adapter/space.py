@@ -14,22 +14,13 @@ from gradalign.config import (
     ConfigError,
     TrainConfig,
 )
+from gradalign.ranges import Range
 
 from ._common import _TRAIN_CONFIG_FIELDS, GROUP_SEEDS, _is_finite
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Search space
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Range:
-    """A search range [low, high]; `log` samples log-uniformly (then low must be > 0)."""
-
-    low: float
-    high: float
-    log: bool = False
-
-
 # name -> (value type, algorithms that take it; None = all)
 _SEARCHABLE: dict[str, tuple[type, tuple[str, ...] | None]] = {
     "lr": (float, None),
@@ -168,14 +159,7 @@ class SearchSpace:
 
     @staticmethod
     def _check_range(name: str, rng: Range) -> None:
-        if not (_is_finite(rng.low) and _is_finite(rng.high)):
-            raise ConfigError(name, (rng.low, rng.high), "search range must be finite")
-        if not rng.low < rng.high:
-            raise ConfigError(name, (rng.low, rng.high), "empty search range: low must be < high")
-        if rng.log and rng.low <= 0:
-            raise ConfigError(name, rng.low, "a log-uniform range needs low > 0")
-        if _SEARCHABLE[name][0] is int and (rng.low != int(rng.low) or rng.high != int(rng.high)):
-            raise ConfigError(name, (rng.low, rng.high), "integer parameter needs integer bounds")
+        rng.check(name, integer=_SEARCHABLE[name][0] is int)
 
     def _corners(self):
         """Configs at the range endpoints: all at `low`, then each parameter alone at `high`, each batch size."""

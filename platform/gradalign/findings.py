@@ -1,19 +1,24 @@
-"""From a study's history frame to its report: cells table, warnings, significance, summary.json, report.html."""
+"""From a study's history to its findings: the cells table, warnings, comparisons, summary.json and report.html.
+
+Everything here reads the study's protocol (`gradalign.protocol.StudyProtocol`, recorded in `study.json`) for the
+target, the ranges, the budget and the tolerance, never the command line: a report rebuilt with `--report-only`
+states the protocol of the run that made the data. Pure pandas: no Ray.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
-from gradalign.analysis import COUNTER, best_trials, collapsed_seeds, edge_warnings, summarize_cells, trial_table
-from gradalign.provenance import provenance
-from gradalign.report import significance_tables, write_report
-from studies.cells import save_table
+from .analysis import COUNTER, best_trials, collapsed_seeds, edge_warnings, summarize_cells, trial_table
+from .protocol import StudyProtocol
+from .provenance import provenance
+from .report import significance_tables, write_report
+from .tables import save_table
 
 
 def scientific_group(history: pd.DataFrame, x: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
@@ -27,17 +32,14 @@ def scientific_group(history: pd.DataFrame, x: str, extra: Sequence[str] = ()) -
 def build_report(
     out: Path,
     history: pd.DataFrame,
+    protocol: StudyProtocol,
     *,
-    target: float,
     x: str,
     title: str,
     command: str,
-    budget: Mapping[str, Any],
-    search_ranges: Mapping[str, tuple],
     extra_axes: Sequence[str] = (),
     comparisons: Sequence[tuple[str, str]] = (("gradalign", "large_batch_sgd"),),
     reference: str | None = "sgd",
-    notes: Mapping[str, Any] | None = None,
     by: str | None = None,
     figures: Callable[[pd.DataFrame, pd.DataFrame], list] | None = None,
     cost: str = "steps_to_target",
@@ -55,6 +57,8 @@ def build_report(
     the plain sentences that open the report (and summary.json's "verdict"; `print_outcome` prints them).
     `export` (png, svg, pdf) also writes the report's figures as out/figures/<figure_id>.<format>.
     """
+    target, search_ranges = protocol.target, protocol.search_ranges()
+    save_table(history, out / "history")  # (derived from the cells' tables: rebuilt here when missing or damaged)
     group = scientific_group(history, x, extra_axes)
     cells = summarize_cells(history, target, group=group)
     save_table(cells, out / "cells")
@@ -78,12 +82,13 @@ def build_report(
         "tuning trials": int(tuned["trial_id"].nunique()) if len(tuned) else 0,
         "seed runs": int(history.loc[history["phase"] == "seed", "trial_id"].nunique()),
         **headline(cells, sig, by or x),
-        **(notes or {}),
     }
     prov = {"command": command, **provenance()}
     sentences = verdict(history, cells, sig) if verdict is not None and len(cells) else []
+    budget = protocol.description()
     record = {
         "title": title,
+        "protocol": protocol.to_json(),
         "verdict": sentences,
         "summary": summary,
         "warnings": warnings,

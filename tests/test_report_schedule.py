@@ -5,9 +5,9 @@ import json
 import pytest
 
 from gradalign.config import TrainConfig
-from gradalign.ray_adapter import StudySettings, TrialExecution, asha_rungs, make_scheduler
+from gradalign.ray_adapter import TrialExecution, asha_rungs, make_scheduler
 from trainables import train_in_process
-from trainables.reporting import ReportSchedule
+from trainables.report_schedule import ReportSchedule
 from trainables.worker import WorkerStates
 
 
@@ -63,11 +63,10 @@ def test_execution_refuses_a_bad_report_interval():
 
 
 def test_asha_rungs_are_the_schedulers_own_milestones():
-    settings = StudySettings(name="s", storage_path="/tmp/x", asha=True, grace_period=1.0, reduction_factor=2)
-    rungs = asha_rungs(settings, max_epochs=10)
-    bracket = make_scheduler(settings, max_epochs=10)._brackets[0]
+    rungs = asha_rungs(max_epochs=10, grace_period=1.0)
+    bracket = make_scheduler("val_accuracy", "max", max_epochs=10, grace_period=1.0)._brackets[0]
     assert sorted(rungs) == sorted(milestone for milestone, _ in bracket._rungs) == [1, 2, 4, 8]
-    assert asha_rungs(StudySettings(name="s", storage_path="/tmp/x"), 10) == ()
+    assert asha_rungs(max_epochs=10, grace_period=3.0) == (3.0, 6.0)
 
 
 def test_in_process_trial_reports_on_schedule_but_records_every_evaluation(tmp_path):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import ray
 
-from gradalign.ray_adapter import DRIVER_RESOURCE, RayConnection, connect_ray
+from ._common import DRIVER_RESOURCE
+from .connection import RayConnection, connect_ray
 
 PROJECT_MODULES = ("gradalign", "trainables")
 """What a trial imports on whichever node runs it."""

@@ -1,0 +1,359 @@
+"""The study engine: cells x per-cell tuning x seeds, every phase of every cell saved as it finishes. The only place
+in the project a Ray Tune `Tuner` is built.
+
+A *cell* is one setting of the scientific parameters (e.g. algorithm x batch size). In each cell the nuisance
+parameters (step size, β, momentum, ...) are re-tuned with Ray Tune + Optuna on the validation split (`tune`
+phase), then the chosen configuration is re-run with seeds of its own, disjoint from the tuning seeds (`seed`
+phase), whose test metrics are the result. Each phase of each cell is written to `<out>/cells/<cell>/<phase>.parquet`
+before the next phase starts; the cells of a phase share one Tune experiment per worker count, so that trials of
+different cells share the CPUs and reuse trial processes.
+
+An interrupted study (even killed with SIGKILL) resumes where it stopped when it is run again: each trial keeps a
+record of what it trained, keyed by its configuration (`<out>/trials/<phase>/`, see `records`), and those records,
+not Tune's snapshot of the experiment (taken at most every ~10 s), decide what is left to do. A finished trial is
+never trained again, an unfinished one loses at most the evaluation interval in flight, and `optuna.db` holds one
+finished Optuna trial per tuning trial of the tables (it is a mirror: rebuilt from the tables when missing or damaged).
+The folder remembers the study's protocol (`gradalign.study_file`): running it again with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+from ray import tune
+
+from gradalign.analysis import COUNTER, rank_trials
+from gradalign.config import ALIGNING_ALGORITHMS, TrainConfig
+from gradalign.study_file import check_study_file, write_study_file
+from gradalign.tables import DamagedTable, phase_table_path, read_table, save_table
+
+from ._common import GROUP_SEEDS
+from .cell_search import CELL, CellMirror, CellScheduler, CellSearch, FixedConfigs
+from .connection import connect
+from .execution import TrialExecution, plan_concurrency
+from .mirror import OptunaMirror, sync_optuna_study
+from .plan import Cell, StudyPlan
+from .progress import TrialLine, describe
+from .records import RecordCloser, TrialRecords
+from .results import results_table
+from .search import asha_rungs, make_scheduler, make_searcher
+
+Log = Callable[[str], None]
+RUN = "run"
+"""Config entry naming a fixed run of a cell (e.g. 'seed=1000'): what a phase's table is checked against."""
+
+
+class StudyFailed(RuntimeError):
+    """A cell cannot go on: every trial of one of its phases failed. The message names the cell and the first error."""
+
+
+def run_plan(
+    plan: StudyPlan,
+    trainable: Callable[..., Any],
+    *,
+    address: str | None = None,
+    log: Log = print,
+    extend_seeds: bool = False,
+) -> pd.DataFrame:
+    """Tune every cell, re-run its chosen configuration with each seed; return the history of every trial.
+
+    `trainable(config, execution=...)` is the Tune function trainable (`trainables.gradalign_trainable`). A study
+    folder remembers its protocol: other settings are refused (`ConfigError`) before anything runs, except more
+    seeds when `extend_seeds`.
+    """
+    check_study_file(plan.out_dir, plan.protocol, plan.cell_settings(), extend_seeds)
+    write_study_file(plan.out_dir, plan.protocol, plan.cell_settings())
+    engine = Engine(plan, trainable, address, log)
+    started = time.perf_counter()
+    protocol = plan.protocol
+    log(f"tuning {len(plan.cells)} cells x {protocol.trials_per_cell} trials")
+    tuned = engine.search("tune")
+    chosen = {}
+    for cell in plan.cells:
+        chosen[cell.key] = best_config(tuned[cell.key], protocol.objective, protocol.mode)
+        log(f"  {cell.key}: best of {tuned[cell.key]['trial_id'].nunique()} trials: {describe(chosen[cell.key])}")
+    log(
+        f"re-running each cell's chosen configuration with seeds {list(protocol.seeds)} (tuning used "
+        f"{list(protocol.tuning_seeds)}) ({time.perf_counter() - started:.0f} s into the study)"
+    )
+    runs = {key: {f"seed={s}": {**config, "seed": s} for s in protocol.seeds} for key, config in chosen.items()}
+    seeded = engine.run_configs("seed", runs, costs=trial_seconds(tuned))
+    history = pd.concat([t for c in plan.cells for t in (tuned[c.key], seeded[c.key])], ignore_index=True)
+    save_table(history, plan.out_dir / "history")
+    return history
+
+
+class Engine:
+    """Runs the phases of one study: each phase of each cell once, answered from its saved table when it exists."""
+
+    def __init__(self, plan: StudyPlan, trainable: Callable[..., Any], address: str | None, log: Log):
+        self.plan = plan
+        self.trainable = trainable
+        self.address = address
+        self.log = log
+
+    # -- phases ----------------------------------------------------------------------------------------------------
+    def search(self, phase: str) -> dict[str, pd.DataFrame]:
+        """Tune every cell that has not finished `phase`: its own Optuna searcher over its space, the protocol's
+        trials per cell. Returns {cell key: rows}; the Optuna mirror agrees with each cell's table before it is
+        saved."""
+        done = {c.key: self._finished(c, phase) for c in self.plan.cells}
+        todo = [c for c in self.plan.cells if done[c.key] is None]
+        self._say_finished(phase, len(self.plan.cells) - len(todo))
+        for workers in sorted({c.workers for c in todo}):
+            group = [c for c in self.plan.cells if c.workers == workers]
+            table, errors = self._experiment(phase, group, None)
+            for cell in [c for c in group if done[c.key] is None]:
+                rows = self._rows(table, cell, phase, errors)
+                sync_optuna_study(rows, self.optuna_db, cell.key, cell.space, self.plan.protocol.objectives)
+                save_table(rows, phase_table_path(self.plan.out_dir, cell.key, phase).with_suffix(""))
+                done[cell.key] = rows
+        self.check_optuna_mirror(done)
+        return done
+
+    def run_configs(
+        self, phase: str, runs: Mapping[str, Mapping[str, Mapping[str, Any]]], costs: Mapping[str, float] | None = None
+    ) -> dict[str, pd.DataFrame]:
+        """Run fixed configurations: `runs` is {cell key: {run label: TrainConfig fields}}. A cell's phase is
+        finished when its table holds every label it asks for. The longest cells (by `costs`, seconds per trial)
+        go first, so that the CPUs do not wait on one long straggler at the end."""
+        done = {c.key: self._finished(c, phase, wanted=set(runs.get(c.key, {}))) for c in self.plan.cells}
+        todo = [c for c in self.plan.cells if done[c.key] is None and runs.get(c.key)]
+        self._say_finished(phase, sum(v is not None for v in done.values()))
+        for workers in sorted({c.workers for c in todo}):
+            group = [c for c in todo if c.workers == workers]
+            longest_first = sorted(group, key=lambda c: -(costs or {}).get(c.key, 0.0))
+            configs = [{**cfg, RUN: label, CELL: c.key} for c in longest_first for label, cfg in runs[c.key].items()]
+            table, errors = self._experiment(phase, group, configs)
+            for cell in group:
+                rows = self._rows(table, cell, phase, errors)
+                save_table(rows, phase_table_path(self.plan.out_dir, cell.key, phase).with_suffix(""))
+                done[cell.key] = rows
+        return {k: v for k, v in done.items() if v is not None}
+
+    # -- one Tune experiment ---------------------------------------------------------------------------------------
+    def _experiment(
+        self, phase: str, cells: Sequence[Cell], configs: Sequence[Mapping[str, Any]] | None
+    ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+        """Run (or restore) one Tune experiment over `cells`: a search (`configs` None) or a list of fixed
+        configurations. Returns its results table (with `cell` and `run` columns) and the errors per cell."""
+        plan, protocol = self.plan, self.plan.protocol
+        storage = plan.storage
+        digest = hashlib.sha1(",".join(c.key for c in cells).encode()).hexdigest()[:8]
+        name = f"{phase}-w{cells[0].workers}-{digest}"
+        searching = configs is None
+        asha = searching and protocol.asha
+        execution = TrialExecution(
+            workers=cells[0].workers,
+            cpus_per_worker=plan.resources.cpus_per_worker,
+            use_gpu=plan.resources.gpus_per_worker > 0,
+            storage_path=f"{storage}/trials/{phase}",
+            report_rungs=asha_rungs(protocol.budget.epochs, protocol.grace_period) if asha else (),
+        )
+        resources, concurrency = plan_concurrency(execution, connect(self.address), plan.resources.max_concurrent)
+        fn = tune.with_resources(tune.with_parameters(self.trainable, execution=execution), resources)
+        if not searching:
+            # A fixed list: a new experiment answers the finished runs from their records at once and resumes the
+            # others from their states. (Restoring one instead lost the runs Tune had not snapshotted yet: its
+            # searcher had handed them out, so they were never started again.)
+            name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path = f"{storage}/{name}"
+        if searching and tune.Tuner.can_restore(path):
+            self.log(f"  {phase}: resuming {path}")
+            tuner = tune.Tuner.restore(path, trainable=fn, resume_errored=True)
+        else:
+            if searching:
+                search, scheduler, callbacks, samples = self._search_parts(phase, cells, execution)
+            else:
+                search = FixedConfigs(configs, protocol.objective, protocol.mode)
+                scheduler, callbacks, samples = None, [TrialLine(phase, len(configs))], len(configs)
+            tuner = tune.Tuner(
+                fn,
+                tune_config=tune.TuneConfig(
+                    search_alg=search,
+                    scheduler=scheduler,
+                    num_samples=samples,
+                    max_concurrent_trials=concurrency,
+                    reuse_actors=execution.in_process,
+                ),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=storage,
+                    verbose=0,
+                    callbacks=[*callbacks, RecordCloser(execution)],
+                    failure_config=tune.FailureConfig(max_failures=plan.resources.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                ),
+            )
+        self.log(
+            f"  {phase}: {len(cells)} cells, {execution.workers} worker(s) per trial, up to {concurrency} trials "
+            "at once"
+        )
+        grid = tuner.fit()
+        errors: dict[str, list[str]] = {}
+        for result in grid:
+            if result.error is not None:
+                errors.setdefault(result.config.get(CELL), []).append(f"{result.path}: {_last_line(result.error)}")
+        return results_table(grid, execution, config_columns=(CELL, RUN)), errors
+
+    def _search_parts(self, phase: str, cells: Sequence[Cell], execution: TrialExecution):
+        """Searcher, scheduler, callbacks and number of trials of a new search experiment over `cells`."""
+        protocol = self.plan.protocol
+        index = {c.key: i for i, c in enumerate(self.plan.cells)}
+        records = TrialRecords(execution)
+        searchers = {
+            c.key: make_searcher(
+                c.space,
+                name=c.key,
+                trials=protocol.trials_per_cell,
+                objectives=protocol.objectives,
+                seed=protocol.sampler_seed + index[c.key],
+                records=records,
+                match={CELL: c.key},
+            )
+            for c in cells
+        }
+        group = {GROUP_SEEDS: list(protocol.tuning_seeds)} if len(protocol.tuning_seeds) > 1 else {}
+        trials = {c.key: protocol.trials_per_cell for c in cells}
+        search = CellSearch(searchers, trials, protocol.objective, protocol.mode, extra=group)
+        scheduler = None
+        if protocol.asha:
+            scheduler = CellScheduler(
+                {
+                    c.key: make_scheduler(
+                        protocol.objective, protocol.mode, protocol.budget.epochs, protocol.grace_period
+                    )
+                    for c in cells
+                }
+            )
+        mirror = CellMirror(
+            {c.key: OptunaMirror(self.optuna_db, c.key, c.space, protocol.objectives, execution) for c in cells}
+        )
+        total = protocol.trials_per_cell * len(cells)
+        return search, scheduler, [mirror, TrialLine(phase, total)], total
+
+    # -- tables ----------------------------------------------------------------------------------------------------
+    def _rows(self, table: pd.DataFrame, cell: Cell, phase: str, errors: Mapping[str, list[str]]) -> pd.DataFrame:
+        rows = tag(table[table[CELL] == cell.key].drop(columns=CELL), self.plan, cell, phase)
+        _check_some_trial_ran(rows, cell, phase, self.plan.protocol.objective, errors.get(cell.key, []))
+        return rows
+
+    def _finished(self, cell: Cell, phase: str, wanted: set[str] | None = None) -> pd.DataFrame | None:
+        """The saved rows of a cell's finished phase; None if the phase must (still) run: no table yet, a damaged one
+        (set aside and rebuilt from the trial records, without training), or one without every run `wanted`."""
+        path = phase_table_path(self.plan.out_dir, cell.key, phase)
+        if not path.exists():
+            return None
+        try:
+            rows = read_table(path)
+        except DamagedTable as err:
+            aside = path.with_suffix(".parquet.damaged")
+            path.replace(aside)
+            self.log(
+                f"  {cell.key}: {err}; moved to {aside.name}, rebuilding it from the trial records (nothing is "
+                "trained again)"
+            )
+            return None
+        if wanted is not None and not wanted <= set(rows.get(RUN, pd.Series(dtype=str)).dropna()):
+            return None
+        if wanted is not None:  # (a study extended with more seeds keeps its table of the earlier ones until then)
+            rows = rows[rows[RUN].isin(wanted)]
+        return rows
+
+    def _say_finished(self, phase: str, finished: int) -> None:
+        if finished:
+            self.log(f"  {phase}: {finished} of {len(self.plan.cells)} cells already finished")
+
+    # -- the Optuna mirror -----------------------------------------------------------------------------------------
+    @property
+    def optuna_db(self) -> str:
+        return f"sqlite:///{self.plan.out_dir.resolve() / 'optuna.db'}"
+
+    def check_optuna_mirror(self, tuned: Mapping[str, pd.DataFrame]) -> None:
+        """`optuna.db` mirrors the tuning tables: when it is missing or damaged (e.g. deleted after the study), it
+        is rebuilt from them, and the study says so."""
+        path = self.plan.out_dir / "optuna.db"
+        problem = None if path.exists() else "missing"
+        if problem is None:
+            try:
+                with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+                    db.execute("select count(*) from trials").fetchone()
+            except sqlite3.Error as err:
+                problem = f"damaged ({err})"
+                path.replace(path.with_suffix(".db.damaged"))
+        added = 0
+        for cell in self.plan.cells:
+            rows = tuned.get(cell.key)
+            if rows is not None and len(rows):
+                added += sync_optuna_study(rows, self.optuna_db, cell.key, cell.space, self.plan.protocol.objectives)
+        if problem is not None:
+            self.log(f"  {path} was {problem}: rebuilt from the tuning tables ({added} trials)")
+
+
+def best_config(tuned: pd.DataFrame, objective: str, mode: str = "max") -> dict[str, Any]:
+    """The TrainConfig of the trial with the best objective at its last evaluation (non-diverged trials first).
+
+    A tie (common with accuracy on a small split) goes to the lower final validation loss, then to the smallest
+    trial id: the same trial results give the same choice, whatever the order of the rows. The test split is
+    never read. The seed is left out: the seed runs set their own.
+    """
+    last = tuned.sort_values(COUNTER, kind="stable").groupby("trial_id").tail(1)
+    row = rank_trials(last, objective, mode).iloc[0]
+    fields = [f for f in TrainConfig.__dataclass_fields__ if f != "extras"]
+    return {k: _plain(row[k]) for k in fields if k in row and k != "seed" and not _missing(row[k])}
+
+
+def trial_seconds(tables: Mapping[str, pd.DataFrame]) -> dict[str, float]:
+    """Each cell's mean training seconds per trial (the last `wall_time` of each of its trials)."""
+    out = {}
+    for key, rows in tables.items():
+        last = rows.sort_values(COUNTER).groupby("trial_id")["wall_time"].last() if len(rows) else pd.Series()
+        out[key] = float(last.mean()) if len(last) else 0.0
+    return out
+
+
+def tag(table: pd.DataFrame, plan: StudyPlan, cell: Cell, phase: str) -> pd.DataFrame:
+    """Add the study's bookkeeping columns; β means nothing for algorithms that do not align, so blank it."""
+    table = table.copy()
+    table.insert(0, "phase", phase)
+    table.insert(0, "cell", cell.key)
+    table.insert(0, "study", plan.protocol.name)
+    for name, value in cell.coords.items():
+        table[name] = value
+    if "beta" in table and "algorithm" in table:
+        table.loc[~table["algorithm"].isin(ALIGNING_ALGORITHMS), "beta"] = math.nan
+    return table
+
+
+def _check_some_trial_ran(rows: pd.DataFrame, cell: Cell, phase: str, objective: str, errors: Sequence[str]) -> None:
+    """Refuse to go on with a cell none of whose trials reported the objective (every one failed)."""
+    if objective in rows and rows[objective].notna().any():
+        return
+    if rows.empty:
+        raise StudyFailed(f"the {phase} experiment returned no trial of cell {cell.key}")
+    first = errors[0] if errors else "no error recorded"
+    raise StudyFailed(
+        f"every {phase} trial of cell {cell.key} ({rows['trial_id'].nunique()} trials) failed; the first error: "
+        f"{first} (each trial's error.txt has the traceback). Fix the cause and re-run the same command: the failed "
+        "trials are retried, nothing else is run again"
+    )
+
+
+def _last_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _plain(value):
+    item = getattr(value, "item", None)
+    return item() if callable(item) else value
