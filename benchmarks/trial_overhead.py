@@ -8,10 +8,11 @@ the per-trial wall time):
 
 1. `optuna loop`: `optuna.create_study(...).optimize` over the same Trainer and search space, in this process: the
    floor of any tuner;
-2. `platform, 1 worker`: `run_study` with trials that train in the Tune trial's own process (what the studies use);
+2. `platform, 1 worker`: the study engine's tuning phase (`gradalign.ray_adapter.engine.Engine.search`, what every
+   study runs) with trials that train in the Tune trial's own process;
 3. `bare TorchTrainer`: a `ray.train.torch.TorchTrainer` of 2 workers whose loop builds the same Trainer and fits it,
    reporting once at the end (Ray Train's own fixed cost);
-4. `platform, 2 workers`: `run_study` with Ray Train trials of 2 workers (each saves its state and rank 0 the
+4. `platform, 2 workers`: the same with Ray Train trials of 2 workers (each saves its state and rank 0 the
    trial's record at every evaluation; reports to Tune every few seconds and at the end).
 
 Each row splits its wall time into a fixed part, paid once per study (Ray Tune's start-up, the first trial process
@@ -28,6 +29,7 @@ import argparse
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import optuna
 import ray.train
@@ -37,8 +39,12 @@ from ray import tune
 
 from gradalign.comm import TorchDistributedComm
 from gradalign.config import TrainConfig
-from gradalign.ray_adapter import Range, SearchSpace, StudySettings, TrialExecution, connect, results_table, run_study
+from gradalign.protocol import Budget, StudyProtocol
+from gradalign.ranges import Range
+from gradalign.ray_adapter import Cell, Resources, SearchSpace, StudyPlan, connect
+from gradalign.ray_adapter.engine import Engine
 from gradalign.training import Trainer
+from studies.study_cli import DataLocation, split_sizes
 from trainables import gradalign_trainable
 
 LR = (0.05, 0.2)
@@ -86,23 +92,29 @@ def optuna_loop(fixed: dict, trials: int) -> tuple:
 
 
 def platform_trials(fixed: dict, trials: int, workers: int) -> tuple:
+    """`trials` tuning trials of one cell through the study engine, one at a time."""
     timing = Timing()
+    sizes = split_sizes(fixed["dataset"], DataLocation(fixed["data_dir"], False), None, 0.1)
+    examples = fixed["batch_size"] * -(-int(fixed["epochs"] * sizes["train"]) // fixed["batch_size"])
+    protocol = StudyProtocol(
+        kind="tune",
+        name=f"overhead-{workers}",
+        dataset=fixed["dataset"],
+        model=fixed["model"],
+        budget=Budget("examples", examples, examples / sizes["train"]),
+        split_sizes=sizes,
+        trials_per_cell=trials,
+        ranges={"sgd": {"lr": Range(*LR, log=True)}},
+    )
+    config = {k: v for k, v in fixed.items() if k != "epochs"}
+    space = SearchSpace(fixed={**config, "budget_examples": examples}, lr=Range(*LR, log=True))
     with tempfile.TemporaryDirectory() as tmp:
-        settings = StudySettings(
-            name=f"overhead-{workers}", storage_path=tmp, num_samples=trials, max_concurrent_trials=1, seed=0
-        )
-        space = SearchSpace(fixed=fixed, lr=Range(*LR, log=True))
+        cell = Cell("overhead", {"algorithm": "sgd"}, space, workers)
+        plan = StudyPlan(protocol, Path(tmp), (cell,), Resources(max_concurrent=1))
+        engine = Engine(plan, gradalign_trainable, None, log=lambda s: None, callbacks=[EndTimes(timing)])
         timing.start = time.perf_counter()
-        results = run_study(
-            gradalign_trainable,
-            space,
-            settings,
-            TrialExecution(workers=workers),
-            callbacks=[EndTimes(timing)],
-            log=lambda s: None,
-        )
+        table = engine.search("tune")["overhead"]
         timing.stop = time.perf_counter()
-        table = results_table(results)
     timing.training = list(table.groupby("trial_id")["wall_time"].max())
     return timing.row(f"platform, {workers} worker{'s' if workers > 1 else ''}")
 

@@ -510,6 +510,8 @@ class StudyCommand:
                 f"{', '.join(typed)} cannot change what the study measured; drop "
                 f"{'it' if len(changed) == 1 else 'them'} (the report states the recorded protocol)"
             )
+        if self.args.export:  # no browser: say so before anything is written
+            find_browser()
         saved = read_study_file(self.out)
         if saved is None:
             what = "no study here" if not self.out.exists() else "no study.json in it: not a study folder"
@@ -537,6 +539,8 @@ class StudyCommand:
         from trainables import gradalign_trainable
 
         args = self.args
+        if args.export:  # no browser: say so now, not after the study has trained
+            find_browser()
         resources = _resources(args)
         plan = StudyPlan(protocol, self.out, tuple(cells), resources)
         check_writable(self.out, "out")
@@ -555,8 +559,6 @@ class StudyCommand:
                 f"(about {work:.2g} training examples in all, {work / 1.2e7:.0f} times the default study, which takes "
                 "about 8 minutes on 2 CPU cores): check the budget, or pass --yes to start it",
             )
-        if args.export:  # no browser: say so now, not after the study has trained
-            find_browser()
         print(
             f"{self.kind} study {protocol.name!r}: {len(plan.cells)} cells x {protocol.trials_per_cell} tuning trials"
             + (f" ({len(protocol.tuning_seeds)} seeds each)" if len(protocol.tuning_seeds) > 1 else "")

@@ -28,3 +28,21 @@ def digits_config(**changes) -> TrainConfig:
     base = dict(dataset="digits", model="mlp", batch_size=64, clients=4, lr=0.1, epochs=2, seed=0)
     base.update(changes)
     return TrainConfig(**base)
+
+
+def study_protocol(**changes):
+    """A small valid `StudyProtocol` (digits' split sizes) for tests that need one without a study script."""
+    from gradalign.protocol import Budget, StudyProtocol
+    from gradalign.ranges import Range
+
+    base = dict(
+        kind="batch-scaling",
+        name="test",
+        dataset="digits",
+        model="mlp",
+        budget=Budget("examples", 2592, 2.0),
+        split_sizes={"train": 1295, "val": 144, "test": 359},
+        ranges={"sgd": {"lr": Range(1e-3, 10.0, log=True)}},
+    )
+    base.update(changes)
+    return StudyProtocol(**base)

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import pytest
+from helpers import study_protocol
 
 from gradalign import analysis as A
 from gradalign import report as R
 from gradalign.config import ConfigError
 from gradalign.export import ExportUnavailable, find_browser, parse_formats, write_figures
+from gradalign.study_file import write_study_file
 from studies import batch_scaling, federated
 
 _spec = importlib.util.spec_from_file_location("_synthetic_study", Path(__file__).with_name("test_analysis.py"))
@@ -58,11 +60,12 @@ def _check_file(path: Path, fmt: str) -> None:
         assert data.startswith(b"%PDF-") and b"%%EOF" in data[-1024:]
 
 
-def _study_folder(out: Path, history) -> Path:
-    """A study folder as `run_plan` leaves it (one parquet per cell and phase), built without training."""
+def _study_folder(out: Path, history, kind: str = "batch-scaling") -> Path:
+    """A study folder as `run_plan` leaves it (study.json, one parquet per cell and phase), built without training."""
     for (cell, phase), part in history.groupby(["cell", "phase"]):
         (out / "cells" / cell).mkdir(parents=True, exist_ok=True)
         part.to_parquet(out / "cells" / cell / f"{phase}.parquet")
+    write_study_file(out, study_protocol(kind=kind, target=TARGET), {})
     return out
 
 
@@ -184,7 +187,7 @@ def test_report_only_rebuild_exports_every_report_figure_in_every_format(tmp_pat
     history = synthetic_history(seeds=2, epochs=5)
     out = _study_folder(tmp_path / "study", history)
     assert (
-        batch_scaling.main(["--report-only", "--out", str(out), "--target", str(TARGET), "--export", "png,svg,pdf"])
+        batch_scaling.main(["--report-only", "--out", str(out), "--export", "png,svg,pdf"])
         == 0
     )
     assert f"figures (png, svg, pdf): {out / 'figures'}" in capsys.readouterr().out
@@ -207,8 +210,8 @@ def test_report_only_rebuild_exports_every_report_figure_in_every_format(tmp_pat
 
 
 def test_federated_report_only_exports_its_own_figures_in_the_asked_formats_only(tmp_path, browser):
-    out = _study_folder(tmp_path / "fed", _federated_history())
-    assert federated.main(["--report-only", "--out", str(out), "--target", str(TARGET), "--export", "pdf"]) == 0
+    out = _study_folder(tmp_path / "fed", _federated_history(), kind="federated")
+    assert federated.main(["--report-only", "--out", str(out), "--export", "pdf"]) == 0
     html = (out / "report.html").read_text(encoding="utf-8")
     ids = re.findall(r'<figure class="plot" data-figure="([^"]+)"', html)
     assert "fig-communications" in ids and "fig-scaling" not in ids
@@ -217,5 +220,5 @@ def test_federated_report_only_exports_its_own_figures_in_the_asked_formats_only
 
 def test_a_report_without_export_writes_no_figure_files(tmp_path):
     out = _study_folder(tmp_path / "plain", synthetic_history(seeds=2, epochs=5))
-    assert batch_scaling.main(["--report-only", "--out", str(out), "--target", str(TARGET)]) == 0
+    assert batch_scaling.main(["--report-only", "--out", str(out)]) == 0
     assert not (out / "figures").exists() and "Static copies" not in (out / "report.html").read_text()

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import study_protocol
 
+from gradalign import findings
 from gradalign.analysis import best_trials
-from studies import batch_scaling, federated, reporting
-from studies import cells as study_cells
+from gradalign.ranges import Range
+from gradalign.ray_adapter import best_config
+from studies import batch_scaling, federated
 
 _spec = importlib.util.spec_from_file_location("_synthetic_study", Path(__file__).with_name("test_analysis.py"))
 _synthetic = importlib.util.module_from_spec(_spec)
@@ -44,9 +47,15 @@ def test_batch_scaling_refuses_bad_axes_before_starting(tmp_path, capsys, argv, 
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--splits", "dirichlet:0"], "alpha=0.0"),
-        (["--splits", "dirichlet:-1"], "alpha=-1.0"),
+        (
+            ["--splits", "dirichlet:0"],
+            "--splits dirichlet:0: invalid splits='dirichlet:0': Dirichlet alpha must be > 0",
+        ),
+        (["--splits", "dirichlet:-1"], "invalid splits='dirichlet:-1'"),
         (["--splits", "sorted"], "splits='sorted'"),
+        (["--clients", "2000"], "--clients 2000: invalid clients=2000: more clients than the 1295 training examples"),
+        (["--client-batch", "0"], "--client-batch 0: invalid client_batch=0"),
+        (["--tolerance", "nan"], "--tolerance nan: invalid tolerance=nan"),
         (["--participation", "1.5"], "participation=1.5"),
         (["--participation", "0"], "participation=0.0"),
         (["--local-steps", "0"], "local_steps=0"),
@@ -57,7 +66,7 @@ def test_batch_scaling_refuses_bad_axes_before_starting(tmp_path, capsys, argv, 
 )
 def test_federated_refuses_bad_axes_before_starting(tmp_path, capsys, argv, message):
     out = tmp_path / "never"
-    assert federated.main([*argv, "--out", str(out)]) == 2
+    assert federated.main([*argv, "--dataset", "digits", "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 
@@ -136,7 +145,7 @@ def test_batch_scaling_end_to_end_resume_and_report_only(tmp_path, ray_cluster):
 
     # the report is rebuilt from the folder alone
     (out / "report.html").unlink()
-    assert batch_scaling.main(["--report-only", "--out", str(out), "--target", "0.5"]) == 0
+    assert batch_scaling.main(["--report-only", "--out", str(out)]) == 0
     assert "fig-scaling" in (out / "report.html").read_text()
 
 
@@ -186,17 +195,13 @@ def test_the_report_warns_about_the_configurations_its_seed_runs_used(tmp_path):
     history.loc[chosen, "beta"] = 1e-4  # as when a tie in the tuning score went to another trial than best_trials'
     ranges = {"gradalign": {"lr": (1e-3, 10.0), "beta": (1e-4, 1.0)}, "large_batch_sgd": {"lr": (1e-3, 10.0)}}
 
+    protocol = study_protocol(
+        target=_synthetic.TARGET,
+        ranges={a: {p: Range(*r, log=True) for p, r in rs.items()} for a, rs in ranges.items()},
+    )
+
     def beta_warnings(frame, out):
-        reporting.build_report(
-            out,
-            frame,
-            target=_synthetic.TARGET,
-            x="batch_size",
-            title="t",
-            command="c",
-            budget={},
-            search_ranges=ranges,
-        )
+        findings.build_report(out, frame, protocol, x="batch_size", title="t", command="c")
         return [w for w in json.loads((out / "summary.json").read_text())["warnings"] if w.startswith("beta")]
 
     assert beta_warnings(history, tmp_path / "seeded") == [
@@ -231,11 +236,11 @@ def test_a_tie_in_the_objective_goes_to_the_lower_validation_loss_then_the_small
             for e in (1, 2)
         ]
     )
-    chosen = {study_cells.best_config(tuned.sample(frac=1.0, random_state=k), "val_accuracy")["lr"] for k in range(10)}
+    chosen = {best_config(tuned.sample(frac=1.0, random_state=k), "val_accuracy")["lr"] for k in range(10)}
     assert chosen == {0.1}  # c3, a1, d4 tie at 0.98; c3 and d4 at validation loss 0.30; c3 < d4 (test loss unread)
-    assert "seed" not in study_cells.best_config(tuned, "val_accuracy")  # the seed runs bring their own seeds
+    assert "seed" not in best_config(tuned, "val_accuracy")  # the seed runs bring their own seeds
     without_loss = tuned.drop(columns="val_loss")
-    assert study_cells.best_config(without_loss, "val_accuracy")["lr"] == 0.2  # a1: the smallest of the three ids
+    assert best_config(without_loss, "val_accuracy")["lr"] == 0.2  # a1: the smallest of the three ids
 
 
 def test_the_report_picks_the_trial_the_study_chose_whatever_the_row_order():
@@ -266,6 +271,6 @@ def test_the_report_picks_the_trial_the_study_chose_whatever_the_row_order():
     for k in range(10):
         rows = tuned.sample(frac=1.0, random_state=k)
         picked = best_trials(rows, group=["algorithm"], reduce="last")
-        assert picked["lr"].tolist() == [study_cells.best_config(rows, "val_accuracy")["lr"]] == [0.1], k
+        assert picked["lr"].tolist() == [best_config(rows, "val_accuracy")["lr"]] == [0.1], k
     without_loss = tuned.drop(columns="val_loss").sample(frac=1.0, random_state=0)
     assert best_trials(without_loss, group=["algorithm"], reduce="last")["lr"].tolist() == [0.2]  # a1

@@ -17,17 +17,20 @@ import gradalign.ray_adapter as adapter
 from gradalign.ray_adapter import (
     Range,
     SearchSpace,
-    StudySettings,
+    StudyPlan,
     TrialExecution,
     TrialRecords,
+    cluster_checks,
     make_searcher,
     sync_optuna_study,
     trial_key,
 )
+from gradalign.ray_adapter.cell_search import CELL, CellSearch
+from gradalign.ray_adapter.engine import Engine
 from gradalign.ray_adapter.records import update_record
-from studies import batch_scaling, cells, federated, study_cli
-from studies.cell_search import CELL, CellSearch
-from studies.settings_file import record_plan
+from gradalign.study_file import write_study_file
+from gradalign.tables import save_table
+from studies import batch_scaling, federated, study_cli
 
 TINY = [
     "--dataset",
@@ -64,14 +67,13 @@ def no_ray(monkeypatch):
         raise RayStarted("Ray was asked to start")
 
     monkeypatch.setattr(adapter, "connect", refuse)
-    monkeypatch.setattr(adapter.study, "connect", refuse)
-    monkeypatch.setattr(cells, "connect", refuse)
-    monkeypatch.setattr(study_cli, "prepare_cluster", refuse)
+    monkeypatch.setattr(adapter.engine, "connect", refuse)
+    monkeypatch.setattr(cluster_checks, "join_or_start", refuse)
 
 
 # -- presets and explicit values ----------------------------------------------------------------------------------
 def test_smoke_test_keeps_every_value_the_user_gave(capsys):
-    args = study_cli.parse_study_args(batch_scaling.build_parser(), ["--smoke-test", "--seeds", "5", "--epochs", "1"])
+    args = study_cli.parse(batch_scaling.build_parser(), ["--smoke-test", "--seeds", "5", "--epochs", "1"])
     assert (args.seeds, args.epochs) == (5, 1)  # given
     assert (args.trials_per_cell, args.batch_sizes, args.target) == (2, [32, 128], 0.5)  # from the smoke test
     assert args.name == "batch-scaling-smoke"
@@ -81,9 +83,9 @@ def test_smoke_test_keeps_every_value_the_user_gave(capsys):
 def test_preset_keeps_an_explicit_value_even_when_it_equals_the_default():
     parser = federated.build_parser()
     assert parser.get_default("seeds") == 3
-    args = study_cli.parse_study_args(parser, ["--preset", "paper", "--seeds", "3"], presets={"paper": federated.PAPER})
+    args = study_cli.parse(parser, ["--preset", "paper", "--seeds", "3"], presets={"paper": federated.PAPER})
     assert args.seeds == 3 and args.splits == ["one_class"] and args.name == "federated-paper"
-    args = study_cli.parse_study_args(parser, ["--preset", "paper"], presets={"paper": federated.PAPER})
+    args = study_cli.parse(parser, ["--preset", "paper"], presets={"paper": federated.PAPER})
     assert args.seeds == federated.PAPER["seeds"]
 
 
@@ -137,26 +139,21 @@ def test_unwritable_output_folder_is_refused_before_ray_starts(tmp_path, capsys,
     assert f"invalid out='{blocker / 'study'}'" in err and "cannot write there" in err
 
 
-def _started_study(tmp_path, argv):
-    """A study folder as `batch_scaling.py argv` leaves it when it starts (its settings written)."""
-    args = study_cli.parse_study_args(batch_scaling.build_parser(), argv)
-    batch_scaling.validate(args)  # (resolves the budget)
-    plan = cells.StudyPlan(
-        name=args.name,
-        out_dir=tmp_path / "study",
-        cells=batch_scaling.plan_cells(args),
-        budget_epochs=args.budget_epochs,
-        **study_cli.common_settings(args),
-    )
-    record_plan(plan)
+def _started_study(tmp_path, argv, script=batch_scaling):
+    """A study folder as `script argv` leaves it when it starts (its study.json written)."""
+    args = study_cli.parse(script.build_parser(), argv)
+    data = study_cli.DataLocation(args.data_dir, False)
+    protocol = script.make_protocol(args, data)
+    plan = StudyPlan(protocol, tmp_path / "study", tuple(script.plan_cells(protocol, data)))
+    write_study_file(plan.out_dir, protocol, plan.cell_settings())
     return plan
 
 
 @pytest.mark.parametrize(
     "change,said",
     [
-        (["--epochs", "3"], "space.fixed.budget_examples: 2592 -> 3904 (every cell)"),
-        (["--lr-range", "0.001,1"], "space.lr.high: 0.5 -> 1.0 (every cell)"),
+        (["--epochs", "3"], "budget.amount: 2592 -> 3904"),
+        (["--lr-range", "0.001,1"], "ranges.gradalign.lr.high: 0.5 -> 1"),
         (["--batch-sizes", "32", "64"], "cells added: gradalign-B64"),
         (["--trials-per-cell", "3"], "trials_per_cell: 2 -> 3"),
     ],
@@ -201,17 +198,8 @@ def test_a_federated_study_with_nan_coordinates_resumes(tmp_path, no_ray):
         "--out",
         out,
     ]
-    args = study_cli.parse_study_args(federated.build_parser(), argv)
-    federated.validate(args)
-    plan = cells.StudyPlan(
-        name=args.name,
-        out_dir=tmp_path / "study",
-        cells=federated.plan_cells(args),
-        budget_epochs=args.budget_epochs,
-        **study_cli.common_settings(args),
-    )
+    plan = _started_study(tmp_path, argv, script=federated)
     assert all(c.coords["alpha"] != c.coords["alpha"] for c in plan.cells)  # NaN: one class per client has none
-    record_plan(plan)
     with pytest.raises(RayStarted):  # the same settings (NaN included) resume
         federated.main(argv)
 
@@ -220,14 +208,14 @@ def test_a_federated_study_with_nan_coordinates_resumes(tmp_path, no_ray):
 def test_a_damaged_table_is_named_by_report_only_and_set_aside_by_a_run(tmp_path, capsys):
     plan = _started_study(tmp_path, [*TINY, "--out", str(tmp_path / "study")])
     path = plan.out_dir / "cells" / "sgd-B16" / "tune.parquet"
-    cells.save_table(pd.DataFrame({"trial_id": ["a"], "evaluation": [1], "seed": [0]}), path.with_suffix(""))
+    save_table(pd.DataFrame({"trial_id": ["a"], "evaluation": [1], "seed": [0]}), path.with_suffix(""))
     path.write_bytes(path.read_bytes()[:20])  # truncated
     assert batch_scaling.main(["--report-only", "--out", str(plan.out_dir)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "re-run the study's command without --report-only" in err
 
     logged = []
-    assert cells._finished_rows(plan, plan.cells[0], "tune", logged.append) is None  # to be rebuilt
+    assert Engine(plan, None, None, logged.append)._finished(plan.cells[0], "tune") is None  # to be rebuilt
     assert path.with_suffix(".parquet.damaged").exists() and not path.exists()
     assert "rebuilding it from the trial records" in logged[0]
 
@@ -239,12 +227,14 @@ def test_restored_searcher_re_suggests_the_recorded_configurations_it_forgot(tmp
         lr=Range(0.01, 1.0, log=True),
         beta=Range(1e-4, 0.5, log=True),
     )
-    settings = StudySettings(name="c", storage_path=str(tmp_path), num_samples=6, seed=7)
     records = TrialRecords(TrialExecution(storage_path=str(tmp_path)))
 
     def searcher(cell="c"):
         return CellSearch(
-            {cell: make_searcher(space, settings, records, match={CELL: cell})}, {cell: 6}, "test_accuracy", "max"
+            {cell: make_searcher(space, name="c", trials=6, seed=7, records=records, match={CELL: cell})},
+            {cell: 6},
+            "test_accuracy",
+            "max",
         )
 
     def run(search, trial_id, finish=True):

@@ -144,7 +144,7 @@ class StudyProtocol:
             raise ConfigError("grace_period", self.grace_period, "must be a positive number of epochs")
         for ranges in self.ranges.values():
             for param, rng in ranges.items():
-                rng.check(f"{param}_range" if param != "local_steps" else "local_steps_range")
+                rng.check(param)
 
     # -- what the report states -------------------------------------------------------------------------------------
     @property

@@ -92,11 +92,19 @@ def run_plan(
 class Engine:
     """Runs the phases of one study: each phase of each cell once, answered from its saved table when it exists."""
 
-    def __init__(self, plan: StudyPlan, trainable: Callable[..., Any], address: str | None, log: Log):
+    def __init__(
+        self,
+        plan: StudyPlan,
+        trainable: Callable[..., Any],
+        address: str | None,
+        log: Log,
+        callbacks: Sequence[tune.Callback] = (),
+    ):
         self.plan = plan
         self.trainable = trainable
         self.address = address
         self.log = log
+        self.callbacks = tuple(callbacks)  # (e.g. a benchmark's timer)
 
     # -- phases ----------------------------------------------------------------------------------------------------
     def search(self, phase: str) -> dict[str, pd.DataFrame]:
@@ -186,7 +194,7 @@ class Engine:
                     name=name,
                     storage_path=storage,
                     verbose=0,
-                    callbacks=[*callbacks, RecordCloser(execution)],
+                    callbacks=[*callbacks, *self.callbacks, RecordCloser(execution)],
                     failure_config=tune.FailureConfig(max_failures=plan.resources.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 ),
@@ -216,6 +224,7 @@ class Engine:
                 seed=protocol.sampler_seed + index[c.key],
                 records=records,
                 match={CELL: c.key},
+                initial_points=c.initial_points,
             )
             for c in cells
         }

@@ -27,12 +27,19 @@ class Cell:
     """Fixed configuration of the cell and the nuisance ranges re-tuned in it."""
     workers: int = 1
     """Training processes per trial (1: in the trial's own process; more: a Ray Train TorchTrainer)."""
+    initial_points: tuple[Mapping[str, Any], ...] = ()
+    """Parameter settings the cell's search tries first (Optuna enqueues them; the sampler takes over after)."""
+
+    def __post_init__(self) -> None:
+        for point in self.initial_points:
+            self.space.check_point(point)
 
     def settings(self) -> dict[str, Any]:
         """What `study.json` remembers of the cell (flattened)."""
-        return flat_settings(
-            {"coords": dict(self.coords), "workers": self.workers, "space": dataclasses.asdict(self.space)}
-        )
+        what = {"coords": dict(self.coords), "workers": self.workers, "space": dataclasses.asdict(self.space)}
+        if self.initial_points:
+            what["initial_points"] = [dict(p) for p in self.initial_points]
+        return flat_settings(what)
 
 
 @dataclass(frozen=True)
