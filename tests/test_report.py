@@ -244,3 +244,31 @@ def test_report_renders_in_headless_chromium_without_js_errors(report_path, tmp_
         line for line in run.stderr.splitlines() if "CONSOLE" in line and ("Uncaught" in line or "Error" in line)
     ]
     assert console == [], console
+
+
+def test_report_shows_comparison_records_and_critical_batch_intervals(history, cells, tmp_path):
+    from gradalign.comparisons import comparison_records
+    from gradalign.critical_batch import critical_batch_intervals
+
+    trials = A.trial_table(history, TARGET, phase="seed")
+    records = comparison_records(trials, x="batch_size", pairs=[("gradalign", "large_batch_sgd")], tolerance=0.01)
+    table = R.comparison_table(records)
+    assert list(table.columns[:4]) == ["a", "b", "x", "metric"] and len(table) == 5 and table["paired"].all()
+    fits = critical_batch_intervals(trials, ["gradalign", "large_batch_sgd"], n_resamples=100)["fits"]
+    critical = R.critical_batch_table(fits, {}).set_index("algorithm")
+    assert critical.loc["large_batch_sgd", "B_crit low"] <= critical.loc["large_batch_sgd", "B_crit (fit)"]
+    assert critical.loc["large_batch_sgd", "B_crit (fit)"] <= critical.loc["large_batch_sgd", "B_crit high"]
+    path = R.write_report(
+        tmp_path / "records.html",
+        history,
+        cells,
+        summary={"target": TARGET},
+        warnings=[],
+        provenance={},
+        budget={},
+        significance_table=table,
+        fits=fits,
+    )
+    text = path.read_text(encoding="utf-8")
+    assert "Comparisons over seeds (paired t-test where the seeds are shared, else Welch)" in text
+    assert "B_crit low" in text and '<td class="text">better</td>' in text  # GradAlign at B >= 256

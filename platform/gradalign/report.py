@@ -35,6 +35,7 @@ from .export import ExportUnavailable, parse_formats, write_figures
 __all__ = [
     "default_figures",
     "critical_batch_table",
+    "comparison_table",
     "fixed_parameters",
     "noise_by_algorithm",
     "provenance_from_history",
@@ -132,21 +133,50 @@ def provenance_from_history(history: pd.DataFrame) -> dict:
 
 
 def critical_batch_table(fits: Mapping[str, dict], noise: Mapping[str, float]) -> pd.DataFrame:
-    """Per algorithm: fitted S_min, E_min, B_crit (McCandlish) next to the predicted B_simple."""
-    rows = [
-        {
-            "algorithm": name,
-            "S_min": fit["S_min"],
-            "E_min": fit["E_min"],
-            "B_crit (fit)": fit["B_crit"],
-            "B_simple (predicted)": noise.get(name, np.nan),
-            "points": fit["n_points"],
-            "rms log residual": fit["rms_log_residual"],
-            "note": fit["reason"] or "",
-        }
-        for name, fit in fits.items()
-    ]
+    """Per algorithm: fitted S_min, E_min, B_crit (McCandlish) next to the predicted B_simple; with the bootstrap's
+    95% intervals when the fits carry them (`gradalign.critical_batch.critical_batch_intervals`)."""
+    rows = []
+    for name, fit in fits.items():
+        row = {"algorithm": name, "S_min": fit["S_min"], "E_min": fit["E_min"], "B_crit (fit)": fit["B_crit"]}
+        if "B_crit_low" in fit:
+            row.update({f"B_crit {end}": fit[f"B_crit_{end}"] for end in ("low", "high")})
+        row.update(
+            {
+                "B_simple (predicted)": noise.get(name, np.nan),
+                "points": fit["n_points"],
+                "rms log residual": fit["rms_log_residual"],
+                "note": fit["reason"] or "",
+            }
+        )
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+COMPARISON_COLUMNS = (
+    "a",
+    "b",
+    "x",
+    "metric",
+    "diff",
+    "ci_low",
+    "ci_high",
+    "level",
+    "n_a",
+    "n_b",
+    "paired",
+    "tolerance",
+    "outcome",
+    "n_needed",
+    "n_needed_reason",
+    "reason",
+)
+
+
+def comparison_table(records: Sequence[Mapping]) -> pd.DataFrame:
+    """The comparison records (`gradalign.comparisons.comparison_records`) as the report's table: one row each, the
+    columns of `COMPARISON_COLUMNS` that the records have (pass it as `write_report(significance_table=...)`)."""
+    frame = pd.DataFrame([dict(r) for r in records])
+    return frame[[c for c in COMPARISON_COLUMNS if c in frame.columns]] if len(frame) else frame
 
 
 def significance_tables(
@@ -241,6 +271,12 @@ def default_figures(
     return out
 
 
+def _comparisons_heading(table: pd.DataFrame | None) -> str:
+    if table is not None and "outcome" in table.columns:
+        return "Comparisons over seeds (paired t-test where the seeds are shared, else Welch)"
+    return "Significance (Welch t-test over seeds)"
+
+
 def _figure_html(fig_id: str, caption: str, fig: go.Figure, files: Mapping[str, Path] | None = None) -> str:
     div = fig.to_html(
         full_html=False, include_plotlyjs=False, div_id=fig_id, config={"responsive": True, "displaylogo": False}
@@ -269,6 +305,7 @@ def write_report(
     verdict: Sequence[str] = (),
     export: Sequence[str] = (),
     browser: str | None = None,
+    fits: Mapping[str, dict] | None = None,
 ) -> Path:
     """Write the study's report as ONE self-contained HTML file and return its path.
 
@@ -279,13 +316,15 @@ def write_report(
     `significance_tables(history, by=x, target)`; `figures` to `default_figures(history, cells, x)`.
     `export` (formats among png, svg, pdf) also writes each figure as `figures/<figure_id>.<format>` beside the
     report, with `browser` (default: `gradalign.export.find_browser()`); the HTML links them. The HTML is written
-    even when the export fails (its error is raised afterwards).
+    even when the export fails (its error is raised afterwards). `fits` (per algorithm, e.g. the "fits" of
+    `gradalign.critical_batch.critical_batch_intervals`, with intervals) replaces the McCandlish fits of the cells.
     """
     export = parse_formats(export) if export else ()  # an unknown format is refused before anything is written
     target = summary.get("target", cells["target"].iloc[0] if "target" in cells and len(cells) else None)
-    fits, noise = {}, {}
+    noise = {}
     if x == "batch_size" and {"algorithm", "steps_to_target_mean"} <= set(cells.columns):
-        fits, noise = fit_critical_batches(cells), noise_by_algorithm(history)
+        fits, noise = (fit_critical_batches(cells) if fits is None else fits), noise_by_algorithm(history)
+    fits = fits or {}
     if figures is None:
         figures = default_figures(history, cells, x=x, fits=fits, noise=noise)
     if significance_table is None:
@@ -321,7 +360,7 @@ def write_report(
         f'<section id="cells"><h2>Cells</h2><p>Seed-phase statistics per cell (target accuracy {_fmt(target)}); '
         f'"to target" columns average the n_reached seeds that reach it.</p>'
         f"{_table(cell_table, 'No cells.')}</section>",
-        f'<section id="significance"><h2>Significance (Welch t-test over seeds)</h2>'
+        f'<section id="significance"><h2>{_comparisons_heading(significance_table)}</h2>'
         f"{_table(significance_table, 'No pair of compared algorithms in this study.')}</section>",
         f'<section id="warnings"><h2>Warnings</h2>{warn_html}</section>',
         f'<section id="provenance"><h2>Provenance</h2>{_dict_table(provenance)}</section>',

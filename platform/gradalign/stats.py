@@ -2,7 +2,9 @@
 
 Pure numpy / scipy / pandas. Every difference comes with its 95% confidence interval, p-value and n; a comparison
 the data cannot test (fewer than 2 seeds on a side, or no variance on either side) says so instead of printing
-p = 0.
+p = 0. These are the fixed-n Welch tables of the report; the verdict's comparisons (paired where the seeds are
+shared, with stated outcomes and a sequential design) are `gradalign.comparisons`, the critical batch size's
+intervals `gradalign.critical_batch`.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> dict:
     """Welch's unequal-variance comparison of the means of `a` and `b` (NaNs dropped).
 
     Returns dict(mean_a, mean_b, diff, ci_low, ci_high, n_a, n_b, t, df, p_value, testable, reason): the
-    `level` confidence interval of mean_a - mean_b from the Welch-Satterthwaite t distribution. Not testable
-    (CI and p NaN, `reason` says why) with fewer than 2 values on a side or when both sides are constant.
+    `level` confidence interval of mean_a - mean_b from scipy's Welch t-test (`ttest_ind(equal_var=False)`). Not
+    testable (CI and p NaN, `reason` says why) with fewer than 2 values on a side or when both sides are constant.
     """
     va = np.asarray([v for v in a if np.isfinite(v)], dtype=float)
     vb = np.asarray([v for v in b if np.isfinite(v)], dtype=float)
@@ -48,20 +50,19 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> dict:
     if va.size < 2 or vb.size < 2:
         out["reason"] = f"not testable: n={va.size} vs {vb.size} (need >= 2 on each side)"
         return out
-    sa, sb = va.var(ddof=1) / va.size, vb.var(ddof=1) / vb.size
-    if sa + sb == 0:
+    if va.var() + vb.var() == 0:
         out["reason"] = "not testable: no variance on either side (identical values)"
         return out
-    se = math.sqrt(sa + sb)
-    df = (sa + sb) ** 2 / ((sa**2 / (va.size - 1) if sa else 0.0) + (sb**2 / (vb.size - 1) if sb else 0.0))
-    t = out["diff"] / se
-    half = float(stats.t.ppf(0.5 + level / 2, df)) * se
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nearly identical values: scipy's precision warning
+        result = stats.ttest_ind(va, vb, equal_var=False)
+        ci = result.confidence_interval(confidence_level=level)
     out.update(
-        ci_low=out["diff"] - half,
-        ci_high=out["diff"] + half,
-        t=t,
-        df=df,
-        p_value=float(2 * stats.t.sf(abs(t), df)),
+        ci_low=float(ci.low),
+        ci_high=float(ci.high),
+        t=float(result.statistic),
+        df=float(result.df),
+        p_value=float(result.pvalue),
         testable=True,
     )
     return out
@@ -154,7 +155,7 @@ def fit_critical_batch(batch_sizes: Sequence[float], steps_to_target: Sequence[f
 
     # Profile out log S_min on a grid of log B_crit (closed form), then refine both jointly.
     grid = np.linspace(lo, hi, 400)
-    profile = [np.var(log_s - np.log1p(np.exp(t) / b)) for t in grid]
+    profile = np.var(log_s - np.log1p(np.exp(grid)[:, None] / b), axis=1)
     t0 = grid[int(np.argmin(profile))]
     theta0 = [np.mean(log_s - np.log1p(np.exp(t0) / b)), t0]
     with warnings.catch_warnings():
