@@ -30,11 +30,11 @@ import sys
 import time
 from pathlib import Path
 
-from gradalign.analysis import fit_critical_batches
 from gradalign.config import ALGORITHMS, ALIGNING_ALGORITHMS, ConfigError
-from gradalign.findings import build_report
-from gradalign.protocol import Budget, StudyProtocol
+from gradalign.findings import Evidence, build_report
+from gradalign.protocol import Budget, Comparisons, StudyProtocol
 from gradalign.ranges import Range
+from gradalign.report import noise_by_algorithm
 from gradalign.verdict import protocol_sentence, scaling_facts, scaling_sentences
 from studies.study_cli import DataLocation, StudyCommand, seed_lists, split_sizes, study_parser
 
@@ -159,6 +159,12 @@ def make_protocol(args: argparse.Namespace, data: DataLocation) -> StudyProtocol
         },
         fixed=fixed,
         ranges=ranges,
+        compare=Comparisons(
+            x="batch_size",
+            pairs=tuple(p for p in (("gradalign", "large_batch_sgd"),) if set(p) <= set(args.algorithms)),
+            reference="sgd" if "sgd" in args.algorithms and len(args.algorithms) > 1 else None,
+            within="workers" if len(args.workers) > 1 else None,
+        ),
         trials_per_cell=args.trials_per_cell,
         **seed_lists(args),
         sampler_seed=args.sampler_seed,
@@ -242,14 +248,20 @@ def _searched(ranges) -> dict:
 
 
 def verdict(protocol: StudyProtocol):
-    """The report's opening sentences: protocol, where each algorithm leaves the reference, B_crit, GradAlign's
-    difference from large-batch SGD where it matters."""
-    from gradalign.report import noise_by_algorithm as noise
+    """The report's opening sentences: the protocol, each algorithm against the small-batch reference at every B,
+    B_crit with its interval, GradAlign against large-batch SGD at every B."""
 
-    def sentences(history, cells, sig) -> list[str]:
-        scaled = cells[cells["algorithm"] != "sgd"]
-        fits = fit_critical_batches(scaled) if len(scaled) else {}
-        facts = scaling_facts(cells, sig, fits, noise(history), reference="sgd", tolerance=protocol.tolerance)
+    def sentences(evidence: Evidence) -> list[str]:
+        critical = evidence.critical or {}
+        facts = scaling_facts(
+            evidence.cells,
+            evidence.records,
+            critical.get("fits", {}),
+            noise_by_algorithm(evidence.history),
+            reference=protocol.compare.reference or "sgd",
+            tolerance=protocol.tolerance,
+            ratios=critical.get("ratios", ()),
+        )
         ref = facts["reference"]
         first = protocol_sentence(
             protocol.trials_per_cell,
@@ -258,6 +270,7 @@ def verdict(protocol: StudyProtocol):
             protocol.test_size,
             ref["acc"] if ref else None,
             len(protocol.tuning_seeds),
+            design=protocol.design,
         )
         return [first, *scaling_sentences(facts, target=protocol.target)]
 

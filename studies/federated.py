@@ -35,8 +35,8 @@ import pandas as pd
 from gradalign import figures as F
 from gradalign.algorithms import communications_per_update
 from gradalign.config import ALIGNING_ALGORITHMS, FEDERATED_ALGORITHMS, ConfigError, TrainConfig
-from gradalign.findings import build_report
-from gradalign.protocol import Budget, StudyProtocol
+from gradalign.findings import Evidence, build_report
+from gradalign.protocol import Budget, Comparisons, StudyProtocol
 from gradalign.ranges import Range
 from gradalign.verdict import federated_facts, federated_sentences, protocol_sentence
 from studies.study_cli import DataLocation, StudyCommand, range_arg, seed_lists, split_sizes, study_parser
@@ -216,6 +216,12 @@ def make_protocol(args: argparse.Namespace, data: DataLocation) -> StudyProtocol
             "algorithms": list(args.algorithms),
             "references": list(args.references),
         },
+        compare=Comparisons(
+            x="setting",
+            pairs=tuple(("fedga", b) for b in ("fedavg", "scaffold", "fedprox") if {"fedga", b} <= set(algorithms)),
+            within="split",
+            cost="communications_to_target",
+        ),
         fixed={
             "clients": args.clients,
             "batch_size": args.clients * args.client_batch,
@@ -355,18 +361,20 @@ def federated_figures(history: pd.DataFrame, cells: pd.DataFrame) -> list:
 
 
 def verdict(protocol: StudyProtocol):
-    """The report's opening sentences: protocol, then per setting the best algorithm and FedGA's differences."""
+    """The report's opening sentences: the protocol, then per setting the highest mean and FedGA's comparisons."""
 
-    def sentences(history: pd.DataFrame, cells: pd.DataFrame, sig: pd.DataFrame) -> list[str]:
+    def sentences(evidence: Evidence) -> list[str]:
         first = protocol_sentence(
             protocol.trials_per_cell,
             len(protocol.seeds),
             protocol.budget.sentence(),
             protocol.test_size,
-            cells["acc_mean"].mean(),
+            evidence.cells["acc_mean"].mean(),
             len(protocol.tuning_seeds),
+            design=protocol.design,
         )
-        return [first, *federated_sentences(federated_facts(cells, sig))]
+        facts = federated_facts(evidence.cells, evidence.records, tolerance=protocol.tolerance)
+        return [first, *federated_sentences(facts)]
 
     return sentences
 
@@ -378,13 +386,9 @@ def write_report(protocol: StudyProtocol, command: StudyCommand) -> Path:
         command.history(),
         protocol,
         x="split",
-        by="setting",
-        cost="communications_to_target",
         extra_axes=("setting", "participation", "local_steps"),
         title="GradAlign federated study: heterogeneity and participation",
         command=command.text,
-        reference=None,
-        comparisons=(("fedga", "fedavg"), ("fedga", "scaffold"), ("fedga", "fedprox")),
         figures=federated_figures,
         export=command.args.export,
         verdict=verdict(protocol),

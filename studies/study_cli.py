@@ -132,7 +132,7 @@ def study_parser(
     beta_range: tuple[float, float] | None = (1e-4, 1.0),
     trials_per_cell: int = 8,
     tuning_seeds: int = 1,
-    seeds: int = 3,
+    seeds: int | str = "auto",
 ) -> tuple[argparse.ArgumentParser, dict[str, argparse._ArgumentGroup]]:
     """A study's parser with every shared option; returns it and its groups (the script adds its own options to
     'axes', 'fixed' and 'nuisance'). `epochs=None`: the script states its own budget option."""
@@ -241,10 +241,19 @@ def study_parser(
     )
     g.add_argument(
         "--seeds",
-        type=int,
+        type=seeds_arg,
         default=seeds,
-        help=f"seeds the chosen configuration of each cell is re-run with ({SEED_BASE}, {SEED_BASE + 1}, "
-        f"...: disjoint from the tuning seeds; default {seeds})",
+        metavar="auto|N",
+        help=f"final runs of each cell's chosen configuration (seeds {SEED_BASE}, {SEED_BASE + 1}, ...: disjoint "
+        "from the tuning seeds). 'auto': 3 seeds, then more in rounds (5, 8, ... up to --max-seeds) for the cells "
+        "whose comparisons are still undetermined, with a sequential design that keeps the 5%% error rate; N: "
+        f"exactly N seeds per cell (default {seeds})",
+    )
+    g.add_argument(
+        "--max-seeds",
+        type=int,
+        default=8,
+        help="with --seeds auto: the most seeds a cell gets (default 8); the looks are 3, 5, 8, then the cap",
     )
     g.add_argument("--asha", action="store_true", help="stop unpromising tuning trials early (ASHA on epochs)")
     g.add_argument(
@@ -420,12 +429,32 @@ def split_sizes(
     return sizes
 
 
+def seeds_arg(text: str) -> str | int:
+    """'auto' or a whole number of seeds."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number of seeds, got {text!r}") from None
+
+
 def seed_lists(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
-    """The protocol's tuning seeds (0, 1, ...) and final seeds (SEED_BASE, ...) from --tuning-seeds and --seeds."""
-    for name in ("tuning_seeds", "seeds", "trials_per_cell", "eval_points"):
+    """The protocol's tuning seeds (0, 1, ...), final seeds (SEED_BASE, ...) and sequential looks from --tuning-seeds,
+    --seeds and --max-seeds."""
+    for name in ("tuning_seeds", "trials_per_cell", "eval_points"):
         if getattr(args, name) < 1:
             raise ConfigError(name, getattr(args, name), "must be >= 1")
-    return {"tuning_seeds": tuple(range(args.tuning_seeds)), "seeds": tuple(SEED_BASE + i for i in range(args.seeds))}
+    tuning = tuple(range(args.tuning_seeds))
+    if args.seeds == "auto":
+        cap = args.max_seeds
+        if cap < 3:
+            raise ConfigError("max_seeds", cap, "a sequential study needs at least 3 seeds per cell (default 8)")
+        looks = tuple(n for n in (3, 5, 8) if n < cap) + (cap,)
+        return {"tuning_seeds": tuning, "seeds": tuple(SEED_BASE + i for i in range(cap)), "seed_looks": looks}
+    if args.seeds < 1:
+        raise ConfigError("seeds", args.seeds, "the chosen configuration of each cell needs at least one seed run")
+    return {"tuning_seeds": tuning, "seeds": tuple(SEED_BASE + i for i in range(args.seeds)), "seed_looks": ()}
 
 
 # -- the command --------------------------------------------------------------------------------------------------

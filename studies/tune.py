@@ -27,10 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-
 from gradalign.config import ALGORITHMS, ALIGNING_ALGORITHMS, FEDERATED_ALGORITHMS, PARTITIONS, ConfigError
-from gradalign.findings import build_report
+from gradalign.findings import Evidence, build_report
 from gradalign.protocol import Budget, StudyProtocol
 from gradalign.ranges import Range
 from gradalign.verdict import protocol_sentence
@@ -288,7 +286,8 @@ def plan_cells(protocol: StudyProtocol, data: DataLocation) -> list:
 def verdict(protocol: StudyProtocol):
     """The chosen configuration and what its seed runs reach, with the protocol that made the numbers."""
 
-    def sentences(history: pd.DataFrame, cells: pd.DataFrame, sig: pd.DataFrame) -> list[str]:
+    def sentences(evidence: Evidence) -> list[str]:
+        cells = evidence.cells
         first = protocol_sentence(
             protocol.trials_per_cell,
             len(protocol.seeds),
@@ -318,8 +317,6 @@ def write_report(protocol: StudyProtocol, command: StudyCommand) -> Path:
         command.history(),
         protocol,
         x="batch_size",
-        reference=None,
-        comparisons=(),
         title=f"Tuning {protocol.axes['algorithm']} on {protocol.dataset}/{protocol.model}",
         command=command.text,
         verdict=verdict(protocol),

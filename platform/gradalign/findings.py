@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from .analysis import COUNTER, best_trials, collapsed_seeds, edge_warnings, summarize_cells, trial_table
+from .comparisons import comparison_records
+from .critical_batch import critical_batch_intervals
 from .protocol import StudyProtocol
 from .provenance import provenance
-from .report import significance_tables, write_report
+from .report import comparison_table, write_report
 from .tables import save_table
 
 
@@ -29,6 +32,31 @@ def scientific_group(history: pd.DataFrame, x: str, extra: Sequence[str] = ()) -
     return tuple(dict.fromkeys(group))
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """What a verdict is made from: the history, the cells table, the seed runs (one row each), the comparison
+    records (`gradalign.comparisons`) and, on a batch-size axis, the critical-batch fits with intervals."""
+
+    history: pd.DataFrame
+    cells: pd.DataFrame
+    trials: pd.DataFrame
+    records: list[dict]
+    critical: dict = field(default_factory=dict)
+
+
+def comparisons_of(protocol: StudyProtocol, trials: pd.DataFrame) -> list[dict]:
+    """The study's comparison records: final test accuracy (what the verdict and the seed rounds decide on), then
+    the cost to the target (less is better; no tolerance)."""
+    spec = protocol.compare
+    if trials.empty or not (spec.pairs or spec.reference):
+        return []
+    common = dict(x=spec.x, pairs=spec.pairs, reference=spec.reference, design=protocol.design, within=spec.within)
+    records = comparison_records(trials, metric="acc_final", tolerance=protocol.tolerance, **common)
+    if spec.cost in trials.columns:
+        records += comparison_records(trials, metric=spec.cost, tolerance=0.0, larger_is_better=False, **common)
+    return records
+
+
 def build_report(
     out: Path,
     history: pd.DataFrame,
@@ -38,33 +66,29 @@ def build_report(
     title: str,
     command: str,
     extra_axes: Sequence[str] = (),
-    comparisons: Sequence[tuple[str, str]] = (("gradalign", "large_batch_sgd"),),
-    reference: str | None = "sgd",
-    by: str | None = None,
     figures: Callable[[pd.DataFrame, pd.DataFrame], list] | None = None,
-    cost: str = "steps_to_target",
     num_classes: int | None = None,
-    verdict: Callable[[pd.DataFrame, pd.DataFrame, pd.DataFrame], list[str]] | None = None,
+    verdict: Callable[[Evidence], list[str]] | None = None,
     export: Sequence[str] = (),
 ) -> Path:
-    """Write cells.{parquet,csv}, summary.json and report.html into `out`; returns the report's path.
+    """Write history and cells (.parquet, .csv), summary.json and report.html into `out`; returns the report's path.
 
-    `comparisons` are tested at each value of `x`; every algorithm is also tested against `reference` (the
-    small-batch SGD cell, which sits at one batch size only), to give the gap to the reference at each x.
-    Significance is computed per value of `by` (default `x`) on the final test accuracy and on `cost` (to the
-    target); `figures(history, cells)` replaces the default figures. Seed runs that collapsed (far below their
-    cell's others, or at chance for `num_classes`) are warned about. `verdict(history, cells, significance)` gives
-    the plain sentences that open the report (and summary.json's "verdict"; `print_outcome` prints them).
+    The comparisons are the protocol's (`protocol.compare`), one record each (`gradalign.comparisons`: difference,
+    interval, n, paired or not, outcome, seeds that would decide it), on the final test accuracy and on the cost to
+    the target; summary.json lists them under "comparisons". On a batch-size axis the critical batch size of each
+    algorithm gets a bootstrap interval. `figures(history, cells)` replaces the default figures. Seed runs that
+    collapsed (far below their cell's others, or at chance for `num_classes`) are warned about. `verdict(evidence)`
+    gives the plain sentences that open the report (and summary.json's "verdict"; `print_outcome` prints them).
     `export` (png, svg, pdf) also writes the report's figures as out/figures/<figure_id>.<format>.
     """
-    target, search_ranges = protocol.target, protocol.search_ranges()
+    target, search_ranges, spec = protocol.target, protocol.search_ranges(), protocol.compare
     save_table(history, out / "history")  # (derived from the cells' tables: rebuilt here when missing or damaged)
     group = scientific_group(history, x, extra_axes)
     cells = summarize_cells(history, target, group=group)
     save_table(cells, out / "cells")
     tuned = history[history["phase"] == "tune"]
     # the configuration a cell chose is the one its seed runs ran; for a cell without seed runs yet, its best tuning
-    # trial (best_trials picks it by the study's own rule, studies.cells.best_config)
+    # trial (best_trials picks it by the study's own rule, ray_adapter.engine.best_config)
     seeded = history[history["phase"] == "seed"]
     unseeded = ~tuned.set_index(list(group)).index.isin(seeded.set_index(list(group)).index)
     chosen = pd.concat([seeded, tuned[unseeded]])
@@ -75,26 +99,35 @@ def build_report(
     )
     warnings += _divergence_warnings(history)
     warnings += _collapse_warnings(history, group, num_classes)
-    sig = compare(history, by or x, target, comparisons, reference, cost)
+    carry = list(dict.fromkeys([*group, spec.x, *([spec.within] if spec.within else [])]))
+    trials = trial_table(history, target, phase="seed", carry=[c for c in carry if c in history.columns])
+    records = comparisons_of(protocol, trials)
+    critical = {}
+    if x == "batch_size" and len(trials) and spec.cost == "steps_to_target":
+        scaled = sorted(a for a in trials["algorithm"].dropna().unique() if a != spec.reference)
+        pairs = [p for p in spec.pairs if p[0] in scaled and p[1] in scaled]
+        critical = critical_batch_intervals(trials, scaled, pairs=pairs)
+    evidence = Evidence(history, cells, trials, records, critical)
     summary = {
         "target accuracy": target,
         "cells with seed runs": int(len(cells)),
         "tuning trials": int(tuned["trial_id"].nunique()) if len(tuned) else 0,
-        "seed runs": int(history.loc[history["phase"] == "seed", "trial_id"].nunique()),
-        **headline(cells, sig, by or x),
+        "seed runs": int(seeded["trial_id"].nunique()) if len(seeded) else 0,
+        **_outcome_counts(records),
     }
     prov = {"command": command, **provenance()}
-    sentences = verdict(history, cells, sig) if verdict is not None and len(cells) else []
+    sentences = verdict(evidence) if verdict is not None and len(cells) else []
     budget = protocol.description()
     record = {
         "title": title,
         "protocol": protocol.to_json(),
         "verdict": sentences,
         "summary": summary,
+        "comparisons": records,
+        "critical_batch": {k: v for k, v in critical.items()},
         "warnings": warnings,
         "budget": dict(budget),
         "provenance": prov,
-        "significance": sig.to_dict(orient="records"),
         "cells": cells.to_dict(orient="records"),
     }
     (out / "summary.json").write_text(json.dumps(_strict(record), indent=2, default=str))
@@ -108,11 +141,21 @@ def build_report(
         budget,
         title=title,
         x=x,
-        significance_table=sig,
+        significance_table=comparison_table(records),
         figures=figures(history, cells) if figures else None,
         verdict=sentences,
         export=export,
+        fits=critical.get("fits") if critical else None,
     )
+
+
+def _outcome_counts(records: Sequence[Mapping]) -> dict[str, str]:
+    """'comparisons of test accuracy': '3 better, 1 worse, 2 equivalent, 4 undetermined (n = ...)'."""
+    acc = [r for r in records if r["metric"] == "acc_final"]
+    if not acc:
+        return {}
+    counts = {o: sum(r["outcome"] == o for r in acc) for o in ("better", "worse", "equivalent", "undetermined")}
+    return {"comparisons of test accuracy": ", ".join(f"{n} {o}" for o, n in counts.items() if n)}
 
 
 def print_outcome(out: Path, report: Path) -> None:
@@ -123,54 +166,6 @@ def print_outcome(out: Path, report: Path) -> None:
     sentences = json.loads((out / "summary.json").read_text()).get("verdict") or []
     if sentences:
         print("\nverdict:\n" + "\n".join(f"- {s}" for s in sentences), flush=True)
-
-
-def compare(
-    history: pd.DataFrame,
-    x: str,
-    target: float,
-    comparisons: Sequence[tuple[str, str]],
-    reference: str | None,
-    cost: str = "steps_to_target",
-) -> pd.DataFrame:
-    """Welch comparisons over seeds: each pair in `comparisons` per value of x, and every algorithm vs the
-    reference."""
-    parts = [significance_tables(history, by=x, target=target, comparisons=comparisons, cost=cost)]
-    seeds = history[history["phase"] == "seed"]
-    if reference and reference in set(seeds["algorithm"]):
-        ref = seeds[seeds["algorithm"] == reference]
-        others = seeds[seeds["algorithm"] != reference]
-        # the reference runs at one x (its own batch size): compare it with every x of the other algorithms
-        copies = [
-            ref.assign(**{x: value, "trial_id": ref["trial_id"].astype(str) + f"@{value}"})
-            for value in sorted(others[x].dropna().unique())
-        ]
-        if copies:
-            paired = pd.concat([others, *copies], ignore_index=True)
-            pairs = [(a, reference) for a in sorted(others["algorithm"].unique())]
-            parts.append(significance_tables(paired, by=x, target=target, comparisons=pairs, cost=cost))
-    parts = [p for p in parts if not p.empty]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-
-
-def headline(cells: pd.DataFrame, sig: pd.DataFrame, x: str) -> dict[str, str]:
-    """One line per compared value of x: the test-accuracy difference, its 95% CI, p-value and n (never one lucky
-    run)."""
-    out = {}
-    if sig.empty:
-        return out
-    acc = sig[sig["metric"] == "acc_final"]
-    for row in acc.itertuples():
-        value = getattr(row, x) if hasattr(row, x) else row[1]
-        ci = (
-            f", 95% CI [{row.ci_low:+.4f}, {row.ci_high:+.4f}], Welch p={row.p_value:.3g}"
-            if math.isfinite(row.p_value)
-            else ""
-        )
-        out[f"{row.a} - {row.b} at {x}={value}"] = (
-            f"{row.diff:+.4f} test accuracy (n={row.n_a} vs {row.n_b}{ci}: {row.verdict})"
-        )
-    return out
 
 
 def _divergence_warnings(history: pd.DataFrame) -> list[str]:

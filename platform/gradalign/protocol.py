@@ -21,8 +21,9 @@ from typing import Any
 
 from .config import ConfigError
 from .ranges import Range
+from .sequential import SequentialDesign
 
-__all__ = ["KINDS", "OBJECTIVE_METRICS", "SEED_BASE", "Budget", "StudyProtocol"]
+__all__ = ["KINDS", "OBJECTIVE_METRICS", "SEED_BASE", "Budget", "Comparisons", "StudyProtocol"]
 
 KINDS = ("batch-scaling", "federated", "tune")
 """The kinds of study; a study folder holds one kind, and a script of another kind refuses it."""
@@ -62,6 +63,22 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Comparisons:
+    """What the verdict compares (and what decides whether a sequential study adds seeds): each pair (a, b) at every
+    value of `x`, and every algorithm against `reference`, within each value of `within`."""
+
+    x: str = "batch_size"
+    """The scientific axis the comparisons run along (the batch size; the federated study's setting)."""
+    pairs: tuple[tuple[str, str], ...] = ()
+    reference: str | None = None
+    """Compared with every other algorithm at every x (e.g. small-batch SGD, which runs at one batch size)."""
+    within: str | None = None
+    """Compare only cells that share this column's value (the federated study's client split)."""
+    cost: str = "steps_to_target"
+    """The cost to the target also compared (steps; communications in a federated study)."""
+
+
+@dataclass(frozen=True)
 class StudyProtocol:
     """A study, as the scientist would write it down. Frozen and validated: a bad value raises `ConfigError`
     naming the field (the study scripts name the option that set it)."""
@@ -85,7 +102,13 @@ class StudyProtocol:
     tuning_seeds: tuple[int, ...] = (0,)
     """Seeds every tuning trial trains side by side (scored by their mean)."""
     seeds: tuple[int, ...] = (SEED_BASE, SEED_BASE + 1, SEED_BASE + 2)
-    """Seeds of the final runs of each cell's chosen configuration: disjoint from the tuning seeds."""
+    """Seeds the final runs of each cell's chosen configuration may use, in this order: disjoint from the tuning
+    seeds. With `seed_looks`, a cell runs the first `seed_looks[0]`, then more only while a comparison it is in is
+    undetermined; otherwise it runs them all."""
+    seed_looks: tuple[int, ...] = ()
+    """Seeds per cell at which a sequential study looks at its comparisons (e.g. 3, 5, 8; the last is the cap and
+    equals len(seeds)); () for a fixed number of seeds (`--seeds N`). See `gradalign.sequential`."""
+    compare: Comparisons = field(default_factory=Comparisons)
     objectives: tuple[tuple[str, str], ...] = (("val_accuracy", "max"),)
     """(metric, 'max'|'min') pairs at a trial's last evaluation; the first chooses each cell's configuration."""
     sampler_seed: int = 0
@@ -123,6 +146,13 @@ class StudyProtocol:
                 f"must be disjoint from the tuning seeds {self.tuning_seeds}: a final run "
                 "must not repeat a tuning trial",
             )
+        if self.seed_looks:
+            if self.seed_looks[-1] != len(self.seeds):
+                raise ConfigError("max_seeds", len(self.seeds), f"the last look {self.seed_looks} must use every seed")
+            try:
+                SequentialDesign(looks=tuple(self.seed_looks))
+            except ValueError as err:
+                raise ConfigError("max_seeds", self.seed_looks[-1], str(err)) from None
         if not self.objectives:
             raise ConfigError("metric", self.objectives, "need at least one objective")
         for metric, mode in self.objectives:
@@ -156,6 +186,19 @@ class StudyProtocol:
         return self.objectives[0][1]
 
     @property
+    def design(self) -> SequentialDesign:
+        """When the study looks at its comparisons: the sequential looks, or one look at every seed (95%)."""
+        return (
+            SequentialDesign(looks=tuple(self.seed_looks))
+            if self.seed_looks
+            else SequentialDesign.fixed(len(self.seeds))
+        )
+
+    @property
+    def sequential(self) -> bool:
+        return len(self.design.looks) > 1
+
+    @property
     def test_size(self) -> int:
         return int(self.split_sizes["test"])
 
@@ -171,9 +214,15 @@ class StudyProtocol:
         )
 
     def seeds_sentence(self) -> str:
+        if self.sequential:
+            how = (
+                f"seeds added in rounds while a comparison is undetermined ({self.design.describe()}; seeds "
+                f"{_seed_list(self.seeds)})"
+            )
+        else:
+            how = f"{len(self.seeds)} seeds per cell's chosen configuration ({_seed_list(self.seeds)})"
         return (
-            f"{len(self.seeds)} seeds per cell's chosen configuration ({_seed_list(self.seeds)}), disjoint from the "
-            f"tuning seeds ({_seed_list(self.tuning_seeds)}); their test accuracy is reported"
+            f"{how}, disjoint from the tuning seeds ({_seed_list(self.tuning_seeds)}); their test accuracy is reported"
         )
 
     def description(self) -> dict[str, str]:
@@ -206,6 +255,8 @@ class StudyProtocol:
             value = getattr(self, f.name)
             if f.name == "budget":
                 value = dataclasses.asdict(value)
+            elif f.name == "compare":
+                value = dataclasses.asdict(value)
             elif f.name == "ranges":
                 value = {a: {p: r.to_json() for p, r in rs.items()} for a, rs in value.items()}
             out[f.name] = value
@@ -221,8 +272,11 @@ class StudyProtocol:
         values["budget"] = Budget(**data["budget"])
         values["ranges"] = {a: {p: Range.from_json(r) for p, r in rs.items()} for a, rs in data["ranges"].items()}
         values["split_sizes"] = {k: int(v) for k, v in data["split_sizes"].items()}
-        for name in ("tuning_seeds", "seeds"):
-            values[name] = tuple(int(s) for s in data[name])
+        for name in ("tuning_seeds", "seeds", "seed_looks"):
+            values[name] = tuple(int(s) for s in data.get(name, ()))
+        spec = dict(data.get("compare") or {})
+        spec["pairs"] = tuple(tuple(pair) for pair in spec.get("pairs", ()))
+        values["compare"] = Comparisons(**spec)
         values["objectives"] = tuple((str(m), str(d)) for m, d in data["objectives"])
         return cls(**values)
 

@@ -28,7 +28,8 @@ from typing import Any
 import pandas as pd
 from ray import tune
 
-from gradalign.analysis import COUNTER, rank_trials
+from gradalign.analysis import COUNTER, rank_trials, trial_table
+from gradalign.comparisons import comparison_records, seeds_wanted
 from gradalign.config import ALIGNING_ALGORITHMS, TrainConfig
 from gradalign.study_file import check_study_file, write_study_file
 from gradalign.tables import DamagedTable, phase_table_path, read_table, save_table
@@ -78,12 +79,24 @@ def run_plan(
     for cell in plan.cells:
         chosen[cell.key] = best_config(tuned[cell.key], protocol.objective, protocol.mode)
         log(f"  {cell.key}: best of {tuned[cell.key]['trial_id'].nunique()} trials: {describe(chosen[cell.key])}")
+    design = protocol.design
     log(
-        f"re-running each cell's chosen configuration with seeds {list(protocol.seeds)} (tuning used "
-        f"{list(protocol.tuning_seeds)}) ({time.perf_counter() - started:.0f} s into the study)"
+        f"re-running each cell's chosen configuration with seeds of its own ({protocol.seeds_sentence()}) "
+        f"({time.perf_counter() - started:.0f} s into the study)"
     )
-    runs = {key: {f"seed={s}": {**config, "seed": s} for s in protocol.seeds} for key, config in chosen.items()}
-    seeded = engine.run_configs("seed", runs, costs=trial_seconds(tuned))
+    seeds = {cell.key: design.looks[0] for cell in plan.cells}
+    costs = trial_seconds(tuned)
+    while True:
+        runs = {key: {f"seed={s}": {**chosen[key], "seed": s} for s in protocol.seeds[:n]} for key, n in seeds.items()}
+        seeded = engine.run_configs("seed", runs, costs=costs)
+        more = more_seeds(plan, seeded, seeds)
+        if not more:
+            break
+        log(
+            f"undetermined comparisons: {', '.join(f'{k} to {n} seeds' for k, n in sorted(more.items()))} "
+            f"({time.perf_counter() - started:.0f} s into the study)"
+        )
+        seeds.update(more)
     history = pd.concat([t for c in plan.cells for t in (tuned[c.key], seeded[c.key])], ignore_index=True)
     save_table(history, plan.out_dir / "history")
     return history
@@ -129,21 +142,29 @@ class Engine:
         self, phase: str, runs: Mapping[str, Mapping[str, Mapping[str, Any]]], costs: Mapping[str, float] | None = None
     ) -> dict[str, pd.DataFrame]:
         """Run fixed configurations: `runs` is {cell key: {run label: TrainConfig fields}}. A cell's phase is
-        finished when its table holds every label it asks for. The longest cells (by `costs`, seconds per trial)
-        go first, so that the CPUs do not wait on one long straggler at the end."""
-        done = {c.key: self._finished(c, phase, wanted=set(runs.get(c.key, {}))) for c in self.plan.cells}
-        todo = [c for c in self.plan.cells if done[c.key] is None and runs.get(c.key)]
-        self._say_finished(phase, sum(v is not None for v in done.values()))
+        finished when its table holds every label it asks for; only the missing labels run (a study that adds seeds
+        runs the new ones only). The longest cells (by `costs`, seconds per trial) go first, so that the CPUs do not
+        wait on one long straggler at the end. Returns {cell key: the rows of the labels asked for}."""
+        saved = {c.key: self._finished(c, phase) for c in self.plan.cells if runs.get(c.key)}
+        missing = {}
+        for key, wanted in runs.items():
+            have = set() if saved.get(key) is None else set(saved[key][RUN].dropna())
+            if set(wanted) - have:
+                missing[key] = {label: cfg for label, cfg in wanted.items() if label not in have}
+        self._say_finished(phase, sum(key not in missing for key in saved))
+        todo = [c for c in self.plan.cells if c.key in missing]
         for workers in sorted({c.workers for c in todo}):
             group = [c for c in todo if c.workers == workers]
             longest_first = sorted(group, key=lambda c: -(costs or {}).get(c.key, 0.0))
-            configs = [{**cfg, RUN: label, CELL: c.key} for c in longest_first for label, cfg in runs[c.key].items()]
+            configs = [{**cfg, RUN: label, CELL: c.key} for c in longest_first for label, cfg in missing[c.key].items()]
             table, errors = self._experiment(phase, group, configs)
             for cell in group:
                 rows = self._rows(table, cell, phase, errors)
+                if saved.get(cell.key) is not None:
+                    rows = pd.concat([saved[cell.key], rows], ignore_index=True)
                 save_table(rows, phase_table_path(self.plan.out_dir, cell.key, phase).with_suffix(""))
-                done[cell.key] = rows
-        return {k: v for k, v in done.items() if v is not None}
+                saved[cell.key] = rows
+        return {key: rows[rows[RUN].isin(set(runs[key]))] for key, rows in saved.items() if rows is not None}
 
     # -- one Tune experiment ---------------------------------------------------------------------------------------
     def _experiment(
@@ -253,9 +274,9 @@ class Engine:
         _check_some_trial_ran(rows, cell, phase, self.plan.protocol.objective, errors.get(cell.key, []))
         return rows
 
-    def _finished(self, cell: Cell, phase: str, wanted: set[str] | None = None) -> pd.DataFrame | None:
-        """The saved rows of a cell's finished phase; None if the phase must (still) run: no table yet, a damaged one
-        (set aside and rebuilt from the trial records, without training), or one without every run `wanted`."""
+    def _finished(self, cell: Cell, phase: str) -> pd.DataFrame | None:
+        """The saved rows of a cell's finished phase; None if the phase must (still) run: no table yet, or a damaged
+        one (set aside and rebuilt from the trial records, without training)."""
         path = phase_table_path(self.plan.out_dir, cell.key, phase)
         if not path.exists():
             return None
@@ -269,10 +290,6 @@ class Engine:
                 "trained again)"
             )
             return None
-        if wanted is not None and not wanted <= set(rows.get(RUN, pd.Series(dtype=str)).dropna()):
-            return None
-        if wanted is not None:  # (a study extended with more seeds keeps its table of the earlier ones until then)
-            rows = rows[rows[RUN].isin(wanted)]
         return rows
 
     def _say_finished(self, phase: str, finished: int) -> None:
@@ -303,6 +320,34 @@ class Engine:
                 added += sync_optuna_study(rows, self.optuna_db, cell.key, cell.space, self.plan.protocol.objectives)
         if problem is not None:
             self.log(f"  {path} was {problem}: rebuilt from the tuning tables ({added} trials)")
+
+
+def more_seeds(plan: StudyPlan, seeded: Mapping[str, pd.DataFrame], seeds: Mapping[str, int]) -> dict[str, int]:
+    """{cell key: seeds at the next look} for the cells of the comparisons still undetermined below the cap (a
+    sequential study, `--seeds auto`); {} when every comparison is decided or at the cap, or the seeds are fixed."""
+    protocol = plan.protocol
+    if not protocol.sequential or not seeded:
+        return {}
+    spec = protocol.compare
+    history = pd.concat(list(seeded.values()), ignore_index=True)
+    carry = [c for c in (spec.x, spec.within) if c]
+    trials = trial_table(history, protocol.target, phase="seed", carry=carry)
+    records = comparison_records(
+        trials,
+        x=spec.x,
+        pairs=spec.pairs,
+        reference=spec.reference,
+        tolerance=protocol.tolerance,
+        design=protocol.design,
+        within=spec.within,
+    )
+    wanted = seeds_wanted(records, protocol.design)
+    out = {}
+    for cell in plan.cells:
+        n = wanted.get((cell.coords.get("algorithm"), cell.coords.get(spec.x)), 0)
+        if n > seeds.get(cell.key, 0):
+            out[cell.key] = n
+    return out
 
 
 def best_config(tuned: pd.DataFrame, objective: str, mode: str = "max") -> dict[str, Any]:
