@@ -186,10 +186,7 @@ def test_a_figure_keeps_its_own_layout_height_unless_told(tmp_path, browser):
 def test_report_only_rebuild_exports_every_report_figure_in_every_format(tmp_path, browser, capsys):
     history = synthetic_history(seeds=2, epochs=5)
     out = _study_folder(tmp_path / "study", history)
-    assert (
-        batch_scaling.main(["--report-only", "--out", str(out), "--export", "png,svg,pdf"])
-        == 0
-    )
+    assert batch_scaling.main(["--report-only", "--out", str(out), "--export", "png,svg,pdf"]) == 0
     assert f"figures (png, svg, pdf): {out / 'figures'}" in capsys.readouterr().out
     html = (out / "report.html").read_text(encoding="utf-8")
     ids = re.findall(r'<figure class="plot" data-figure="([^"]+)"', html)

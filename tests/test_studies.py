@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 from helpers import study_protocol
@@ -13,7 +14,7 @@ from gradalign import findings
 from gradalign.analysis import best_trials
 from gradalign.ranges import Range
 from gradalign.ray_adapter import best_config
-from studies import batch_scaling, federated
+from studies import batch_scaling, federated, tune
 
 _spec = importlib.util.spec_from_file_location("_synthetic_study", Path(__file__).with_name("test_analysis.py"))
 _synthetic = importlib.util.module_from_spec(_spec)
@@ -79,6 +80,19 @@ class _no_raise:
         return False
 
 
+def assert_outcome_agrees_with_interval(r):
+    low, high, tol = r["ci_low"], r["ci_high"], r["tolerance"]
+    sign = 1 if r.get("larger_is_better", True) else -1
+    if r["outcome"] == "better":
+        assert (low > 0) if sign > 0 else (high < 0), r
+    elif r["outcome"] == "worse":
+        assert (high < 0) if sign > 0 else (low > 0), r
+    elif r["outcome"] == "equivalent":
+        assert -tol <= low and high <= tol, r
+    else:
+        assert r["outcome"] == "undetermined", r
+
+
 def _trial_ids(out):
     history = pd.read_parquet(out / "history.parquet")
     return history, set(zip(history["phase"], history["cell"], history["trial_id"]))
@@ -134,7 +148,15 @@ def test_batch_scaling_end_to_end_resume_and_report_only(tmp_path, ray_cluster):
     assert set(cells["algorithm"]) == {"sgd", "large_batch_sgd", "gradalign"} and (cells["n_seeds"] == 2).all()
     assert (cells["seeds"] == "1000, 1001").all()
     summary = json.loads((out / "summary.json").read_text())
-    assert any("gradalign - large_batch_sgd" in k for k in summary["summary"])
+    records = summary["comparisons"]
+    assert {(r["a"], r["b"], r["x"]) for r in records if r["metric"] == "acc_final"} == {
+        ("gradalign", "large_batch_sgd", 64),
+        ("gradalign", "sgd", 64),
+        ("large_batch_sgd", "sgd", 64),
+    }
+    for r in records:  # the same seeds on both sides: paired; every outcome agrees with its interval
+        assert r["paired"] and r["n_a"] == r["n_b"] == 2
+        assert_outcome_agrees_with_interval(r)
     report = (out / "report.html").read_text()
     for section in ("fig-accuracy", "fig-scaling", "fig-pareto-parallelism", "fig-alignment", "provenance"):
         assert section in report
@@ -185,7 +207,10 @@ def test_federated_end_to_end(tmp_path, ray_cluster):
     assert (history["partition"] == "one_class").all()
     assert history["label_tv"].min() > 0.5  # one class per client: far from iid, measured on every run's split
     summary = json.loads((out / "summary.json").read_text())
-    assert any(k.startswith("fedga - fedavg") for k in summary["summary"])
+    records = [r for r in summary["comparisons"] if r["metric"] == "acc_final"]
+    assert [(r["a"], r["b"], r["x"]) for r in records] == [("fedga", "fedavg", "one_class, p=0.5, K=5")]
+    for r in summary["comparisons"]:
+        assert_outcome_agrees_with_interval(r)
     assert "fig-communications" in (out / "report.html").read_text()
 
 
@@ -274,3 +299,36 @@ def test_the_report_picks_the_trial_the_study_chose_whatever_the_row_order():
         assert picked["lr"].tolist() == [best_config(rows, "val_accuracy")["lr"]] == [0.1], k
     without_loss = tuned.drop(columns="val_loss").sample(frac=1.0, random_state=0)
     assert best_trials(without_loss, group=["algorithm"], reduce="last")["lr"].tolist() == [0.2]  # a1
+
+
+@pytest.mark.slow
+def test_tune_is_a_one_cell_study_with_smoke_test_report_only_and_the_old_spellings(tmp_path, ray_cluster, capsys):
+    out = tmp_path / "tune"
+    argv = [
+        "--smoke-test",
+        "--trials",
+        "2",
+        "--lr",
+        "0.05",
+        "0.5",
+        "--out",
+        str(out),
+    ]  # two spellings of the last release
+    assert tune.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "--trials 2 is deprecated" in err and "--lr 0.05 0.5 is deprecated" in err
+    history = pd.read_parquet(out / "history.parquet")
+    last = history.sort_values("evaluation").groupby(["phase", "trial_id"]).tail(1)
+    assert (last["phase"] == "tune").sum() == 2 and sorted(last.loc[last["phase"] == "seed", "seed"]) == [1000, 1001]
+    assert last.loc[last["phase"] == "tune", "lr"].between(0.05, 0.5).all()
+    assert set(last["batch_size"]) <= {64, 128}  # the smoke test's choices
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"]["kind"] == "tune" and summary["verdict"][1].startswith("The chosen configuration")
+    study = optuna.load_study(study_name="gradalign", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert len(study.trials) == 2
+
+    (out / "report.html").unlink()
+    assert tune.main(["--report-only", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["verdict"] == summary["verdict"]
+    assert batch_scaling.main(["--report-only", "--out", str(out)]) == 2  # another kind of study: refused
+    assert "holds a tune study, not a batch-scaling study" in capsys.readouterr().err

@@ -82,9 +82,9 @@ def test_smoke_test_keeps_every_value_the_user_gave(capsys):
 
 def test_preset_keeps_an_explicit_value_even_when_it_equals_the_default():
     parser = federated.build_parser()
-    assert parser.get_default("seeds") == 3
-    args = study_cli.parse(parser, ["--preset", "paper", "--seeds", "3"], presets={"paper": federated.PAPER})
-    assert args.seeds == 3 and args.splits == ["one_class"] and args.name == "federated-paper"
+    assert parser.get_default("seeds") == "auto"
+    args = study_cli.parse(parser, ["--preset", "paper", "--seeds", "auto"], presets={"paper": federated.PAPER})
+    assert args.seeds == "auto" and args.splits == ["one_class"] and args.name == "federated-paper"
     args = study_cli.parse(parser, ["--preset", "paper"], presets={"paper": federated.PAPER})
     assert args.seeds == federated.PAPER["seeds"]
 

@@ -195,6 +195,25 @@ def test_a_study_killed_at_any_moment_trains_every_trial_once(own_dir):
         )
         study.finish()
         trainings = {p: {k: r["trained"] for k, r in records(out, p).items()} for p in ("tune", "seed")}
+        ran = json.loads((out / "summary.json").read_text())
+
+        # the report rebuilt from the folder alone states the same verdict, budget and ranges as the run
+        (out / "summary.json").unlink()
+        (out / "report.html").unlink()
+        rebuilt = subprocess.run(
+            [sys.executable, STUDY[0], "--report-only", "--out", str(out)],
+            cwd=REPO,
+            env=study.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+        again = json.loads((out / "summary.json").read_text())
+        for key in ("verdict", "budget", "protocol", "comparisons"):
+            assert again[key] == ran[key], key
+        assert "searched for gradalign" in again["budget"] and again["protocol"]["budget"]["amount"] == 2 * 1296
+        assert all(sentence in rebuilt.stdout for sentence in ran["verdict"])
 
         # a damaged table is rebuilt from the records, without training
         damaged = out / "cells" / CELLS[0] / "seed.parquet"

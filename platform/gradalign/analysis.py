@@ -252,7 +252,7 @@ def best_trials(
 ) -> pd.DataFrame:
     """Per cell, the trial whose `metric` (reduced over evaluations by 'last', 'max' or 'min') is best under `mode`.
 
-    The order is `rank_trials`' (as for a study's choice, `studies.cells.best_config`): trials that did not diverge
+    The order is `rank_trials`' (as for a study's choice, `ray_adapter.engine.best_config`): trials that did not diverge
     first; a tie in the score goes to the lower final validation loss, then to the smallest trial id.
     Returns the trial_table row of that trial plus a `score` column. A cell whose trials all have NaN scores
     (e.g. all diverged) still gets a row (score NaN), so its configuration can be inspected.
