@@ -37,7 +37,7 @@ from gradalign.config import DATASETS, MODELS, ConfigError
 from gradalign.data import DatasetCorruptError, DatasetNotFoundError
 from gradalign.export import FORMATS, ExportUnavailable, find_browser, parse_formats
 from gradalign.protocol import SEED_BASE, StudyProtocol
-from gradalign.study_file import check_study_file, read_study_file
+from gradalign.study_file import read_study_file
 from gradalign.tables import DamagedTable, NothingToReport, load_history
 
 WORK_LIMIT_EXAMPLES = 3e8
@@ -345,6 +345,12 @@ def study_parser(
 
 # -- parsing ------------------------------------------------------------------------------------------------------
 _UNSET = object()
+
+
+class _Unset(list):
+    """The marker of an 'append' option (argparse appends to whatever the namespace holds): empty until given."""
+
+
 _NEGATIVE = re.compile(r"^-[\d.]")
 
 
@@ -358,8 +364,10 @@ def parse(
     argv = _join_negative_ranges(parser, argv)
     args = parser.parse_args(argv)
     # An option given on the command line overwrites a marker put in its place beforehand; defaults do not.
-    marked = parser.parse_args(argv, namespace=argparse.Namespace(**{k: _UNSET for k in vars(args)}))
-    explicit = {k for k, v in vars(marked).items() if v is not _UNSET}
+    appended = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
+    markers = {k: (_Unset() if k in appended else _UNSET) for k in vars(args)}
+    marked = parser.parse_args(argv, namespace=argparse.Namespace(**markers))
+    explicit = {k for k, v in vars(marked).items() if v is not _UNSET and not (isinstance(v, _Unset) and not v)}
     chosen = []
     if getattr(args, "preset", None):
         chosen.append((f"--preset {args.preset}", (presets or {})[args.preset], f"{args._default_name}-{args.preset}"))
@@ -564,6 +572,7 @@ class StudyCommand:
 
         from gradalign.ray_adapter import StudyPlan, run_plan
         from gradalign.ray_adapter.cluster_checks import check_cluster, join_or_start
+        from gradalign.ray_adapter.engine import check_folder
         from gradalign.ray_adapter.progress import TALLY
         from trainables import gradalign_trainable
 
@@ -572,26 +581,29 @@ class StudyCommand:
             find_browser()
         resources = _resources(args)
         plan = StudyPlan(protocol, self.out, tuple(cells), resources)
-        check_writable(self.out, "out")
-        if resources.storage and "://" not in resources.storage:
-            if not os.path.isabs(resources.storage):
-                raise ConfigError("storage", resources.storage, "must be an absolute path or a URI (s3://...)")
-            check_writable(Path(resources.storage), "storage")
-        check_study_file(self.out, protocol, plan.cell_settings(), args.extend_seeds)
-        runs = len(plan.cells) * (protocol.trials_per_cell * len(protocol.tuning_seeds) + len(protocol.seeds))
+        if resources.storage and "://" not in resources.storage and not os.path.isabs(resources.storage):
+            raise ConfigError("storage", resources.storage, "must be an absolute path or a URI (s3://...)")
+        seeds = len(protocol.seeds)
+        runs = len(plan.cells) * (protocol.trials_per_cell * len(protocol.tuning_seeds) + seeds)
         work = runs * protocol.budget.epochs * protocol.split_sizes["train"]
         if work > WORK_LIMIT_EXAMPLES and not args.yes:
             raise ConfigError(
                 "yes",
                 False,
-                f"this study would train {runs} runs of up to {protocol.budget.epochs:.3g} epochs "
-                f"(about {work:.2g} training examples in all, {work / 1.2e7:.0f} times the default study, which takes "
-                "about 8 minutes on 2 CPU cores): check the budget, or pass --yes to start it",
+                f"this study would train up to {runs} runs of up to {protocol.budget.epochs:.3g} epochs (about "
+                f"{work:.2g} training examples in all, {work / 1.2e7:.0f} times the default study, which takes about "
+                "8 minutes on 2 CPU cores): check the budget, or pass --yes to start it",
             )
+        check_writable(self.out, "out")
+        if resources.storage and "://" not in resources.storage:
+            check_writable(Path(resources.storage), "storage")
+        check_folder(plan, args.extend_seeds)
+        first = protocol.design.looks[0]
+        runs_text = f"{first} to {seeds} seeds" if protocol.sequential else f"{seeds} seeds"
         print(
             f"{self.kind} study {protocol.name!r}: {len(plan.cells)} cells x {protocol.trials_per_cell} tuning trials"
             + (f" ({len(protocol.tuning_seeds)} seeds each)" if len(protocol.tuning_seeds) > 1 else "")
-            + f" + {len(protocol.seeds)} seeds = {runs} training runs; output in {self.out}",
+            + f" + {runs_text} = up to {runs} training runs; output in {self.out}",
             flush=True,
         )
         print(f"budget: {protocol.budget.sentence()}", flush=True)
@@ -672,15 +684,17 @@ def _option_of(parser: argparse.ArgumentParser, field: str) -> str | None:
 
 
 def _typed(argv: Sequence[str], option: str) -> str | None:
-    """What the user typed after `option` ('--opt a b' -> 'a b', '--opt=a' -> 'a'); None if not given."""
+    """What the user typed after `option` ('--opt a b' -> 'a b', '--opt=a' -> 'a'); None if not given. The last
+    occurrence, as argparse keeps it."""
+    found = None
     for i, token in enumerate(argv):
         if token.startswith(option + "="):
-            return token.split("=", 1)[1]
-        if token == option:
+            found = token.split("=", 1)[1]
+        elif token == option:
             values = []
             for value in argv[i + 1 :]:
                 if value.startswith("--") or (value.startswith("-") and not _NEGATIVE.match(value)):
                     break
                 values.append(value)
-            return " ".join(values) if values else ""
-    return None
+            found = " ".join(values)
+    return found

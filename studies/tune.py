@@ -183,6 +183,8 @@ def make_protocol(args: argparse.Namespace, data: DataLocation) -> StudyProtocol
         if not sep:
             raise ConfigError("set", item, "expected FIELD=VALUE")
         fixed[key.strip().replace("-", "_")] = _literal(value)
+    if args.workers < 1:
+        raise ConfigError("workers", args.workers, "must be >= 1")
     if not args.batch_sizes or any(b < 1 for b in args.batch_sizes):
         raise ConfigError("batch_sizes", args.batch_sizes, "every batch size must be >= 1")
     if len(args.batch_sizes) == 1:

@@ -41,7 +41,7 @@ from .execution import TrialExecution, plan_concurrency
 from .mirror import OptunaMirror, sync_optuna_study
 from .plan import Cell, StudyPlan
 from .progress import TrialLine, describe
-from .records import RecordCloser, TrialRecords
+from .records import RecordCloser, TrialRecords, damaged_records
 from .results import results_table
 from .search import asha_rungs, make_scheduler, make_searcher
 
@@ -68,7 +68,7 @@ def run_plan(
     folder remembers its protocol: other settings are refused (`ConfigError`) before anything runs, except more
     seeds when `extend_seeds`.
     """
-    check_study_file(plan.out_dir, plan.protocol, plan.cell_settings(), extend_seeds)
+    check_folder(plan, extend_seeds)
     write_study_file(plan.out_dir, plan.protocol, plan.cell_settings())
     engine = Engine(plan, trainable, address, log)
     started = time.perf_counter()
@@ -100,6 +100,21 @@ def run_plan(
     history = pd.concat([t for c in plan.cells for t in (tuned[c.key], seeded[c.key])], ignore_index=True)
     save_table(history, plan.out_dir / "history")
     return history
+
+
+def check_folder(plan: StudyPlan, extend_seeds: bool = False) -> None:
+    """Before anything runs: the study folder holds this study or none (`ConfigError` naming what changed), and every
+    trial record in it can be read (`StudyFailed` naming the files and what to do)."""
+    check_study_file(plan.out_dir, plan.protocol, plan.cell_settings(), extend_seeds)
+    damaged = damaged_records(plan.storage)
+    if damaged:
+        raise StudyFailed(
+            f"{len(damaged)} trial record(s) cannot be read: {'; '.join(damaged[:3])}"
+            + (f"; and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+            + ". A record says what one trial trained; move each aside (e.g. mv FILE FILE.damaged) and re-run the "
+            "same command: that trial resumes from its last saved state (or starts over), nothing else is trained "
+            "again. Or restore the files from a backup."
+        )
 
 
 class Engine:

@@ -36,6 +36,8 @@ class Tally:
 
     def line(self, wall_s: float, cpus: float) -> str:
         if self.trials == 0:
+            if not self.answered:
+                return "nothing left to train: every phase of every cell had finished"
             return f"nothing trained in this run ({self.answered} trials answered from their records)"
         share = self.seconds / (wall_s * cpus) if wall_s > 0 and cpus > 0 else math.nan
         answered = f"; {self.answered} more answered from their records" if self.answered else ""

@@ -157,6 +157,26 @@ class TrialRecords:
         return {k: v for k, v in self.__dict__.items() if k != "_all"}
 
 
+def damaged_records(storage_path: str) -> list[str]:
+    """'PATH (why)' for every trial record under `storage_path`/trials/<phase>/history that cannot be read."""
+    fs, root = pyarrow.fs.FileSystem.from_uri(_join(storage_path, "trials"))
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
+    damaged = []
+    for info in infos:
+        if info.type != pyarrow.fs.FileType.File or not info.path.endswith(".json"):
+            continue
+        if info.path.rsplit("/", 2)[-2] != "history":
+            continue
+        try:
+            with fs.open_input_stream(info.path) as f:
+                data = json.loads(f.read())
+            if not isinstance(data, (dict, list)):
+                raise ValueError(f"expected a JSON object, found {type(data).__name__}")
+        except (OSError, ValueError) as err:
+            damaged.append(f"{info.path} ({type(err).__name__}: {err})")
+    return sorted(damaged)
+
+
 def update_record(uri: str, history: list[dict[str, Any]], trained_evaluation: int | None) -> None:
     """Rewrite a record's history after an evaluation, adding `[trained_evaluation, pid]` to its trainings
     (atomically)."""
