@@ -66,8 +66,8 @@ class SequentialDesign:
         looks = tuple(self.looks)
         if not looks or any(not isinstance(n, int) or isinstance(n, bool) for n in looks):
             raise ValueError(f"Invalid looks: {self.looks!r} (a non-empty tuple of ints)")
-        if looks[0] < 2 or any(b <= a for a, b in zip(looks, looks[1:])):
-            raise ValueError(f"Invalid looks: {looks} (increasing, the first at least 2 seeds)")
+        if looks[0] < (2 if len(looks) > 1 else 1) or any(b <= a for a, b in zip(looks, looks[1:])):
+            raise ValueError(f"Invalid looks: {looks} (increasing, the first at least 2 seeds; one look: at least 1)")
         if not 0 < self.alpha < 1:
             raise ValueError(f"Invalid alpha value: {self.alpha} (in (0, 1))")
         if self.spending not in SPENDING:
