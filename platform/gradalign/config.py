@@ -30,6 +30,7 @@ class ConfigError(ValueError):
     def __init__(self, field_name: str, value: Any, reason: str):
         self.field = field_name
         self.value = value
+        self.reason = reason
         super().__init__(f"invalid {field_name}={value!r}: {reason}")
 
 
