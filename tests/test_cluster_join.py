@@ -7,6 +7,7 @@ run in subprocesses whose RAY_TMPDIR points there, so they find this head (and n
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -226,6 +227,28 @@ def test_an_address_where_no_cluster_answers_is_refused(tmp_path):
     assert f"cannot join the Ray cluster at 127.0.0.1:{port} (--address)" in run.stderr
     assert "Check that Ray runs there" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "out" / "cells").exists()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_an_unreachable_address_is_named_as_typed(tmp_path, host):
+    """Ray turns 127.0.0.1 and localhost into this host's own address (192.0.2.2:1 said a message for
+    `--address 127.0.0.1:1`); the message names what the user typed, Ray's version only in brackets. In a fresh
+    process: `connect_ray` reuses a Ray this test session may have started."""
+    address = f"{host}:{_free_port()}"  # nothing listens there
+    code = (
+        "from gradalign.ray_adapter import ClusterUnreachable, connect_ray\n"
+        "try:\n"
+        f"    connect_ray({address!r}, timeout_s=3)\n"
+        "except ClusterUnreachable as err:\n"
+        "    print(err)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True, timeout=110)
+    message = run.stdout.strip()
+    said = re.sub(r"\[Ray resolved it to [^\]]*\]", "", message.split(". Check that")[0])
+    assert re.findall(r"[\w.-]+:\d+", said) == [address, address], message + run.stderr[-3000:]  # (cluster; port)
+    assert message.startswith(f"cannot join the Ray cluster at {address} (--address): nothing accepts connections")
+    assert "(waited 1 s)" in message and "Traceback" not in run.stderr
 
 
 def test_the_ray_start_record_is_found_and_a_stale_one_is_ignored(tmp_path, monkeypatch):

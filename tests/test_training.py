@@ -164,7 +164,7 @@ def test_cli_help_run_and_bad_input(tmp_path):
     ):
         assert flag in help_text
     bad = run("--lr", "-1")
-    assert bad.returncode == 2 and "lr=-1.0" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "--lr -1: " in bad.stderr and "Traceback" not in bad.stderr
     out = tmp_path / "run"
     ok = run(
         "--epochs",

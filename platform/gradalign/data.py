@@ -34,6 +34,7 @@ import torch
 
 from gradalign import mnist1d_data
 from gradalign.config import DATASETS
+from gradalign.dataset_files import FILES, DatasetCorruptError, DatasetNotFoundError, read_cifar, read_mnist_like
 
 NUM_CLASSES = {
     "digits": 10,
@@ -50,14 +51,6 @@ DIGITS_SPLIT_SEED = 0
 """The digits train/test split is the same for every run seed, so that test metrics are comparable across seeds."""
 SYNTHETIC_DIM = 60
 SYNTHETIC_TRAIN_FRACTION = 0.8
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The files of a downloadable dataset are not in data_dir and downloading was not allowed."""
-
-
-class DatasetCorruptError(RuntimeError):
-    """The dataset files are there but cannot be parsed (truncated download, wrong files)."""
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -264,61 +257,9 @@ def _mnist1d(num_samples: int, root: str) -> Dataset:
     return _freeze(*(torch.from_numpy(a) for a in arrays), "mnist1d")
 
 
-# -- downloadable datasets --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Files:
-    """Where torchvision keeps a dataset under data_dir, and what it downloads to get there."""
-
-    folder: str  # relative to data_dir
-    files: tuple[str, ...]  # inside folder
-    archives: tuple[str, ...]  # relative to data_dir: what to put in place to avoid a download
-    source: str
-
-
-_MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-_EMNIST_FILES = tuple(
-    f"emnist-balanced-{s}-{k}-ubyte" for s in ("train", "test") for k in ("images-idx3", "labels-idx1")
-)
-
-
-def _mnist_like(folder: str, files: tuple[str, ...], source: str) -> _Files:
-    raw = os.path.join(folder, "raw")
-    return _Files(raw, files, tuple(os.path.join(raw, f + ".gz") for f in files), source)
-
-
-_FILES = {
-    "cifar10": _Files(
-        "cifar-10-batches-py",
-        tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
-        ("cifar-10-python.tar.gz",),
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-    ),
-    "cifar100": _Files(
-        "cifar-100-python",
-        ("train", "test"),
-        ("cifar-100-python.tar.gz",),
-        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-    ),
-    "mnist": _mnist_like("MNIST", _MNIST_FILES, "https://ossci-datasets.s3.amazonaws.com/mnist/"),
-    "fashion_mnist": _mnist_like(
-        "FashionMNIST", _MNIST_FILES, "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-    ),
-    "emnist": _Files(
-        os.path.join("EMNIST", "raw"),
-        _EMNIST_FILES,
-        (os.path.join("EMNIST", "raw", "gzip.zip"),),
-        "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip",
-    ),
-}
-
-
+# -- downloadable datasets (their file table and parsers: gradalign.dataset_files) ------------------------------------
 def _missing(name: str, root: str) -> list[str]:
-    spec = _FILES[name]
+    spec = FILES[name]
     return [f for f in spec.files if not os.path.isfile(os.path.join(root, spec.folder, f))]
 
 
@@ -326,7 +267,7 @@ def _ensure_files(name: str, root: str, download: bool) -> None:
     """Make the raw files present: unpack archives already in data_dir (offline), else download if allowed."""
     if not _missing(name, root):
         return
-    spec = _FILES[name]
+    spec = FILES[name]
     folder = os.path.join(root, spec.folder)
     offline_hint = (
         f"without network access, put {' and '.join(os.path.join(root, a) for a in spec.archives)} (from "
@@ -377,7 +318,7 @@ def _unpack_local_archives(name: str, root: str) -> None:
     Every file is written under a temporary name and renamed into place, so that concurrent loaders (several
     trials on one machine) never see half-written files.
     """
-    spec = _FILES[name]
+    spec = FILES[name]
     folder = os.path.join(root, spec.folder)
     if name in ("cifar10", "cifar100"):
         archive = os.path.join(root, spec.archives[0])
@@ -428,8 +369,6 @@ def _write_atomically(path: str, write: Callable) -> None:
 
 @functools.lru_cache(maxsize=2)
 def _read_files(name: str, root: str) -> Dataset:
-    from gradalign.dataset_files import read_cifar, read_mnist_like  # (it imports this module's file table)
-
     if name in ("cifar10", "cifar100"):
         (x_train, y_train), (x_test, y_test) = read_cifar(name, root)
     else:
@@ -437,7 +376,7 @@ def _read_files(name: str, root: str) -> Dataset:
     for split, y in (("train", y_train), ("test", y_test)):
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= NUM_CLASSES[name]):
             raise DatasetCorruptError(
-                f"dataset {name!r} in {os.path.join(root, _FILES[name].folder)}: {split} labels outside "
+                f"dataset {name!r} in {os.path.join(root, FILES[name].folder)}: {split} labels outside "
                 f"[0, {NUM_CLASSES[name]}); are these the right files?"
             )
     x_train, x_test = _standardise_uint8(x_train, x_test)

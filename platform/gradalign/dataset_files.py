@@ -1,15 +1,76 @@
-"""Parsers of the downloaded dataset files (CIFAR's pickled batches; the MNIST family's idx files), as uint8 images
-and int64 labels per split. `gradalign.data` finds, downloads and standardises; this module only reads."""
+"""The downloadable datasets' files: where torchvision keeps them under data_dir (`FILES`), and their parsers
+(CIFAR's pickled batches; the MNIST family's idx files), as uint8 images and int64 labels per split.
+`gradalign.data` finds, downloads and standardises; this module only names and reads (and imports no other module
+of the package)."""
 
 from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from gradalign.data import _FILES, DatasetCorruptError
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The files of a downloadable dataset are not in data_dir and downloading was not allowed."""
+
+
+class DatasetCorruptError(RuntimeError):
+    """The dataset files are there but cannot be parsed (truncated download, wrong files)."""
+
+
+@dataclass(frozen=True)
+class _Files:
+    """Where torchvision keeps a dataset under data_dir, and what it downloads to get there."""
+
+    folder: str  # relative to data_dir
+    files: tuple[str, ...]  # inside folder
+    archives: tuple[str, ...]  # relative to data_dir: what to put in place to avoid a download
+    source: str
+
+
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+_EMNIST_FILES = tuple(
+    f"emnist-balanced-{s}-{k}-ubyte" for s in ("train", "test") for k in ("images-idx3", "labels-idx1")
+)
+
+
+def _mnist_like(folder: str, files: tuple[str, ...], source: str) -> _Files:
+    raw = os.path.join(folder, "raw")
+    return _Files(raw, files, tuple(os.path.join(raw, f + ".gz") for f in files), source)
+
+
+FILES = {
+    "cifar10": _Files(
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
+        ("cifar-10-python.tar.gz",),
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    ),
+    "cifar100": _Files(
+        "cifar-100-python",
+        ("train", "test"),
+        ("cifar-100-python.tar.gz",),
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    ),
+    "mnist": _mnist_like("MNIST", _MNIST_FILES, "https://ossci-datasets.s3.amazonaws.com/mnist/"),
+    "fashion_mnist": _mnist_like(
+        "FashionMNIST", _MNIST_FILES, "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+    ),
+    "emnist": _Files(
+        os.path.join("EMNIST", "raw"),
+        _EMNIST_FILES,
+        (os.path.join("EMNIST", "raw", "gzip.zip"),),
+        "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip",
+    ),
+}
 
 
 def read_cifar(name: str, root: str):
@@ -19,7 +80,7 @@ def read_cifar(name: str, root: str):
     (re-hashing ~180 MB on each load, and ruling out any other file with the real layout, such as a test fixture);
     the structure is checked instead, and downloads are md5-verified by torchvision.
     """
-    spec = _FILES[name]
+    spec = FILES[name]
     label_key = "labels" if name == "cifar10" else "fine_labels"
     out = []
     for files in (spec.files[:-1], spec.files[-1:]):
@@ -61,7 +122,7 @@ def read_mnist_like(name: str, root: str):
             images, labels = ds.data, ds.targets
         except (AssertionError, TypeError, ValueError, RuntimeError) as err:
             raise DatasetCorruptError(
-                f"dataset {name!r}: cannot parse the files in {os.path.join(root, _FILES[name].folder)} "
+                f"dataset {name!r}: cannot parse the files in {os.path.join(root, FILES[name].folder)} "
                 f"({type(err).__name__}: {err}); delete them and download again"
             ) from err
         if name == "emnist":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .algorithms import Algorithm, RoundBatch, StepResult, refuse_batchnorm, register
+from .algorithm_base import Algorithm, RoundBatch, StepResult, refuse_batchnorm
 from .functional import Alignment, Params, displaced_params, flatten_rows, param_dict, sum_clients
 
 
@@ -73,12 +73,10 @@ class FederatedAlgorithm(Algorithm):
         return StepResult(loss, c.local_steps, alignment, self.take_traffic(batch))
 
 
-@register
 class FedAvg(FederatedAlgorithm):
     name = "fedavg"
 
 
-@register
 class FedProx(FederatedAlgorithm):
     """FedAvg whose local objective adds mu/2 ||y - x||^2, so each local gradient gains mu (y - x)."""
 
@@ -89,7 +87,6 @@ class FedProx(FederatedAlgorithm):
         return {n: grads[n] + mu * (local[n] - params[n]) for n in grads} if mu else grads
 
 
-@register
 class Scaffold(FederatedAlgorithm):
     """SCAFFOLD (Karimireddy et al. 2020, option II): local steps corrected by control variates c - c_i."""
 
@@ -136,7 +133,6 @@ class Scaffold(FederatedAlgorithm):
         self.client_controls = {int(cid): v.clone() for cid, v in state["client_controls"].items()}
 
 
-@register
 class FedGA(FederatedAlgorithm):
     """FedGA: each client starts its K local steps from GradAlign's displaced point x - beta (ḡ - g_i)."""
 

@@ -57,7 +57,7 @@ class SequentialDesign:
 
     looks: tuple[int, ...] = (3, 5, 8)
     """Seeds per cell at each look, increasing; the last is the cap (no cell gets more)."""
-    alpha: float = 1 - FIXED_LEVEL
+    alpha: float = 0.05
     """The error rate over all looks: P(a wrong `better`/`worse`/`equivalent`) <= alpha per comparison."""
     spending: str = "obrien_fleming"
     """How alpha is spent over the looks: 'obrien_fleming' (little early) or 'pocock' (more early)."""

@@ -136,6 +136,19 @@ def resolve_device(requested: str, override: str | torch.device | None = None) -
     return torch.device(requested)
 
 
+def load_config_dataset(config: TrainConfig) -> Dataset:
+    """The dataset `config` trains on (what `Trainer` loads when it is not given one)."""
+    return load_dataset(  # (generated data depend on the split seed, not on the run seed)
+        config.dataset,
+        data_dir=config.data_dir,
+        download=config.download,
+        seed=config.split_seed,
+        num_clients=config.clients,
+        heterogeneity=config.heterogeneity,
+        num_samples=config.num_samples,
+    )
+
+
 class Trainer:
     """Trains one configuration; `train_until_eval` runs to the next scheduled evaluation and returns its metrics."""
 
@@ -144,15 +157,7 @@ class Trainer:
         self.comm = comm or LocalComm()
         self.device = resolve_device(config.device, device)
         self.dtype = getattr(torch, config.dtype)
-        data = dataset or load_dataset(  # (generated data depend on the split seed, not on the run seed)
-            config.dataset,
-            data_dir=config.data_dir,
-            download=config.download,
-            seed=config.split_seed,
-            num_clients=config.clients,
-            heterogeneity=config.heterogeneity,
-            num_samples=config.num_samples,
-        )
+        data = dataset or load_config_dataset(config)
         split = with_validation(data, config.val_fraction, config.split_seed)
         parts = partition(
             split.y_train.numpy(),

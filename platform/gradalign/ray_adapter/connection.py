@@ -4,7 +4,8 @@ Where a study runs, in order: `address` (or `RAY_ADDRESS`) names a cluster to jo
 `ray start` recorded on this machine (as `ray.init()` finds it: `ray_current_cluster` in Ray's temp folder), if it
 still answers -- on a cluster's head node that is the cluster; else a private local Ray with the `train_driver`
 resource. `local=True` always starts a private one. Joining gives up after about `JOIN_TIMEOUT_S` seconds with a
-`ClusterUnreachable` that names the address and what to check (Ray's own client retries for many minutes).
+`ClusterUnreachable` that names the address as given (not what Ray resolves it to) and what to check (Ray's own
+client retries for many minutes).
 """
 
 from __future__ import annotations
@@ -163,23 +164,25 @@ def _join(address: str, source: str, runtime_env: dict, timeout_s: float, token_
     try:
         gcs = canonicalize_bootstrap_address_or_die(address)  # 'auto' -> a running cluster; localhost -> node IP
     except (ConnectionError, ValueError) as err:
-        raise ClusterUnreachable(_unreachable_message(address, source, str(err), timeout_s)) from None
+        raise ClusterUnreachable(_unreachable_message(address, source, str(err))) from None
+    # The user's words first: Ray turns 127.0.0.1 / localhost into this host's own address, which they never typed.
+    resolved = f" [Ray resolved it to {gcs}]" if gcs != address else ""
     if token_auth:
         _token_auth_if_token_exists()
     deadline = time.monotonic() + timeout_s
     if not _wait_for_port(gcs, timeout_s / 3):
-        raise ClusterUnreachable(
-            _unreachable_message(
-                address, source, f"nothing accepts connections at {gcs} (waited {timeout_s / 3:.0f} s)", timeout_s
-            )
-        )
+        reason = f"nothing accepts connections at {address}{resolved} (waited {timeout_s / 3:.0f} s)"
+        raise ClusterUnreachable(_unreachable_message(address, source, reason))
     try:
         with _bounded_gcs_connect(max(5.0, deadline - time.monotonic() - 10.0)):
             ray.init(address=gcs, runtime_env=runtime_env, logging_level="WARNING")
     except (ConnectionError, RuntimeError) as err:
         cause = str(err.__cause__ or err).strip().splitlines()[-1:] or [type(err).__name__]
-        reason = f"{gcs} accepts connections, but joining failed ({cause[0][:300]})"
-        raise ClusterUnreachable(_unreachable_message(address, source, reason, timeout_s)) from None
+        reason = (
+            f"{address}{resolved} accepts connections, but joining failed within about {timeout_s:.0f} s "
+            f"({cause[0][:300]})"
+        )
+        raise ClusterUnreachable(_unreachable_message(address, source, reason)) from None
 
 
 def _token_auth_if_token_exists() -> None:
@@ -193,10 +196,11 @@ def _token_auth_if_token_exists() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def _unreachable_message(address: str, source: str, reason: str, timeout_s: float) -> str:
+def _unreachable_message(address: str, source: str, reason: str) -> str:
+    """What to tell the user; `address` is theirs, as typed (or as RAY_ADDRESS / the `ray start` record holds it)."""
     named = f" ({source})" if source else ""
     return (
-        f"cannot join the Ray cluster at {address}{named} within about {timeout_s:.0f} s: {reason}. Check that "
+        f"cannot join the Ray cluster at {address}{named}: {reason}. Check that "
         "Ray runs there (`ray status` on its head node); that this machine may reach that address and port "
         "(firewall, security group: a cluster made with `ray up` is used from its head, through `ray exec`, "
         "`ray attach` or `ray job submit`); that RAY_AUTH_MODE=token and ~/.ray/auth_token match the "
