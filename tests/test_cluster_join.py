@@ -273,7 +273,7 @@ def test_a_running_ray_start_head_is_the_recorded_cluster(head, monkeypatch):
 
 @pytest.mark.timeout(180)
 def test_import_check_names_the_module_a_node_lacks(ray_cluster):
-    from studies.cluster_checks import project_problems
+    from gradalign.ray_adapter.cluster_checks import project_problems
 
     assert project_problems() == []
     problems = project_problems(("gradalign", "no_such_module_for_the_check"))
@@ -291,7 +291,7 @@ def test_connection_summaries():
 @pytest.mark.timeout(180)
 def test_checks_of_a_joined_cluster_ask_for_train_driver_only_when_trials_have_several_workers(ray_cluster, tmp_path):
     from gradalign.ray_adapter import RayConnection
-    from studies.cluster_checks import ClusterNotReady, check_cluster
+    from gradalign.ray_adapter.cluster_checks import ClusterNotReady, check_cluster
 
     without = RayConnection("10.0.0.1:6379", True, 1, {"CPU": 2.0})  # the checks then look at this session's Ray
     check_cluster(without, multi_worker=False, storage=str(tmp_path))

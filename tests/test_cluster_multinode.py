@@ -72,7 +72,7 @@ def test_study_joins_a_two_node_cluster_and_uses_both_nodes(tmp_path):
 
 
 def test_local_storage_is_refused_on_several_hosts(tmp_path):
-    from studies.study_cli import storage_problem
+    from gradalign.ray_adapter.cluster_checks import storage_problem
 
     assert storage_problem({"10.0.0.1"}, str(tmp_path)) is None  # one host: any folder works
     assert storage_problem({"10.0.0.1", "10.0.0.2"}, "s3://bucket/gradalign") is None  # object storage is shared
