@@ -272,3 +272,23 @@ def test_report_shows_comparison_records_and_critical_batch_intervals(history, c
     text = path.read_text(encoding="utf-8")
     assert "Comparisons over seeds (paired t-test where the seeds are shared, else Welch)" in text
     assert "B_crit low" in text and '<td class="text">better</td>' in text  # GradAlign at B >= 256
+
+
+def test_the_tuning_figure_shows_every_trial_the_range_and_the_chosen_configuration():
+    from gradalign.analysis import tuning_trials
+    from gradalign.figures import tuning_figure
+
+    history = synthetic_history(seeds=2, epochs=5)
+    trials = tuning_trials(history)
+    tuned = history[history["phase"] == "tune"]
+    assert len(trials) == tuned.groupby("trial_id").ngroups and set(trials["phase"]) == {"tune"}
+    for cell, part in trials.groupby("cell"):  # exactly one tuning trial is the configuration the seed runs ran
+        seeded = history[(history["cell"] == cell) & (history["phase"] == "seed")]
+        [chosen] = part.loc[part["chosen"], "lr"]
+        assert chosen == pytest.approx(seeded["lr"].iloc[0])
+    ranges = {"gradalign": {"lr": (1e-3, 10.0)}, "large_batch_sgd": {"lr": (1e-3, 10.0)}}
+    fig = tuning_figure(trials, ranges)
+    stars = [t for t in fig.data if t.name == "chosen"]
+    assert len(stars) == trials["cell"].nunique()
+    assert sorted({s["x0"] for s in fig.layout.shapes}) == [1e-3, 10.0]  # the range's bounds, in every panel
+    assert len(fig.layout.shapes) == 2 * trials["cell"].nunique()

@@ -488,3 +488,32 @@ def edge_warnings(
                     f"{_cell_label(row, label)}: widen the range"
                 )
     return messages
+
+
+def tuning_trials(history: pd.DataFrame, objective: str = "val_accuracy") -> pd.DataFrame:
+    """Every tuning (and confirmation) trial with what chose it: one row per trial with `cell`, `algorithm`, `phase`,
+    the searched parameters (lr, beta, momentum, ...), `score` (`objective` at its last evaluation), `status`, and
+    `chosen` (True for the configuration the cell's seed runs ran). What the report's tuning figure draws."""
+    keys = _trial_keys(history)
+    rows = _ordered(history[history["phase"].isin(["tune", "confirm"])]) if "phase" in history else history.iloc[0:0]
+    params = [c for c in ("lr", "beta", "momentum", "weight_decay", "mu", "server_lr", "batch_size") if c in rows]
+    columns = ["cell", "algorithm", "phase", "trial_id", *params, "seed", "score", "status", "chosen"]
+    if rows.empty or "cell" not in rows:
+        return pd.DataFrame(columns=columns)
+    last = rows.groupby(keys, sort=False, dropna=False).tail(1).reset_index(drop=True)
+    out = last[[c for c in ("cell", "algorithm", "phase", "trial_id", *params, "seed") if c in last]].copy()
+    out["score"] = _floats(last, objective).to_numpy()
+    out["status"] = last["status"].to_numpy() if "status" in last else NAN
+    seeded = history[history["phase"] == "seed"] if "phase" in history else history.iloc[0:0]
+    chosen = seeded.groupby("cell")[params].first() if len(seeded) and params else pd.DataFrame()
+    out["chosen"] = [
+        cell in chosen.index and all(_same(row[p], chosen.loc[cell, p]) for p in params)
+        for cell, (_, row) in zip(out["cell"], out.iterrows())
+    ]
+    return out.reindex(columns=columns)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float, np.number)) and isinstance(b, (int, float, np.number)):
+        return bool(np.isclose(a, b, rtol=1e-9, atol=0.0) or (np.isnan(a) and np.isnan(b)))
+    return a == b

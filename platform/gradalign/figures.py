@@ -388,3 +388,94 @@ def hyperparameters_vs_x(
         title={"text": title or f"Tuned hyperparameters per {_label(x)}"}, template="plotly_white", height=420
     )
     return _no_data(fig)
+
+
+def tuning_figure(
+    trials: pd.DataFrame, ranges: Mapping[str, Mapping[str, tuple]], param: str = "lr", columns: int = 3
+) -> go.Figure:
+    """One panel per cell: every tuning trial's validation score against `param` (log axis), coloured by log10 β
+    where the cell searches β; diverged trials as crosses at 0; the chosen configuration as a star; the search range
+    of `param` as dashed verticals (`ranges`: per algorithm {param: (low, high)}). Shows whether the optimum was
+    bracketed."""
+    trials = trials.dropna(subset=[param]) if param in trials else trials.iloc[0:0]
+    cells = list(dict.fromkeys(trials["cell"])) if len(trials) else []
+    rows = max(1, -(-len(cells) // columns))
+    fig = make_subplots(rows=rows, cols=columns, subplot_titles=cells or ["no tuning trials"], vertical_spacing=0.12)
+    for i, cell in enumerate(cells):
+        row, col = i // columns + 1, i % columns + 1
+        part = trials[trials["cell"] == cell]
+        healthy = part[part["status"] != "diverged"]
+        beta = healthy["beta"] if "beta" in healthy and healthy["beta"].notna().any() else None
+        marker = {"size": 8, "color": "#636efa"}
+        if beta is not None:
+            marker = {
+                "size": 8,
+                "color": np.log10(beta.astype(float)),
+                "colorscale": "Viridis",
+                "showscale": i == 0,
+                "colorbar": {"title": "log10 β", "len": 0.5},
+            }
+        text = [
+            f"{param}={v:.3g}" + (f", β={b:.3g}" if beta is not None else "") + f", {ph}"
+            for v, b, ph in zip(healthy[param], beta if beta is not None else healthy[param], healthy["phase"])
+        ]
+        fig.add_trace(
+            go.Scatter(
+                x=healthy[param],
+                y=healthy["score"],
+                mode="markers",
+                marker=marker,
+                text=text,
+                name="trial",
+                showlegend=i == 0,
+                legendgroup="trial",
+                hovertemplate="%{text}<br>score %{y:.3f}<extra></extra>",
+            ),
+            row=row,
+            col=col,
+        )
+        bad = part[part["status"] == "diverged"]
+        if len(bad):
+            fig.add_trace(
+                go.Scatter(
+                    x=bad[param],
+                    y=np.zeros(len(bad)),
+                    mode="markers",
+                    name="diverged",
+                    marker={"symbol": "x", "size": 9, "color": "#d62728"},
+                    showlegend=False,
+                    legendgroup="diverged",
+                ),
+                row=row,
+                col=col,
+            )
+        chosen = part[part["chosen"].astype(bool)]
+        if len(chosen):
+            fig.add_trace(
+                go.Scatter(
+                    x=chosen[param],
+                    y=chosen["score"],
+                    mode="markers",
+                    name="chosen",
+                    marker={"symbol": "star", "size": 16, "color": "#ff7f0e", "line": {"width": 1, "color": "black"}},
+                    showlegend=i == 0,
+                    legendgroup="chosen",
+                ),
+                row=row,
+                col=col,
+            )
+        algorithm = part["algorithm"].iloc[0] if "algorithm" in part and len(part) else None
+        bounds = (ranges.get(cell) or ranges.get(algorithm) or {}).get(param)
+        for bound in bounds or ():
+            fig.add_vline(x=bound, line={"dash": "dash", "color": "grey"}, row=row, col=col)
+        fig.update_xaxes(type="log", title_text=param, row=row, col=col)
+        fig.update_yaxes(title_text="validation score", row=row, col=col)
+    fig.update_layout(
+        title={
+            "text": f"Tuning: every trial's validation score against {param}, per cell (dashed: the "
+            "search range; star: the chosen configuration)"
+        },
+        template="plotly_white",
+        height=320 * rows + 80,
+    )
+    return _no_data(fig) if not cells else fig

@@ -15,9 +15,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from .analysis import COUNTER, best_trials, collapsed_seeds, edge_warnings, summarize_cells, trial_table
+from .analysis import (
+    COUNTER,
+    best_trials,
+    collapsed_seeds,
+    edge_warnings,
+    summarize_cells,
+    trial_table,
+    tuning_trials,
+)
 from .comparisons import comparison_records
 from .critical_batch import critical_batch_intervals
+from .figures import tuning_figure
 from .protocol import StudyProtocol
 from .provenance import provenance
 from .report import comparison_table, write_report
@@ -146,7 +155,20 @@ def build_report(
         verdict=sentences,
         export=export,
         fits=critical.get("fits") if critical else None,
+        extra_figures=[tuning_figure_of(history, protocol)],
     )
+
+
+def tuning_figure_of(history: pd.DataFrame, protocol: StudyProtocol) -> tuple[str, str, object]:
+    """The report's tuning figure: every tuning trial of every cell against its step size, with the range searched
+    and the configuration chosen, so a reader sees whether each cell's optimum was bracketed."""
+    trials = tuning_trials(history, protocol.objective)
+    caption = (
+        f"Every tuning trial's {protocol.objective.replace('_', ' ')} at the end of its budget against its step size, "
+        "per cell (colour: log10 β where it is searched; crosses: diverged; star: the configuration the seed runs "
+        "ran; dashed: the step-size range searched)."
+    )
+    return "fig-tuning", caption, tuning_figure(trials, protocol.search_ranges())
 
 
 def _outcome_counts(records: Sequence[Mapping]) -> dict[str, str]:

@@ -306,6 +306,7 @@ def write_report(
     export: Sequence[str] = (),
     browser: str | None = None,
     fits: Mapping[str, dict] | None = None,
+    extra_figures: Sequence[tuple[str, str, go.Figure]] = (),
 ) -> Path:
     """Write the study's report as ONE self-contained HTML file and return its path.
 
@@ -316,8 +317,9 @@ def write_report(
     `significance_tables(history, by=x, target)`; `figures` to `default_figures(history, cells, x)`.
     `export` (formats among png, svg, pdf) also writes each figure as `figures/<figure_id>.<format>` beside the
     report, with `browser` (default: `gradalign.export.find_browser()`); the HTML links them. The HTML is written
-    even when the export fails (its error is raised afterwards). `fits` (per algorithm, e.g. the "fits" of
-    `gradalign.critical_batch.critical_batch_intervals`, with intervals) replaces the McCandlish fits of the cells.
+    even when the export fails (its error is raised afterwards). `extra_figures` come after the others. `fits` (per
+    algorithm, e.g. the "fits" of `gradalign.critical_batch.critical_batch_intervals`, with intervals) replaces the
+    McCandlish fits of the cells.
     """
     export = parse_formats(export) if export else ()  # an unknown format is refused before anything is written
     target = summary.get("target", cells["target"].iloc[0] if "target" in cells and len(cells) else None)
@@ -327,6 +329,7 @@ def write_report(
     fits = fits or {}
     if figures is None:
         figures = default_figures(history, cells, x=x, fits=fits, noise=noise)
+    figures = [*figures, *extra_figures]
     if significance_table is None:
         significance_table = significance_tables(history, by=x, target=target)
     provenance = {**provenance_from_history(history), **provenance}
