@@ -14,22 +14,13 @@ from gradalign.config import (
     ConfigError,
     TrainConfig,
 )
+from gradalign.tuning import Range  # (defined there: the tuning logic extends ranges without Ray)
 
 from ._common import _TRAIN_CONFIG_FIELDS, GROUP_SEEDS, _is_finite
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Search space
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Range:
-    """A search range [low, high]; `log` samples log-uniformly (then low must be > 0)."""
-
-    low: float
-    high: float
-    log: bool = False
-
-
 # name -> (value type, algorithms that take it; None = all)
 _SEARCHABLE: dict[str, tuple[type, tuple[str, ...] | None]] = {
     "lr": (float, None),
