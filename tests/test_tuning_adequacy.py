@@ -1,4 +1,4 @@
-"""benchmarks/tuning_adequacy.py on a tiny grid: the table per cell, the cache (a rerun
+"""benchmarks/tuning_adequacy.py and tuning_strategies.py on a tiny grid: the table per cell, the cache (a rerun
 trains nothing), a study's choice beside the grid (tolerant of missing columns), clear errors for bad input."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str):
-    sys.path.insert(0, str(BENCHMARKS))
+    sys.path.insert(0, str(BENCHMARKS))  # tuning_strategies imports tuning_adequacy
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -83,3 +83,16 @@ def test_bad_input_is_refused_with_a_message_naming_it(tmp_path, capsys, bad, me
     with pytest.raises(SystemExit):
         adequacy.main([*TINY, "--cache", str(tmp_path), *bad])
     assert message in capsys.readouterr().err
+
+
+def test_the_strategy_replay_reads_the_cached_grid_and_reports_a_shortfall_per_cell(tmp_path, capsys):
+    adequacy.main([*TINY, "--cells", "sgd-32", "gradalign-64", "--cache", str(tmp_path)])
+    strategies = _load("tuning_strategies")
+    grid = ["--dataset", "digits", "--model", "mlp", "--budget-examples", "640", "--cache", str(tmp_path)]
+    frame = strategies.main([*grid, "--cells", "sgd-32", "gradalign-64", "--strategies", "today", "--repeats", "2"])
+    assert len(frame) == 4 and set(frame["cell"]) == {"sgd-32", "gradalign-64"}
+    assert (frame["cost"] == 16).all() and frame["shortfall"].notna().all()
+    assert "today" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        strategies.main([*grid, "--cells", "large_batch_sgd-128"])
+    assert "no cached grid for large_batch_sgd-128" in capsys.readouterr().err
