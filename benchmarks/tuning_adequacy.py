@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pandas as pd
 import torch
 
@@ -43,6 +44,7 @@ from gradalign.data import load_dataset
 from gradalign.provenance import provenance
 from gradalign.splits import with_validation
 from gradalign.training import Trainer, planned_updates
+from gradalign.tuning import RECIPE, Range, tune_cell
 
 CELL_ALGORITHMS = ("sgd", "large_batch_sgd", "gradalign")
 DEFAULT_CELLS = ("sgd-32", "large_batch_sgd-64", "gradalign-64", "large_batch_sgd-256", "gradalign-256")
@@ -227,41 +229,79 @@ def grid_points(
     return [(lr, beta) for lr in lrs for beta in (betas if full_beta[0] <= lr <= full_beta[1] else thin)]
 
 
+class CachedRuns:
+    """One cell's runs in one JSON-lines file: `get` trains a (point, seed) only when the file lacks it."""
+
+    def __init__(self, path: Path, cell: Cell, args: argparse.Namespace, progress: Progress):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.cell, self.args, self.progress = path, cell, args, progress
+        self.known = {(r["key"], r["seed"]): r for r in read_records(path)}
+
+    def has(self, point: tuple[float, float | None], seed: int) -> bool:
+        return (run_key(cell_config(self.cell, self.args, *point)), seed) in self.known
+
+    def get(self, point: tuple[float, float | None], seed: int) -> dict:
+        config = cell_config(self.cell, self.args, *point)
+        key = run_key(config)
+        if (key, seed) in self.known:
+            return self.known[(key, seed)]
+        result = train_one(config, seed)
+        record = {"key": key, "seed": seed, "cell": self.cell.name, "lr": point[0], "beta": point[1], **result}
+        record["config"] = {k: v for k, v in config.to_dict().items() if k != "seed"}
+        record["provenance"] = _provenance()
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        self.known[(key, seed)] = record
+        beta = "" if point[1] is None else f" beta {point[1]:.3g}"
+        text = f"{self.cell.name} lr {point[0]:.4g}{beta} seed {seed}: val {result['val_accuracy']:.3f}"
+        self.progress.tick(self.cell.name, result["seconds"], f"{text} test {result['test_accuracy']:.3f}")
+        return record
+
+
 def run_cell(cell: Cell, args: argparse.Namespace, progress: Progress) -> pd.DataFrame:
     """Train what the cache lacks of one cell's grid; return its runs (a row per point and seed)."""
-    path = grid_file(args.cache, cell, args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    known = {(r["key"], r["seed"]): r for r in read_records(path)}
+    runs = CachedRuns(grid_file(args.cache, cell, args), cell, args, progress)
     points = grid_points(cell, args.lr_values, args.beta_values, args.full_beta)
-    configs = {point: cell_config(cell, args, *point) for point in points}
     base = [args.seed_offset + i for i in range(args.seeds)]
     extra = [args.seed_offset + i for i in range(args.seeds, max(args.seeds, args.top_seeds))]
-
-    def ensure(todo: list[tuple[tuple, int]], planned: bool) -> None:
-        missing = [(p, s) for p, s in todo if (run_key(configs[p]), s) not in known]
-        if not planned:
-            progress.add({cell.name: len(missing)})
-        for point, seed in missing:
-            config, key = configs[point], run_key(configs[point])
-            result = train_one(config, seed)
-            record = {"key": key, "seed": seed, "cell": cell.name, "lr": point[0], "beta": point[1], **result}
-            record["config"] = {k: v for k, v in config.to_dict().items() if k != "seed"}
-            record["provenance"] = _provenance()
-            with path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            known[(key, seed)] = record
-            beta = "" if point[1] is None else f" beta {point[1]:g}"
-            text = f"{cell.name} lr {point[0]:g}{beta} seed {seed}: val {result['val_accuracy']:.3f}"
-            progress.tick(cell.name, result["seconds"], f"{text} test {result['test_accuracy']:.3f}")
-
-    ensure([(p, s) for p in points for s in base], planned=True)
+    rows = [runs.get(p, s) for p in points for s in base]
     if extra:
-        means = {p: np.mean([known[(run_key(configs[p]), s)]["val_accuracy"] for s in base]) for p in points}
+        means = {p: np.mean([runs.get(p, s)["val_accuracy"] for s in base]) for p in points}
         best = max(means.values())
-        ensure([(p, s) for p in points if means[p] >= best - args.top_margin for s in extra], planned=False)
-    wanted = {(run_key(configs[p]), s) for p in points for s in [*base, *extra]}
-    rows = [r for k, r in known.items() if k in wanted]
+        near = [(p, s) for p in points if means[p] >= best - args.top_margin for s in extra]
+        progress.add({cell.name: sum(not runs.has(p, s) for p, s in near)})
+        rows += [runs.get(p, s) for p, s in near]
     return runs_frame(rows)
+
+
+def tune_with_recipe(cell: Cell, args: argparse.Namespace, progress: Progress, study: int) -> dict:
+    """One tuning of `cell` by `gradalign.tuning.tune_cell` (the studies' recipe) with real runs, then its choice
+    trained on --final-seeds fresh seeds: the chosen configuration, its test accuracy, the runs it cost."""
+    path = grid_file(args.cache, cell, args)
+    runs = CachedRuns(path.with_suffix(".recipe.jsonl"), cell, args, progress)
+    ranges = {"lr": Range(*args.lr_range, log=True)}
+    if cell.has_beta:
+        ranges["beta"] = Range(*args.beta_range, log=True)
+
+    def evaluate(params: dict, seed: int) -> dict:
+        return runs.get((params["lr"], params.get("beta")), seed)
+
+    seeds = [1000 + 100 * study + i for i in range(RECIPE.seeds_needed)]
+    tuned = tune_cell(evaluate, ranges, RECIPE, seed=study, seeds=seeds)
+    point = (float(tuned.chosen["lr"]), float(tuned.chosen["beta"]) if cell.has_beta else None)
+    finals = [runs.get(point, 2000 + 100 * study + i)["test_accuracy"] for i in range(args.final_seeds)]
+    return {
+        "cell": cell.name,
+        "study": study,
+        "lr": point[0],
+        "beta": point[1],
+        "test": float(np.mean(finals)),
+        "test_std": float(np.std(finals, ddof=1)) if len(finals) > 1 else math.nan,
+        "n": len(finals),
+        "runs": len(tuned.trials),
+        "extensions": tuned.extensions,
+        "reason": tuned.chosen["reason"],
+    }
 
 
 def missing_base_runs(cell: Cell, args: argparse.Namespace) -> int:
@@ -502,6 +542,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path.home() / ".cache" / "gradalign" / "tuning-grids",
         help="where the runs are cached, one JSON-lines file per cell grid (default: %(default)s)",
     )
+    p.add_argument(
+        "--recipe-studies",
+        type=_int_at_least(0),
+        default=0,
+        help="also tune each cell this many times with gradalign.tuning's recipe (real runs, no snapping) and "
+        "train each choice on --final-seeds fresh seeds",
+    )
+    p.add_argument("--final-seeds", type=_int_at_least(1), default=3, help="seeds of a recipe's choice (default 3)")
+    p.add_argument("--lr-range", type=_lr_band, default=(0.001, 0.5), help="the recipe's initial step-size range")
+    p.add_argument("--beta-range", type=_lr_band, default=(1e-4, 1.0), help="the recipe's initial β range")
     p.add_argument("--profile", action="store_true", help="also print each cell's accuracy against step size")
     p.add_argument("--csv", type=Path, default=None, help="write the per-point table (mean, n, spread) here")
     p.add_argument("--threads", type=_int_at_least(1), default=1, help="torch threads (default 1)")
@@ -548,6 +598,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     n_points = {c.name: len(grid_points(c, args.lr_values, args.beta_values, args.full_beta)) for c in args.cells}
     print(
         f"# {args.dataset}/{args.model}, b = {args.micro_batch}, {args.budget_examples} examples per run, momentum "
@@ -565,8 +616,43 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.profile:
         print(format_profile(points))
     table = adequacy_table(points, study)
+    if args.recipe_studies:
+        progress.add({c.name: args.recipe_studies * (RECIPE.cost() + args.final_seeds) for c in args.cells})
+        tuned = pd.DataFrame(
+            [tune_with_recipe(c, args, progress, k) for c in args.cells for k in range(args.recipe_studies)]
+        )
+        table = table.merge(recipe_summary(tuned), on="cell", how="left")
+        print(format_recipe(tuned, table))
     print(format_table(table), flush=True)
     return table
+
+
+def recipe_summary(tuned: pd.DataFrame) -> pd.DataFrame:
+    """Per cell: the recipe's studies (mean test accuracy of their choices, worst, mean runs)."""
+    grouped = tuned.groupby("cell")
+    return pd.DataFrame(
+        {
+            "recipe_test": grouped["test"].mean(),
+            "recipe_worst": grouped["test"].min(),
+            "recipe_studies": grouped.size(),
+            "recipe_runs": grouped["runs"].mean(),
+        }
+    ).reset_index()
+
+
+def format_recipe(tuned: pd.DataFrame, table: pd.DataFrame) -> str:
+    """A line per recipe study: its choice, the choice's test accuracy on fresh seeds, the gap to the grid's best."""
+    best = table.set_index("cell")["grid_test"]
+    lines = [f"# {'recipe study':<24} {'lr':>8} {'beta':>8} {'test % (n, sd)':>18} {'gap':>6} {'runs':>5} ext"]
+    for r in tuned.itertuples():
+        beta = "-" if r.beta is None or pd.isna(r.beta) else f"{r.beta:.3g}"
+        test = f"{100 * r.test:.1f} ({r.n}, {_num(100 * r.test_std, '.1f')})"
+        gap = 100 * (best[r.cell] - r.test)
+        lines.append(
+            f"# {r.cell + ' #' + str(r.study):<24} {r.lr:>8.4g} {beta:>8} {test:>18} {gap:>+6.1f} {r.runs:>5} "
+            f"{r.extensions}"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

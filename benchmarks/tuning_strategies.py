@@ -89,14 +89,15 @@ def strategies() -> dict[str, Strategy]:
 # A grid as an oracle
 # ---------------------------------------------------------------------------------------------------------------
 class GridOracle:
-    """Answers a configuration and seed with that seed's run at the nearest grid point (log space); a point that
-    lacks the seed answers with one of its runs at random."""
+    """Answers a configuration and seed with that seed's run at the nearest grid point (the nearest step size in
+    log space, then the nearest β run there); a point that lacks the seed answers with one of its runs at random."""
 
     def __init__(self, records: list[dict], rng: np.random.Generator):
         runs = runs_frame(records)
         self.lrs = np.array(sorted(runs["lr"].unique()))
-        betas = runs["beta"].dropna().unique()
-        self.betas = np.array(sorted(betas)) if len(betas) else None
+        self.betas = {  # per step size: the β values run there (fewer far from the optimum)
+            lr: np.array(sorted(group["beta"].dropna().unique())) for lr, group in runs.groupby("lr")
+        }
         self.seeds = sorted(runs["seed"].unique())
         self.runs: dict[tuple, dict[int, dict]] = {}
         for r in records:
@@ -110,9 +111,9 @@ class GridOracle:
 
     def snap(self, params: dict) -> tuple:
         lr = float(self.lrs[np.argmin(np.abs(np.log(self.lrs) - math.log(params["lr"])))])
-        beta = None
-        if self.betas is not None:
-            beta = float(self.betas[np.argmin(np.abs(np.log(self.betas) - math.log(params["beta"])))])
+        betas, beta = self.betas[lr], None
+        if len(betas):
+            beta = float(betas[np.argmin(np.abs(np.log(betas) - math.log(params["beta"])))])
         return lr, beta
 
     def run(self, params: dict, seed: int) -> dict:

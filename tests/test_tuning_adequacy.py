@@ -96,3 +96,12 @@ def test_the_strategy_replay_reads_the_cached_grid_and_reports_a_shortfall_per_c
     with pytest.raises(SystemExit):
         strategies.main([*grid, "--cells", "large_batch_sgd-128"])
     assert "no cached grid for large_batch_sgd-128" in capsys.readouterr().err
+
+
+def test_the_recipe_tunes_each_cell_with_real_runs_and_trains_its_choice_on_fresh_seeds(tmp_path, capsys):
+    table = adequacy.main([*TINY, "--cells", "sgd-32", "--cache", str(tmp_path), "--recipe-studies", "1"])
+    row = table.iloc[0]
+    assert row["recipe_studies"] == 1 and 0 < row["recipe_test"] <= 1 and row["recipe_runs"] >= 16
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# sgd-32 #0")]
+    assert "(3," in line  # three fresh seeds
+    assert len(list(tmp_path.glob("*.recipe.jsonl"))) == 1  # kept apart from the grid
