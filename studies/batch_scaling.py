@@ -10,10 +10,11 @@ The method of Shallue et al. (2018) and Google's tuning playbook:
 - scientific: global batch size B (the parallelism) x algorithm. Small-batch SGD at batch b is the reference;
   large-batch SGD and GradAlign at B split B into B/b micro-batches (GradAlign's clients) of that same b, so
   GradAlign emulates the reference's implicit regularisation at any parallelism;
-- nuisance, re-tuned in every cell with Ray Tune + Optuna (TPE) on the validation split: step size and β
-  (momentum fixed at 0.9 by default, or searched with --momentum-range; a 10% linear warmup and a cosine decay, as
-  large-batch training needs); each tuning trial is scored on two seeds, so that a step size at the edge of
-  stability, which collapses on other seeds, is less likely to be chosen;
+- nuisance, re-tuned in every cell with Ray Tune + Optuna on the validation split: step size and β (momentum
+  fixed at 0.9 by default, or searched with --momentum-range; a 10% linear warmup and a cosine decay, as
+  large-batch training needs): a Sobol design then a Gaussian process, ranges extended when the best value sits at
+  a bound, and the best few configurations re-run on more seeds, so that a step size at the edge of stability,
+  which collapses on other seeds, does not win (gradalign.tuning; docs/tuning.md measures it against a dense grid);
 - fixed: dataset, model, the micro-batch b, and the budget: the same number of training examples for every cell
   (--epochs x training-set size, rounded up to a multiple of every batch size), or the same number of steps
   (--budget-steps);
@@ -44,11 +45,14 @@ SMOKE = dict(
     model="mlp",
     batch_sizes=[32, 128],
     epochs=3,
-    trials_per_cell=2,
     tuning_seeds=1,
     seeds=2,
     target=0.5,
     eval_points=10,
+    trials_per_cell=3,
+    confirm_top=2,
+    confirm_seeds=1,
+    max_extensions=1,
 )
 
 
@@ -63,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
         target=0.6,
         lr_range=(0.001, 0.5),
         beta_range=(1e-4, 1.0),
-        tuning_seeds=2,
     )
     g = groups["axes"]
     g.add_argument(
@@ -271,6 +274,7 @@ def verdict(protocol: StudyProtocol):
             ref["acc"] if ref else None,
             len(protocol.tuning_seeds),
             design=protocol.design,
+            tuning=protocol.tuning_sentence(),
         )
         return [first, *scaling_sentences(facts, target=protocol.target)]
 

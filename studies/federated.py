@@ -47,11 +47,14 @@ SMOKE = dict(
     splits=["dirichlet:0.1"],
     communications=8,
     eval_points=8,
-    trials_per_cell=2,
     seeds=2,
     target=0.5,
     algorithms=["fedavg", "fedga"],
     references=["gradalign"],
+    trials_per_cell=3,
+    confirm_top=2,
+    confirm_seeds=1,
+    max_extensions=1,
 )
 PAPER = dict(
     splits=["one_class"],
@@ -372,6 +375,7 @@ def verdict(protocol: StudyProtocol):
             evidence.cells["acc_mean"].mean(),
             len(protocol.tuning_seeds),
             design=protocol.design,
+            tuning=protocol.tuning_sentence(),
         )
         facts = federated_facts(evidence.cells, evidence.records, tolerance=protocol.tolerance)
         return [first, *federated_sentences(facts)]

@@ -130,7 +130,7 @@ def study_parser(
     target: float = 0.6,
     lr_range: tuple[float, float] = (0.001, 0.5),
     beta_range: tuple[float, float] | None = (1e-4, 1.0),
-    trials_per_cell: int = 8,
+    trials_per_cell: int = 10,
     tuning_seeds: int = 1,
     seeds: int | str = "auto",
 ) -> tuple[argparse.ArgumentParser, dict[str, argparse._ArgumentGroup]]:
@@ -254,6 +254,27 @@ def study_parser(
         type=int,
         default=8,
         help="with --seeds auto: the most seeds a cell gets (default 8); the looks are 3, 5, 8, then the cap",
+    )
+    g.add_argument(
+        "--confirm-top",
+        type=int,
+        default=3,
+        help="the best configurations of each cell re-run on --confirm-seeds more seeds before the choice (0: none; "
+        "default 3)",
+    )
+    g.add_argument(
+        "--confirm-seeds",
+        type=int,
+        default=2,
+        help="seeds of each confirmation run, after the tuning seeds (default 2); a candidate whose seeds collapse "
+        "does not win",
+    )
+    g.add_argument(
+        "--max-extensions",
+        type=int,
+        default=2,
+        help="times each bound of a search range may move out when the best value sits at it (0: fixed ranges; "
+        "default 2)",
     )
     g.add_argument("--asha", action="store_true", help="stop unpromising tuning trials early (ASHA on epochs)")
     g.add_argument(
@@ -447,13 +468,25 @@ def seeds_arg(text: str) -> str | int:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number of seeds, got {text!r}") from None
 
 
-def seed_lists(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+def seed_lists(args: argparse.Namespace) -> dict[str, Any]:
     """The protocol's tuning seeds (0, 1, ...), final seeds (SEED_BASE, ...) and sequential looks from --tuning-seeds,
     --seeds and --max-seeds."""
     for name in ("tuning_seeds", "trials_per_cell", "eval_points"):
         if getattr(args, name) < 1:
             raise ConfigError(name, getattr(args, name), "must be >= 1")
     tuning = tuple(range(args.tuning_seeds))
+    for name in ("confirm_top", "confirm_seeds", "max_extensions"):
+        if getattr(args, name) < 0:
+            raise ConfigError(name, getattr(args, name), "must be >= 0")
+    recipe = {
+        "confirm_top": args.confirm_top,
+        "confirm_seeds": args.confirm_seeds,
+        "max_extensions": args.max_extensions,
+    }
+    return {"tuning": recipe, **_seeds(args, tuning)}
+
+
+def _seeds(args: argparse.Namespace, tuning: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
     if args.seeds == "auto":
         cap = args.max_seeds
         if cap < 3:

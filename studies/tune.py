@@ -48,10 +48,13 @@ SMOKE = dict(
     model="mlp",
     epochs=2,
     batch_sizes=[64, 128],
-    trials_per_cell=3,
     seeds=2,
     eval_points=6,
     target=0.5,
+    trials_per_cell=3,
+    confirm_top=2,
+    confirm_seeds=1,
+    max_extensions=1,
 )
 DEPRECATED = {
     "--lr": ("--lr-range", 2),
@@ -297,6 +300,8 @@ def verdict(protocol: StudyProtocol):
             protocol.test_size,
             cells["acc_mean"].mean() if len(cells) else None,
             len(protocol.tuning_seeds),
+            design=protocol.design,
+            tuning=protocol.tuning_sentence(),
         )
         out = [first]
         searched = [p for p in protocol.ranges[protocol.axes["algorithm"]] if p != "local_steps"]

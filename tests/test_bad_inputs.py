@@ -177,7 +177,9 @@ def test_a_missing_or_damaged_optuna_db_is_rebuilt_from_the_tuning_tables(tmp_pa
     said = []
 
     def tuning_trials():
-        Engine(plan, None, None, said.append).search("tune")  # every cell finished: no Ray, no training
+        engine = Engine(plan, None, None, said.append)
+        tuned = engine.search("tune")  # every cell finished: no Ray, no training
+        engine.sync_optuna(tuned, {c.key: c.space for c in plan.cells})
         return {c.key: len(optuna.load_study(study_name=c.key, storage=f"sqlite:///{db}").trials) for c in plan.cells}
 
     db = plan.out_dir / "optuna.db"

@@ -22,6 +22,7 @@ from typing import Any
 from .config import ConfigError
 from .ranges import Range
 from .sequential import SequentialDesign
+from .tuning import Recipe
 
 __all__ = ["KINDS", "OBJECTIVE_METRICS", "SEED_BASE", "Budget", "Comparisons", "StudyProtocol"]
 
@@ -109,6 +110,9 @@ class StudyProtocol:
     """Seeds per cell at which a sequential study looks at its comparisons (e.g. 3, 5, 8; the last is the cap and
     equals len(seeds)); () for a fixed number of seeds (`--seeds N`). See `gradalign.sequential`."""
     compare: Comparisons = field(default_factory=Comparisons)
+    tuning: Mapping[str, Any] = field(default_factory=dict)
+    """How each cell is tuned beyond its trials and seeds: `gradalign.tuning.Recipe` fields (sampler start-up,
+    range extensions, confirmation); {} takes the recipe's defaults (the measured ones, docs/tuning.md)."""
     objectives: tuple[tuple[str, str], ...] = (("val_accuracy", "max"),)
     """(metric, 'max'|'min') pairs at a trial's last evaluation; the first chooses each cell's configuration."""
     sampler_seed: int = 0
@@ -153,6 +157,10 @@ class StudyProtocol:
                 SequentialDesign(looks=tuple(self.seed_looks))
             except ValueError as err:
                 raise ConfigError("max_seeds", self.seed_looks[-1], str(err)) from None
+        try:
+            self.recipe  # noqa: B018 -- builds and validates the tuning recipe
+        except (TypeError, ValueError) as err:
+            raise ConfigError("tuning", dict(self.tuning), str(err)) from None
         if not self.objectives:
             raise ConfigError("metric", self.objectives, "need at least one objective")
         for metric, mode in self.objectives:
@@ -186,6 +194,17 @@ class StudyProtocol:
         return self.objectives[0][1]
 
     @property
+    def recipe(self) -> Recipe:
+        """The tuning recipe of every cell: the protocol's trials and tuning seeds, and `tuning`'s settings."""
+        return Recipe(trials=self.trials_per_cell, search_seeds=len(self.tuning_seeds), **dict(self.tuning))
+
+    @property
+    def confirm_seeds(self) -> tuple[int, ...]:
+        """Seeds of the confirmation runs: after the tuning seeds, before the final seeds (never one of those)."""
+        first = max(self.tuning_seeds) + 1
+        return tuple(range(first, first + self.recipe.confirm_seeds))
+
+    @property
     def design(self) -> SequentialDesign:
         """When the study looks at its comparisons: the sequential looks, or one look at every seed (95%)."""
         return (
@@ -207,11 +226,29 @@ class StudyProtocol:
         return {a: {p: (r.low, r.high) for p, r in ranges.items()} for a, ranges in self.ranges.items()}
 
     def tuning_sentence(self) -> str:
-        scored = f" (mean of {len(self.tuning_seeds)} seeds)" if len(self.tuning_seeds) > 1 else ""
+        """How every cell was tuned, in words."""
+        recipe = self.recipe
+        scored = f" (each the mean of {len(self.tuning_seeds)} seeds)" if len(self.tuning_seeds) > 1 else ""
         what = "validation accuracy" if self.objective == "val_accuracy" else self.objective.replace("_", " ")
-        return f"{self.trials_per_cell} trials per cell, scored by {what} at the end of the budget{scored}" + (
-            f", ASHA from {self.grace_period:g} epochs" if self.asha else ""
+        model = {"gp": "a Gaussian process", "tpe": "TPE"}[recipe.model]
+        text = (
+            f"{self.trials_per_cell} trials{scored} scored by {what} at the end of the budget, the first "
+            f"{min(recipe.startup, self.trials_per_cell)} from a Sobol design, then {model}"
         )
+        if recipe.max_extensions:
+            text += (
+                f"; a range whose best value lies within {100 * recipe.edge:g}% of a bound is extended by "
+                f"{100 * recipe.extend_by:g}% of its width (at most {recipe.max_extensions} times per side) and "
+                f"searched {recipe.extension_trials} more trials"
+            )
+        if recipe.confirm_top and recipe.confirm_seeds:
+            text += (
+                f"; the {recipe.confirm_top} best configurations re-run on {recipe.confirm_seeds} more seeds and the "
+                "best mean chosen among those whose seeds did not collapse"
+            )
+        if self.asha:
+            text += f"; ASHA from {self.grace_period:g} epochs"
+        return text
 
     def seeds_sentence(self) -> str:
         if self.sequential:

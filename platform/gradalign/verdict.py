@@ -94,11 +94,13 @@ def protocol_sentence(
     accuracy: float | None = None,
     tuning_seeds: int = 1,
     design: SequentialDesign | None = None,
+    tuning: str | None = None,
 ) -> str:
     """How the numbers were made, in one or two sentences (and the noise floor one test set implies).
 
     `seeds`: the seeds per cell of a fixed-n study (`--seeds N`); with a sequential `design` (`--seeds auto`) the
-    sentence states its looks and levels instead."""
+    sentence states its looks and levels instead. `tuning`: how the cells were tuned, in words (e.g.
+    `StudyProtocol.tuning_sentence()`), instead of the number of trials."""
     scored = "the mean of its seeds' validation accuracy" if tuning_seeds > 1 else "its validation accuracy"
     if design is not None and len(design.looks) > 1:
         runs = (
@@ -107,10 +109,8 @@ def protocol_sentence(
         )
     else:
         runs = f"re-ran with {seeds} new seeds whose test accuracy is reported (mean, 95% CI, n)"
-    text = (
-        f"Protocol: every cell was tuned with {trials_per_cell} trials scored by {scored}, then its best "
-        f"configuration {runs}; budget: {budget}."
-    )
+    how = tuning or f"{trials_per_cell} trials scored by {scored}"
+    text = f"Protocol: every cell was tuned with {how}, then its chosen configuration {runs}; budget: {budget}."
     if test_size and accuracy is not None and _finite(accuracy):
         se = accuracy_standard_error(test_size, accuracy)
         text += (

@@ -3,17 +3,19 @@ in the project a Ray Tune `Tuner` is built.
 
 A *cell* is one setting of the scientific parameters (e.g. algorithm x batch size). In each cell the nuisance
 parameters (step size, β, momentum, ...) are re-tuned with Ray Tune + Optuna on the validation split (`tune`
-phase), then the chosen configuration is re-run with seeds of its own, disjoint from the tuning seeds (`seed`
-phase), whose test metrics are the result. Each phase of each cell is written to `<out>/cells/<cell>/<phase>.parquet`
-before the next phase starts; the cells of a phase share one Tune experiment per worker count, so that trials of
-different cells share the CPUs and reuse trial processes.
+phase, with its range extensions, then `confirm`: see `cell_tuning`), then the chosen configuration is re-run with
+seeds of its own, disjoint from the tuning seeds (`seed` phase, in rounds while comparisons are undetermined with
+`--seeds auto`), whose test metrics are the result. Each phase (and round) of each cell is written to
+`<out>/cells/<cell>/<table>.parquet` before the next starts; the cells of a phase share one Tune experiment per
+worker count, so that trials of different cells share the CPUs and reuse trial processes.
 
 An interrupted study (even killed with SIGKILL) resumes where it stopped when it is run again: each trial keeps a
-record of what it trained, keyed by its configuration (`<out>/trials/<phase>/`, see `records`), and those records,
+record of what it trained, keyed by its configuration (`<out>/trials/<table>/`, see `records`), and those records,
 not Tune's snapshot of the experiment (taken at most every ~10 s), decide what is left to do. A finished trial is
 never trained again, an unfinished one loses at most the evaluation interval in flight, and `optuna.db` holds one
 finished Optuna trial per tuning trial of the tables (it is a mirror: rebuilt from the tables when missing or damaged).
-The folder remembers the study's protocol (`gradalign.study_file`): running it again with other settings is refused.
+Every decision between phases reads only the saved tables, so a resumed study takes the same decisions. The folder
+remembers the study's protocol (`gradalign.study_file`): running it again with other settings is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -33,9 +36,11 @@ from gradalign.comparisons import comparison_records, seeds_wanted
 from gradalign.config import ALIGNING_ALGORITHMS, TrainConfig
 from gradalign.study_file import check_study_file, write_study_file
 from gradalign.tables import DamagedTable, phase_table_path, read_table, save_table
+from gradalign.tuning import make_sampler
 
 from ._common import GROUP_SEEDS
 from .cell_search import CELL, CellMirror, CellScheduler, CellSearch, FixedConfigs
+from .cell_tuning import range_json, runs_of, tune_cells
 from .connection import connect
 from .execution import TrialExecution, plan_concurrency
 from .mirror import OptunaMirror, sync_optuna_study
@@ -43,7 +48,8 @@ from .plan import Cell, StudyPlan
 from .progress import TrialLine, describe
 from .records import RecordCloser, TrialRecords, damaged_records
 from .results import results_table
-from .search import asha_rungs, make_scheduler, make_searcher
+from .search import asha_rungs, make_scheduler, make_searcher, warm_start_searcher
+from .space import SearchSpace
 
 Log = Callable[[str], None]
 RUN = "run"
@@ -73,12 +79,12 @@ def run_plan(
     engine = Engine(plan, trainable, address, log)
     started = time.perf_counter()
     protocol = plan.protocol
-    log(f"tuning {len(plan.cells)} cells x {protocol.trials_per_cell} trials")
-    tuned = engine.search("tune")
+    log(f"tuning {len(plan.cells)} cells: {protocol.tuning_sentence()}")
+    tuned, choices = tune_cells(engine)
     chosen = {}
     for cell in plan.cells:
-        chosen[cell.key] = best_config(tuned[cell.key], protocol.objective, protocol.mode)
-        log(f"  {cell.key}: best of {tuned[cell.key]['trial_id'].nunique()} trials: {describe(chosen[cell.key])}")
+        chosen[cell.key] = choices[cell.key].config
+        log(f"  {cell.key}: {describe(chosen[cell.key])} ({choices[cell.key].reason})")
     design = protocol.design
     log(
         f"re-running each cell's chosen configuration with seeds of its own ({protocol.seeds_sentence()}) "
@@ -135,22 +141,34 @@ class Engine:
         self.callbacks = tuple(callbacks)  # (e.g. a benchmark's timer)
 
     # -- phases ----------------------------------------------------------------------------------------------------
-    def search(self, phase: str) -> dict[str, pd.DataFrame]:
-        """Tune every cell that has not finished `phase`: its own Optuna searcher over its space, the protocol's
-        trials per cell. Returns {cell key: rows}; the Optuna mirror agrees with each cell's table before it is
-        saved."""
-        done = {c.key: self._finished(c, phase) for c in self.plan.cells}
-        todo = [c for c in self.plan.cells if done[c.key] is None]
-        self._say_finished(phase, len(self.plan.cells) - len(todo))
+    def search(
+        self,
+        phase: str,
+        round_no: int = 1,
+        spaces: Mapping[str, SearchSpace] | None = None,
+        trials: int | None = None,
+        warm: Mapping[str, pd.DataFrame] | None = None,
+    ) -> dict[str, pd.DataFrame]:
+        """Tune the cells of `spaces` (default: every cell, its own space) that have not finished this round of
+        `phase`: each with its own Optuna searcher (`trials` trials, default the protocol's trials per cell),
+        warm-started with the rows of `warm` (the earlier rounds of the cell). Returns {cell key: this round's rows},
+        which carry `round` and `search_range` columns."""
+        spaces = dict(spaces or {c.key: c.space for c in self.plan.cells})
+        table = phase if round_no == 1 else f"{phase}-r{round_no}"
+        cells = [c for c in self.plan.cells if c.key in spaces]
+        done = {c.key: self._finished(c, table) for c in cells}
+        todo = [c for c in cells if done[c.key] is None]
+        self._say_finished(table, len(cells) - len(todo))
         for workers in sorted({c.workers for c in todo}):
-            group = [c for c in self.plan.cells if c.workers == workers]
-            table, errors = self._experiment(phase, group, None)
+            # the experiment of a worker count holds every cell of that count, so that a restart restores the same one
+            group = [c for c in cells if c.workers == workers]
+            search = _Search(spaces, trials or self.plan.protocol.trials_per_cell, warm or {})
+            result, errors = self._experiment(table, group, search=search)
             for cell in [c for c in group if done[c.key] is None]:
-                rows = self._rows(table, cell, phase, errors)
-                sync_optuna_study(rows, self.optuna_db, cell.key, cell.space, self.plan.protocol.objectives)
-                save_table(rows, phase_table_path(self.plan.out_dir, cell.key, phase).with_suffix(""))
+                rows = self._rows(result, cell, phase, errors)
+                rows = rows.assign(round=round_no, search_range=range_json(spaces[cell.key]))
+                save_table(rows, phase_table_path(self.plan.out_dir, cell.key, table).with_suffix(""))
                 done[cell.key] = rows
-        self.check_optuna_mirror(done)
         return done
 
     def run_configs(
@@ -183,15 +201,20 @@ class Engine:
 
     # -- one Tune experiment ---------------------------------------------------------------------------------------
     def _experiment(
-        self, phase: str, cells: Sequence[Cell], configs: Sequence[Mapping[str, Any]] | None
+        self,
+        phase: str,
+        cells: Sequence[Cell],
+        configs: Sequence[Mapping[str, Any]] | None = None,
+        search: _Search | None = None,
     ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
-        """Run (or restore) one Tune experiment over `cells`: a search (`configs` None) or a list of fixed
-        configurations. Returns its results table (with `cell` and `run` columns) and the errors per cell."""
+        """Run (or restore) one Tune experiment over `cells`: a `search`, or a list of fixed `configs`. `phase` names
+        the experiment, its records folder and its table. Returns its results table (with `cell` and `run` columns)
+        and the errors per cell."""
         plan, protocol = self.plan, self.plan.protocol
         storage = plan.storage
         digest = hashlib.sha1(",".join(c.key for c in cells).encode()).hexdigest()[:8]
         name = f"{phase}-w{cells[0].workers}-{digest}"
-        searching = configs is None
+        searching = search is not None
         asha = searching and protocol.asha
         execution = TrialExecution(
             workers=cells[0].workers,
@@ -213,14 +236,14 @@ class Engine:
             tuner = tune.Tuner.restore(path, trainable=fn, resume_errored=True)
         else:
             if searching:
-                search, scheduler, callbacks, samples = self._search_parts(phase, cells, execution)
+                searcher, scheduler, callbacks, samples = self._search_parts(phase, cells, execution, search)
             else:
-                search = FixedConfigs(configs, protocol.objective, protocol.mode)
+                searcher = FixedConfigs(configs, protocol.objective, protocol.mode)
                 scheduler, callbacks, samples = None, [TrialLine(phase, len(configs))], len(configs)
             tuner = tune.Tuner(
                 fn,
                 tune_config=tune.TuneConfig(
-                    search_alg=search,
+                    search_alg=searcher,
                     scheduler=scheduler,
                     num_samples=samples,
                     max_concurrent_trials=concurrency,
@@ -246,42 +269,44 @@ class Engine:
                 errors.setdefault(result.config.get(CELL), []).append(f"{result.path}: {_last_line(result.error)}")
         return results_table(grid, execution, config_columns=(CELL, RUN)), errors
 
-    def _search_parts(self, phase: str, cells: Sequence[Cell], execution: TrialExecution):
+    def _search_parts(self, phase: str, cells: Sequence[Cell], execution: TrialExecution, search: _Search):
         """Searcher, scheduler, callbacks and number of trials of a new search experiment over `cells`."""
         protocol = self.plan.protocol
         index = {c.key: i for i, c in enumerate(self.plan.cells)}
         records = TrialRecords(execution)
-        searchers = {
-            c.key: make_searcher(
-                c.space,
+        searchers = {}
+        for c in cells:
+            space = search.spaces[c.key]
+            seed = protocol.sampler_seed + index[c.key] + 1000 * _round_of(phase)
+            searchers[c.key] = make_searcher(
+                space,
                 name=c.key,
-                trials=protocol.trials_per_cell,
+                sampler=make_sampler(protocol.recipe, seed, space.param_names),
                 objectives=protocol.objectives,
-                seed=protocol.sampler_seed + index[c.key],
                 records=records,
                 match={CELL: c.key},
-                initial_points=c.initial_points,
+                initial_points=c.initial_points if _round_of(phase) == 0 else (),
             )
-            for c in cells
-        }
+            if c.key in search.warm and len(protocol.objectives) == 1:
+                warm_start_searcher(searchers[c.key], space, runs_of([search.warm[c.key]], protocol), protocol)
         group = {GROUP_SEEDS: list(protocol.tuning_seeds)} if len(protocol.tuning_seeds) > 1 else {}
-        trials = {c.key: protocol.trials_per_cell for c in cells}
-        search = CellSearch(searchers, trials, protocol.objective, protocol.mode, extra=group)
+        trials = {c.key: search.trials for c in cells}
+        searcher = CellSearch(searchers, trials, protocol.objective, protocol.mode, extra=group)
         scheduler = None
         if protocol.asha:
-            scheduler = CellScheduler(
-                {
-                    c.key: make_scheduler(
-                        protocol.objective, protocol.mode, protocol.budget.epochs, protocol.grace_period
-                    )
-                    for c in cells
-                }
-            )
+            asha = {
+                c.key: make_scheduler(protocol.objective, protocol.mode, protocol.budget.epochs, protocol.grace_period)
+                for c in cells
+            }
+            scheduler = CellScheduler(asha)
         mirror = CellMirror(
-            {c.key: OptunaMirror(self.optuna_db, c.key, c.space, protocol.objectives, execution) for c in cells}
+            {
+                c.key: OptunaMirror(self.optuna_db, c.key, search.spaces[c.key], protocol.objectives, execution)
+                for c in cells
+            }
         )
-        total = protocol.trials_per_cell * len(cells)
-        return search, scheduler, [mirror, TrialLine(phase, total)], total
+        total = search.trials * len(cells)
+        return searcher, scheduler, [mirror, TrialLine(phase, total)], total
 
     # -- tables ----------------------------------------------------------------------------------------------------
     def _rows(self, table: pd.DataFrame, cell: Cell, phase: str, errors: Mapping[str, list[str]]) -> pd.DataFrame:
@@ -316,25 +341,44 @@ class Engine:
     def optuna_db(self) -> str:
         return f"sqlite:///{self.plan.out_dir.resolve() / 'optuna.db'}"
 
-    def check_optuna_mirror(self, tuned: Mapping[str, pd.DataFrame]) -> None:
-        """`optuna.db` mirrors the tuning tables: when it is missing or damaged (e.g. deleted after the study), it
-        is rebuilt from them, and the study says so."""
+    def sync_optuna(self, tuned: Mapping[str, pd.DataFrame], spaces: Mapping[str, SearchSpace]) -> None:
+        """Make `optuna.db` hold exactly the tuning trials of the tables (one Optuna study per cell, over the widest
+        range it searched). It is a mirror: when it is missing or damaged (e.g. deleted after the study), it is
+        rebuilt from them, and the study says so."""
         path = self.plan.out_dir / "optuna.db"
         problem = None if path.exists() else "missing"
         if problem is None:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             try:
-                with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-                    db.execute("select count(*) from trials").fetchone()
+                db.execute("select count(*) from trials").fetchone()
             except sqlite3.Error as err:
                 problem = f"damaged ({err})"
+            finally:
+                db.close()
+            if problem is not None:
                 path.replace(path.with_suffix(".db.damaged"))
         added = 0
         for cell in self.plan.cells:
             rows = tuned.get(cell.key)
             if rows is not None and len(rows):
-                added += sync_optuna_study(rows, self.optuna_db, cell.key, cell.space, self.plan.protocol.objectives)
+                space = spaces.get(cell.key, cell.space)
+                added += sync_optuna_study(rows, self.optuna_db, cell.key, space, self.plan.protocol.objectives)
         if problem is not None:
             self.log(f"  {path} was {problem}: rebuilt from the tuning tables ({added} trials)")
+
+
+@dataclass(frozen=True)
+class _Search:
+    """What a search experiment searches: each cell's space, the trials per cell, the rows to warm-start from."""
+
+    spaces: Mapping[str, SearchSpace]
+    trials: int
+    warm: Mapping[str, pd.DataFrame]
+
+
+def _round_of(table: str) -> int:
+    """0 for a first round ('tune'), k - 1 for 'tune-rk'."""
+    return int(table.rsplit("-r", 1)[1]) - 1 if "-r" in table else 0
 
 
 def more_seeds(plan: StudyPlan, seeded: Mapping[str, pd.DataFrame], seeds: Mapping[str, int]) -> dict[str, int]:

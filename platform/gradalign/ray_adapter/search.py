@@ -11,6 +11,8 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from gradalign.tuning import warm_start
+
 from ._common import final_status
 from .records import TrialRecords
 from .space import SearchSpace
@@ -103,20 +105,19 @@ def make_searcher(
     space: SearchSpace,
     *,
     name: str,
-    trials: int,
+    sampler: optuna.samplers.BaseSampler,
     objectives: Sequence[tuple[str, str]] = (("val_accuracy", "max"),),
-    seed: int = 0,
     records: TrialRecords | None = None,
     match: Mapping[str, Any] | None = None,
     initial_points: Sequence[Mapping[str, Any]] = (),
 ) -> Searcher:
-    """`OptunaSearch` over `space` with a seeded multivariate TPE; startup trials scale with the budget.
+    """`OptunaSearch` over `space` with `sampler` (the studies use `gradalign.tuning.make_sampler`: a Sobol design,
+    then a Gaussian process).
 
     Given the study's trial `records` (those whose config holds the entries `match`, e.g. a cell's key), the
     searcher first suggests again the recorded configurations it does not know, e.g. after a restore from Tune's
     older snapshot. `initial_points` are tried first (Optuna enqueues them; the sampler takes over after).
     """
-    sampler = optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=min(10, max(2, trials // 3)))
     metrics = [m for m, _ in objectives]
     modes = [m for _, m in objectives]
     single = len(metrics) == 1
@@ -130,6 +131,16 @@ def make_searcher(
         records=records,
         match=match,
     )
+
+
+def warm_start_searcher(searcher: Searcher, space: SearchSpace, runs, protocol) -> int:
+    """Add the configurations of `runs` (one row per training run: the searched parameters, `seed`, `status` and
+    the objective) that lie inside `space` to `searcher`'s Optuna study as finished trials valued at their mean over
+    seeds, so that a search over wider ranges starts from what is known. Returns how many were added."""
+    metric = protocol.objective
+    frame = runs if protocol.mode == "max" else runs.drop(columns=["status"], errors="ignore")  # (a loss: the penalty)
+    algorithm = str(space.fixed.get("algorithm", "gradalign"))
+    return warm_start(searcher._ot_study, frame, space.distributions(algorithm), metric)
 
 
 def make_scheduler(metric: str, mode: str, max_epochs: float, grace_period: float) -> TrialScheduler:
