@@ -197,6 +197,7 @@ def test_report_only_rebuild_exports_every_report_figure_in_every_format(tmp_pat
         "fig-pareto-time",
         "fig-alignment",
         "fig-hyperparameters",
+        "fig-tuning",
     ]
     files = sorted(p.name for p in (out / "figures").iterdir())
     assert files == sorted(f"{i}.{fmt}" for i in ids for fmt in ("png", "svg", "pdf"))

@@ -133,7 +133,10 @@ def test_batch_scaling_end_to_end_resume_and_report_only(tmp_path, ray_cluster):
     history, trials = _trial_ids(out)
     assert set(history["cell"]) == {"sgd-B16", "large_batch_sgd-B64", "gradalign-B64"}
     last = history.sort_values("evaluation").groupby(["phase", "cell", "trial_id"]).tail(1)
-    assert (last.groupby(["phase", "cell"]).size() == 2).all()  # 2 tuning trials and 2 seeds per cell
+    counts = last.groupby(["phase", "cell"]).size()
+    assert (counts[["tune", "seed"]] == 2).all()  # 2 tuning trials and 2 seeds per cell
+    assert (counts["confirm"] == 4).all()  # the 2 configurations of each cell confirmed on 2 more seeds (1, 2)
+    assert set(last.loc[last["phase"] == "confirm", "seed"]) == {1, 2}
     seeds = last[last["phase"] == "seed"]
     assert sorted(seeds.loc[seeds["cell"] == "gradalign-B64", "seed"]) == [1000, 1001]  # not a tuning seed (0)
     assert set(last.loc[last["phase"] == "tune", "seed"]) == {0}

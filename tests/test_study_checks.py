@@ -30,6 +30,7 @@ from gradalign.ray_adapter.engine import Engine
 from gradalign.ray_adapter.records import update_record
 from gradalign.study_file import write_study_file
 from gradalign.tables import save_table
+from gradalign.tuning import Recipe, make_sampler
 from studies import batch_scaling, federated, study_cli
 
 TINY = [
@@ -75,7 +76,7 @@ def no_ray(monkeypatch):
 def test_smoke_test_keeps_every_value_the_user_gave(capsys):
     args = study_cli.parse(batch_scaling.build_parser(), ["--smoke-test", "--seeds", "5", "--epochs", "1"])
     assert (args.seeds, args.epochs) == (5, 1)  # given
-    assert (args.trials_per_cell, args.batch_sizes, args.target) == (2, [32, 128], 0.5)  # from the smoke test
+    assert (args.trials_per_cell, args.batch_sizes, args.target) == (3, [32, 128], 0.5)  # from the smoke test
     assert args.name == "batch-scaling-smoke"
     assert "your --epochs, --seeds kept" in capsys.readouterr().out
 
@@ -229,9 +230,12 @@ def test_restored_searcher_re_suggests_the_recorded_configurations_it_forgot(tmp
     )
     records = TrialRecords(TrialExecution(storage_path=str(tmp_path)))
 
+    def sampler():
+        return make_sampler(Recipe(trials=6), 7, space.param_names)
+
     def searcher(cell="c"):
         return CellSearch(
-            {cell: make_searcher(space, name="c", trials=6, seed=7, records=records, match={CELL: cell})},
+            {cell: make_searcher(space, name="c", sampler=sampler(), records=records, match={CELL: cell})},
             {cell: 6},
             "test_accuracy",
             "max",
