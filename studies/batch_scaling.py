@@ -37,7 +37,7 @@ from gradalign.protocol import Budget, Comparisons, StudyProtocol
 from gradalign.ranges import Range
 from gradalign.report import noise_by_algorithm
 from gradalign.verdict import protocol_sentence, scaling_facts, scaling_sentences
-from studies.study_cli import DataLocation, StudyCommand, seed_lists, split_sizes, study_parser
+from studies.study_cli import DataLocation, StudyCommand, split_sizes, study_parser, tuning_settings
 
 KIND = "batch-scaling"
 SMOKE = dict(
@@ -146,13 +146,14 @@ def make_protocol(args: argparse.Namespace, data: DataLocation) -> StudyProtocol
         "warmup": args.warmup,
         **({} if args.momentum_range else {"momentum": args.momentum}),
     }
+    budget = budget_of(args, sizes["train"])
     return StudyProtocol(
         kind=KIND,
         name=args.name,
         dataset=args.dataset,
         model=args.model,
         num_samples=args.num_samples,
-        budget=budget_of(args, sizes["train"]),
+        budget=budget,
         split_sizes=sizes,
         axes={
             "batch_sizes": list(args.batch_sizes),
@@ -168,11 +169,7 @@ def make_protocol(args: argparse.Namespace, data: DataLocation) -> StudyProtocol
             reference="sgd" if "sgd" in args.algorithms and len(args.algorithms) > 1 else None,
             within="workers" if len(args.workers) > 1 else None,
         ),
-        trials_per_cell=args.trials_per_cell,
-        **seed_lists(args),
-        sampler_seed=args.sampler_seed,
-        asha=args.asha,
-        grace_period=args.grace_period,
+        **tuning_settings(args, budget),
         target=args.target,
         tolerance=args.tolerance,
         val_fraction=args.val_fraction,

@@ -39,7 +39,7 @@ from gradalign.findings import Evidence, build_report
 from gradalign.protocol import Budget, Comparisons, StudyProtocol
 from gradalign.ranges import Range
 from gradalign.verdict import federated_facts, federated_sentences, protocol_sentence
-from studies.study_cli import DataLocation, StudyCommand, range_arg, seed_lists, split_sizes, study_parser
+from studies.study_cli import DataLocation, StudyCommand, range_arg, split_sizes, study_parser, tuning_settings
 
 KIND = "federated"
 SMOKE = dict(
@@ -231,11 +231,7 @@ def make_protocol(args: argparse.Namespace, data: DataLocation) -> StudyProtocol
             **({} if args.momentum_range else {"momentum": args.momentum}),
         },
         ranges=ranges,
-        trials_per_cell=args.trials_per_cell,
-        **seed_lists(args),
-        sampler_seed=args.sampler_seed,
-        asha=args.asha,
-        grace_period=args.grace_period,
+        **tuning_settings(args, budget),
         target=args.target,
         tolerance=args.tolerance,
         val_fraction=args.val_fraction,

@@ -130,7 +130,7 @@ def study_parser(
     target: float = 0.6,
     lr_range: tuple[float, float] = (0.001, 0.5),
     beta_range: tuple[float, float] | None = (1e-4, 1.0),
-    trials_per_cell: int = 10,
+    trials_per_cell: int = 24,
     tuning_seeds: int = 1,
     seeds: int | str = "auto",
 ) -> tuple[argparse.ArgumentParser, dict[str, argparse._ArgumentGroup]]:
@@ -276,14 +276,22 @@ def study_parser(
         help="times each bound of a search range may move out when the best value sits at it (0: fixed ranges; "
         "default 2)",
     )
-    g.add_argument("--asha", action="store_true", help="stop unpromising tuning trials early (ASHA on epochs)")
+    g.add_argument(
+        "--asha",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="successive halving (ASHA): each cell's trials start from a Sobol design and the worse half of them "
+        "stop at each rung (a quarter and half of the budget by default), so a cell tries many configurations for "
+        "the price of fewer full runs; --no-asha: every trial runs its whole budget and a Gaussian process proposes "
+        "after a short Sobol start (default: on)",
+    )
     g.add_argument(
         "--grace-period",
         type=float,
-        default=1.0,
-        help="ASHA: epochs' worth of examples before a trial may be stopped (default 1)",
+        default=None,
+        help="ASHA: epochs' worth of examples before a trial may be stopped (default: a quarter of the budget)",
     )
-    g.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (cell i uses seed + i)")
+    g.add_argument("--sampler-seed", type=int, default=0, help="seed of the sampler (cell i uses seed + i)")
     g = groups["where"]
     where = g.add_mutually_exclusive_group()
     where.add_argument(
@@ -468,9 +476,10 @@ def seeds_arg(text: str) -> str | int:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number of seeds, got {text!r}") from None
 
 
-def seed_lists(args: argparse.Namespace) -> dict[str, Any]:
-    """The protocol's tuning seeds (0, 1, ...), final seeds (SEED_BASE, ...) and sequential looks from --tuning-seeds,
-    --seeds and --max-seeds."""
+def tuning_settings(args: argparse.Namespace, budget) -> dict[str, Any]:
+    """The protocol's tuning and seed fields from the shared options: trials per cell, tuning seeds (0, 1, ...),
+    the recipe's confirmation and extension settings, ASHA and its grace period (default a quarter of `budget`),
+    the sampler seed, the final seeds (SEED_BASE, ...) and the sequential looks."""
     for name in ("tuning_seeds", "trials_per_cell", "eval_points"):
         if getattr(args, name) < 1:
             raise ConfigError(name, getattr(args, name), "must be >= 1")
@@ -478,12 +487,21 @@ def seed_lists(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("confirm_top", "confirm_seeds", "max_extensions"):
         if getattr(args, name) < 0:
             raise ConfigError(name, getattr(args, name), "must be >= 0")
+    if args.grace_period is not None and not (math.isfinite(args.grace_period) and args.grace_period > 0):
+        raise ConfigError("grace_period", args.grace_period, "must be a positive number of epochs")
     recipe = {
         "confirm_top": args.confirm_top,
         "confirm_seeds": args.confirm_seeds,
         "max_extensions": args.max_extensions,
     }
-    return {"tuning": recipe, **_seeds(args, tuning)}
+    return {
+        "trials_per_cell": args.trials_per_cell,
+        "tuning": recipe,
+        "asha": args.asha,
+        "grace_period": args.grace_period if args.grace_period is not None else budget.epochs / 4,
+        "sampler_seed": args.sampler_seed,
+        **_seeds(args, tuning),
+    }
 
 
 def _seeds(args: argparse.Namespace, tuning: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
@@ -617,7 +635,9 @@ class StudyCommand:
         if resources.storage and "://" not in resources.storage and not os.path.isabs(resources.storage):
             raise ConfigError("storage", resources.storage, "must be an absolute path or a URI (s3://...)")
         seeds = len(protocol.seeds)
-        runs = len(plan.cells) * (protocol.trials_per_cell * len(protocol.tuning_seeds) + seeds)
+        recipe = protocol.recipe
+        tuning = recipe.cost()  # (extension rounds come on top when a best sits at an edge)
+        runs = len(plan.cells) * (tuning + seeds)
         work = runs * protocol.budget.epochs * protocol.split_sizes["train"]
         if work > WORK_LIMIT_EXAMPLES and not args.yes:
             raise ConfigError(
@@ -636,7 +656,8 @@ class StudyCommand:
         print(
             f"{self.kind} study {protocol.name!r}: {len(plan.cells)} cells x {protocol.trials_per_cell} tuning trials"
             + (f" ({len(protocol.tuning_seeds)} seeds each)" if len(protocol.tuning_seeds) > 1 else "")
-            + f" + {runs_text} = up to {runs} training runs; output in {self.out}",
+            + (f" + {recipe.confirm_top} x {recipe.confirm_seeds} confirmation runs" if recipe.confirm_top else "")
+            + f" + {runs_text} = {runs} training runs or so (3 more per range extension); output in {self.out}",
             flush=True,
         )
         print(f"budget: {protocol.budget.sentence()}", flush=True)

@@ -37,9 +37,9 @@ from studies.study_cli import (
     StudyCommand,
     range_arg,
     rewrite_deprecated,
-    seed_lists,
     split_sizes,
     study_parser,
+    tuning_settings,
 )
 
 KIND = "tune"
@@ -209,23 +209,20 @@ def make_protocol(args: argparse.Namespace, data: DataLocation) -> StudyProtocol
             raise ConfigError(f"{name}_range", given, f"only {', '.join(users)} use {name}; --algorithm {algorithm}")
     mode = args.mode or ("max" if "accuracy" in args.metric else "min")
     objectives = ((args.metric, mode),) + ((("wall_time", "min"),) if args.multi_objective else ())
+    budget = budget_of(args, sizes["train"])
     return StudyProtocol(
         kind=KIND,
         name=args.name,
         dataset=args.dataset,
         model=args.model,
         num_samples=args.num_samples,
-        budget=budget_of(args, sizes["train"]),
+        budget=budget,
         split_sizes=sizes,
         axes={"algorithm": algorithm, "workers": args.workers, "batch_sizes": list(args.batch_sizes)},
         fixed=fixed,
         ranges={algorithm: searched},
-        trials_per_cell=args.trials_per_cell,
-        **seed_lists(args),
+        **tuning_settings(args, budget),
         objectives=objectives,
-        sampler_seed=args.sampler_seed,
-        asha=args.asha,
-        grace_period=args.grace_period,
         target=args.target,
         tolerance=args.tolerance,
         val_fraction=args.val_fraction,

@@ -504,6 +504,8 @@ def tuning_trials(history: pd.DataFrame, objective: str = "val_accuracy") -> pd.
     out = last[[c for c in ("cell", "algorithm", "phase", "trial_id", *params, "seed") if c in last]].copy()
     out["score"] = _floats(last, objective).to_numpy()
     out["status"] = last["status"].to_numpy() if "status" in last else NAN
+    if "trial_status" in last:  # (a trial ASHA stopped early: its score is from part of the budget)
+        out.loc[(last["trial_status"] == "stopped").to_numpy(), "status"] = "stopped"
     seeded = history[history["phase"] == "seed"] if "phase" in history else history.iloc[0:0]
     chosen = seeded.groupby("cell")[params].first() if len(seeded) and params else pd.DataFrame()
     out["chosen"] = [

@@ -394,7 +394,8 @@ def tuning_figure(
     trials: pd.DataFrame, ranges: Mapping[str, Mapping[str, tuple]], param: str = "lr", columns: int = 3
 ) -> go.Figure:
     """One panel per cell: every tuning trial's validation score against `param` (log axis), coloured by log10 β
-    where the cell searches β; diverged trials as crosses at 0; the chosen configuration as a star; the search range
+    where the cell searches β; trials ASHA stopped early as open circles (their score is from part of
+    the budget); diverged trials as crosses at 0; the chosen configuration as a star; the search range
     of `param` as dashed verticals (`ranges`: per algorithm {param: (low, high)}). Shows whether the optimum was
     bracketed."""
     trials = trials.dropna(subset=[param]) if param in trials else trials.iloc[0:0]
@@ -404,7 +405,23 @@ def tuning_figure(
     for i, cell in enumerate(cells):
         row, col = i // columns + 1, i % columns + 1
         part = trials[trials["cell"] == cell]
-        healthy = part[part["status"] != "diverged"]
+        healthy = part[~part["status"].isin(["diverged", "stopped"])]
+        stopped = part[part["status"] == "stopped"]
+        if len(stopped):
+            fig.add_trace(
+                go.Scatter(
+                    x=stopped[param],
+                    y=stopped["score"],
+                    mode="markers",
+                    name="stopped early (ASHA)",
+                    marker={"symbol": "circle-open", "size": 7, "color": "#999999"},
+                    showlegend=i == 0,
+                    legendgroup="stopped",
+                    hovertemplate=f"{param}=%{{x:.3g}}<br>score when stopped %{{y:.3f}}<extra></extra>",
+                ),
+                row=row,
+                col=col,
+            )
         beta = healthy["beta"] if "beta" in healthy and healthy["beta"].notna().any() else None
         marker = {"size": 8, "color": "#636efa"}
         if beta is not None:

@@ -165,8 +165,8 @@ def tuning_figure_of(history: pd.DataFrame, protocol: StudyProtocol) -> tuple[st
     trials = tuning_trials(history, protocol.objective)
     caption = (
         f"Every tuning trial's {protocol.objective.replace('_', ' ')} at the end of its budget against its step size, "
-        "per cell (colour: log10 β where it is searched; crosses: diverged; star: the configuration the seed runs "
-        "ran; dashed: the step-size range searched)."
+        "per cell (colour: log10 β where it is searched; open circles: stopped early by ASHA; crosses: diverged; "
+        "star: the configuration the seed runs ran; dashed: the step-size range searched)."
     )
     return "fig-tuning", caption, tuning_figure(trials, protocol.search_ranges())
 

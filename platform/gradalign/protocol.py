@@ -196,7 +196,10 @@ class StudyProtocol:
     @property
     def recipe(self) -> Recipe:
         """The tuning recipe of every cell: the protocol's trials and tuning seeds, and `tuning`'s settings."""
-        return Recipe(trials=self.trials_per_cell, search_seeds=len(self.tuning_seeds), **dict(self.tuning))
+        settings = dict(self.tuning)
+        if self.asha:  # successive halving searches a space-filling design: the model only proposes after it
+            settings["startup"] = max(settings.get("startup", 0), self.trials_per_cell)
+        return Recipe(trials=self.trials_per_cell, search_seeds=len(self.tuning_seeds), **settings)
 
     @property
     def confirm_seeds(self) -> tuple[int, ...]:
@@ -231,10 +234,17 @@ class StudyProtocol:
         scored = f" (each the mean of {len(self.tuning_seeds)} seeds)" if len(self.tuning_seeds) > 1 else ""
         what = "validation accuracy" if self.objective == "val_accuracy" else self.objective.replace("_", " ")
         model = {"gp": "a Gaussian process", "tpe": "TPE"}[recipe.model]
-        text = (
-            f"{self.trials_per_cell} trials{scored} scored by {what} at the end of the budget, the first "
-            f"{min(recipe.startup, self.trials_per_cell)} from a Sobol design, then {model}"
-        )
+        if self.asha:
+            text = (
+                f"{self.trials_per_cell} trials{scored} from a Sobol design, the worse half stopped at each rung of "
+                f"successive halving (ASHA: from {self.grace_period:.3g} epochs, doubling), scored by {what} at the "
+                "end of the budget"
+            )
+        else:
+            text = (
+                f"{self.trials_per_cell} trials{scored} scored by {what} at the end of the budget, the first "
+                f"{min(recipe.startup, self.trials_per_cell)} from a Sobol design, then {model}"
+            )
         if recipe.max_extensions:
             text += (
                 f"; a range whose best value lies within {100 * recipe.edge:g}% of a bound is extended by "
@@ -243,11 +253,9 @@ class StudyProtocol:
             )
         if recipe.confirm_top and recipe.confirm_seeds:
             text += (
-                f"; the {recipe.confirm_top} best configurations re-run on {recipe.confirm_seeds} more seeds and the "
-                "best mean chosen among those whose seeds did not collapse"
+                f"; the {recipe.confirm_top} best configurations that ran the whole budget re-run on "
+                f"{recipe.confirm_seeds} more seeds and the best mean chosen among those whose seeds did not collapse"
             )
-        if self.asha:
-            text += f"; ASHA from {self.grace_period:g} epochs"
         return text
 
     def seeds_sentence(self) -> str:

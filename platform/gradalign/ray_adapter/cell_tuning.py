@@ -55,7 +55,8 @@ def tune_cells(engine) -> tuple[dict[str, pd.DataFrame], dict[str, CellChoice]]:
     plan = engine.plan
     protocol, recipe = plan.protocol, plan.protocol.recipe
     spaces = {c.key: c.space for c in plan.cells}
-    rounds = {c.key: [engine.search("tune", round_no=1, spaces=spaces)[c.key]] for c in plan.cells}
+    first = engine.search("tune", round_no=1, spaces=spaces)
+    rounds = {c.key: [first[c.key]] for c in plan.cells}
     for round_no in range(2, 2 + 2 * len(_searched(plan.cells[0])) * recipe.max_extensions):
         wider = {}
         for cell in plan.cells:
@@ -103,10 +104,13 @@ def tune_cells(engine) -> tuple[dict[str, pd.DataFrame], dict[str, CellChoice]]:
 
 
 def runs_of(parts: list[pd.DataFrame], protocol) -> pd.DataFrame:
-    """One row per training run for `gradalign.tuning`: the searched parameters, `seed`, `status`, and `score`
+    """One row per training run that ran its whole budget (or diverged; not one ASHA stopped), for
+    `gradalign.tuning`: the searched parameters, `seed`, `status`, and `score`
     (higher is better: the objective, or 1 / (1 + loss) for a minimised loss, so that a diverged run's 0 is the
     worst)."""
     rows = pd.concat(parts, ignore_index=True)
+    if "trial_status" in rows:  # a trial ASHA stopped never saw the whole budget: its score is not comparable
+        rows = rows[rows["trial_status"] != "stopped"]
     if rows.empty:
         return rows.assign(score=[])
     last = rows.sort_values(COUNTER, kind="stable").groupby(["phase", "trial_id"], sort=False).tail(1)
