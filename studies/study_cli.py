@@ -130,7 +130,7 @@ def study_parser(
     target: float = 0.6,
     lr_range: tuple[float, float] = (0.001, 0.5),
     beta_range: tuple[float, float] | None = (1e-4, 1.0),
-    trials_per_cell: int = 24,
+    trials_per_cell: int = 20,
     tuning_seeds: int = 1,
     seeds: int | str = "auto",
 ) -> tuple[argparse.ArgumentParser, dict[str, argparse._ArgumentGroup]]:
@@ -280,10 +280,10 @@ def study_parser(
         "--asha",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="successive halving (ASHA): each cell's trials start from a Sobol design and the worse half of them "
-        "stop at each rung (a quarter and half of the budget by default), so a cell tries many configurations for "
-        "the price of fewer full runs; --no-asha: every trial runs its whole budget and a Gaussian process proposes "
-        "after a short Sobol start (default: on)",
+        help="successive halving (ASHA): each cell's trials come from a Sobol design and all but the best third "
+        "stop at each rung (a quarter and three quarters of the budget by default), so a cell tries many "
+        "configurations for the price of fewer full runs; --no-asha: every trial runs its whole budget and a "
+        "Gaussian process proposes after a short Sobol start (default: on)",
     )
     g.add_argument(
         "--grace-period",

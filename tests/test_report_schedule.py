@@ -65,8 +65,8 @@ def test_execution_refuses_a_bad_report_interval():
 def test_asha_rungs_are_the_schedulers_own_milestones():
     rungs = asha_rungs(max_epochs=10, grace_period=1.0)
     bracket = make_scheduler("val_accuracy", "max", max_epochs=10, grace_period=1.0)._brackets[0]
-    assert sorted(rungs) == sorted(milestone for milestone, _ in bracket._rungs) == [1, 2, 4, 8]
-    assert asha_rungs(max_epochs=10, grace_period=3.0) == (3.0, 6.0)
+    assert sorted(rungs) == sorted(milestone for milestone, _ in bracket._rungs) == [1, 3, 9]
+    assert asha_rungs(max_epochs=10, grace_period=3.0) == (3.0, 9.0)
 
 
 def test_in_process_trial_reports_on_schedule_but_records_every_evaluation(tmp_path):

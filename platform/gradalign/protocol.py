@@ -236,9 +236,9 @@ class StudyProtocol:
         model = {"gp": "a Gaussian process", "tpe": "TPE"}[recipe.model]
         if self.asha:
             text = (
-                f"{self.trials_per_cell} trials{scored} from a Sobol design, the worse half stopped at each rung of "
-                f"successive halving (ASHA: from {self.grace_period:.3g} epochs, doubling), scored by {what} at the "
-                "end of the budget"
+                f"{self.trials_per_cell} trials{scored} from a Sobol design, all but the best third stopped at each "
+                f"rung of successive halving (ASHA, from {self.grace_period:.3g} epochs, rungs 3 times apart), scored "
+                f"by {what} at the end of the budget"
             )
         else:
             text = (
