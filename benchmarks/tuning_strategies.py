@@ -1,7 +1,7 @@
 """Tuning strategies replayed on dense grids: how often, and by how much, each misses a cell's optimum.
 
     python benchmarks/tuning_strategies.py --cache /work/tuning-cache                 # every strategy, 100 studies
-    python benchmarks/tuning_strategies.py --cache /work/tuning-cache --strategies today chosen --repeats 300
+    python benchmarks/tuning_strategies.py --cache /work/tuning-cache --strategies today studies --repeats 300
     python benchmarks/tuning_strategies.py --cache /work/tuning-cache --model mlp \\
         --cells sgd-32 large_batch_sgd-128 gradalign-128 large_batch_sgd-512 gradalign-512
     python benchmarks/tuning_strategies.py --cache /work/tuning-cache --lr-range 0.001,0.05   # a range too low
@@ -59,6 +59,9 @@ class Strategy:
     sampler: str = "staged"
     tpe_startup: int = 10
     halving: int = 0
+    asha: tuple[float, int] = ()
+    """(grace period as a share of the budget, reduction factor): Ray Tune's ASHA over the recipe's Sobol design,
+    trials one after another, as the studies run it by default (`--asha`)."""
     note: str = ""
 
 
@@ -79,8 +82,15 @@ def strategies() -> dict[str, Strategy]:
         Strategy("sobol4-gp-8+c4x2", replace(r, max_extensions=0, model="gp", trials=8, confirm_top=4)),
         Strategy("sobol6-gp-10+c3x2", replace(r, max_extensions=0, model="gp", startup=6)),
         Strategy("halving-24+c3x2", replace(r, max_extensions=0), halving=24),
-        Strategy("chosen-tpe", r, note="sobol4-tpe-10 + extension + c3x2, stable choice"),
-        Strategy("chosen", replace(r, model="gp"), note="sobol4-gp-10 + extension + c3x2, stable choice"),
+        Strategy("halving-20+c3x2", replace(r, max_extensions=0), halving=20),
+        Strategy("sobol4-gp-10+ext+c3x2", replace(r, model="gp"), note="the studies' recipe with --no-asha"),
+        Strategy("asha-20-rf2+c3x2", replace(r, trials=20, startup=20, max_extensions=0), asha=(0.25, 2)),
+        Strategy(
+            "studies",
+            replace(r, trials=20, startup=20, max_extensions=0),
+            asha=(0.25, 3),
+            note="what the studies run by default: ASHA (grace 1/4, rf 3) over 20 Sobol trials + c3x2, stable choice",
+        ),
     ]
     return {s.name: s for s in out}
 
@@ -149,7 +159,9 @@ def simulate(strategy: Strategy, oracle: GridOracle, ranges: dict[str, Range], r
     seeds += [max(seeds) + 1 + i for i in range(max(0, recipe.seeds_needed - len(seeds)))]
     oracle.calls = 0.0
     extensions = 0
-    if strategy.halving:
+    if strategy.asha:
+        chosen = asha(strategy, oracle, ranges, rep, seeds)
+    elif strategy.halving:
         chosen = halving(strategy, oracle, ranges, rep, seeds)
     else:
         tuned = tune_cell(oracle.evaluate, ranges, recipe, seed=rep, seeds=seeds, sampler=_factory(strategy, ranges))
@@ -196,6 +208,39 @@ def halving(strategy: Strategy, oracle: GridOracle, ranges: dict[str, Range], re
         {**configs[i], "seed": seeds[0], "val_accuracy": runs[i]["val_accuracy"], "status": runs[i]["status"]}
         for i in alive
     ]
+    confirm = seeds[recipe.search_seeds : recipe.seeds_needed]
+    for _, candidate in confirmation_candidates(pd.DataFrame(rows), names, recipe.confirm_top).iterrows():
+        for s in confirm:
+            run = oracle.evaluate({k: candidate[k] for k in names}, s)
+            rows.append({**{k: candidate[k] for k in names}, "seed": s, **_score(run)})
+    return choose(pd.DataFrame(rows), names, collapse_gap=recipe.collapse_gap)[0]
+
+
+def asha(strategy: Strategy, oracle: GridOracle, ranges: dict[str, Range], rep: int, seeds: list[int]):
+    """Ray Tune's ASHA rule (`async_hyperband._Bracket`: a trial stops at a rung when its value there falls below
+    the (1 - 1/rf) quantile of the values recorded there so far) over the recipe's Sobol design, trials one after
+    another, then the recipe's confirmation among the trials that ran the whole budget, and its choice."""
+    recipe, names = strategy.recipe, list(ranges)
+    grace, rf = strategy.asha
+    rungs = [grace * rf**k for k in range(8) if grace * rf**k < 1 - 1e-9]
+    study = optuna.create_study(sampler=make_sampler(recipe, seed=rep, names=names))
+    recorded: dict[float, list[float]] = {m: [] for m in rungs}
+    rows = []
+    for _ in range(recipe.trials):
+        trial = study.ask()
+        params = {k: trial.suggest_float(k, r.low, r.high, log=r.log) for k, r in ranges.items()}
+        study.tell(trial, 0.0)
+        run, stopped_at = oracle.run(params, seeds[0]), None
+        for m in rungs:
+            value = rung_value(run, m)
+            cut = np.percentile(recorded[m], (1 - 1 / rf) * 100) if recorded[m] else None
+            recorded[m].append(value)
+            if cut is not None and value < cut:
+                stopped_at = m
+                break
+        oracle.calls += stopped_at if stopped_at is not None else 1.0
+        if stopped_at is None:
+            rows.append({**params, "seed": seeds[0], **_score(run)})
     confirm = seeds[recipe.search_seeds : recipe.seeds_needed]
     for _, candidate in confirmation_candidates(pd.DataFrame(rows), names, recipe.confirm_top).iterrows():
         for s in confirm:

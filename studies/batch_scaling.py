@@ -1,6 +1,6 @@
 """How far does data-parallel training scale? Accuracy and steps-to-target versus global batch size, tuned per cell.
 
-    python studies/batch_scaling.py                  # MNIST-1D, 1-D CNN, B = 64..1024 (under 10 min on 2 cores)
+    python studies/batch_scaling.py                  # MNIST-1D, 1-D CNN, B = 128..512 (about 8 min on 2 cores)
     python studies/batch_scaling.py --smoke-test     # the whole pipeline on digits in about a minute
     python studies/batch_scaling.py --report-only --out results/batch-scaling --export png,pdf   # rebuild the report
     python studies/batch_scaling.py --dataset cifar10 --model lenet --batch-sizes 128 512 2048 --download \\
@@ -12,15 +12,16 @@ The method of Shallue et al. (2018) and Google's tuning playbook:
   GradAlign emulates the reference's implicit regularisation at any parallelism;
 - nuisance, re-tuned in every cell with Ray Tune + Optuna on the validation split: step size and β (momentum
   fixed at 0.9 by default, or searched with --momentum-range; a 10% linear warmup and a cosine decay, as
-  large-batch training needs): a Sobol design then a Gaussian process, ranges extended when the best value sits at
-  a bound, and the best few configurations re-run on more seeds, so that a step size at the edge of stability,
-  which collapses on other seeds, does not win (gradalign.tuning; docs/tuning.md measures it against a dense grid);
+  large-batch training needs): a Sobol design searched by successive halving (ASHA), ranges extended when the best
+  value sits at a bound, and the best few configurations re-run on more seeds, so that a step size at the edge of
+  stability, which collapses on other seeds, does not win (gradalign.tuning; docs/tuning.md measures it against a
+  dense grid);
 - fixed: dataset, model, the micro-batch b, and the budget: the same number of training examples for every cell
   (--epochs x training-set size, rounded up to a multiple of every batch size), or the same number of steps
   (--budget-steps);
 - the chosen configuration of each cell is re-run with seeds disjoint from the tuning seeds; the test metrics of
-  those runs are the result (mean, 95% CI, n); steps to the target are read off the validation accuracy on a
-  log-spaced evaluation schedule.
+  those runs are the result (mean, CI, n), seeds added in rounds while a comparison is undetermined (--seeds auto);
+  steps to the target are read off the validation accuracy on a log-spaced evaluation schedule.
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-sizes",
         type=int,
         nargs="+",
-        default=[64, 256, 512, 1024],
-        help="global batch sizes B to compare (the degree of parallelism; default 64 256 512 1024)",
+        default=[128, 256, 512],
+        help="global batch sizes B to compare (the degree of parallelism; default 128 256 512: from where the "
+        "reference is matched to where every algorithm falls far behind, within 10 minutes on 2 cores)",
     )
     g.add_argument(
         "--algorithms",

@@ -48,6 +48,11 @@ STUDY = [
     str(SEEDS),
     "--target",
     "0.5",
+    "--no-asha",  # (every trial runs its whole budget: 'finished' below is the trainer's own status)
+    "--confirm-top",
+    "1",
+    "--confirm-seeds",
+    "1",
     "--name",
     "killed",
 ]
@@ -113,7 +118,7 @@ class KilledStudy:
         proc.wait(timeout=30)
         self.reap(proc.pid)
         self.kills.append(moment)
-        for phase in ("tune", "seed"):
+        for phase in ("tune", "confirm", "seed"):
             for key, record in records(self.out, phase).items():
                 if finished(record):
                     self.finished_at_kills.setdefault((phase, key), record["trained"])
@@ -194,7 +199,7 @@ def test_a_study_killed_at_any_moment_trains_every_trial_once(own_dir):
             "after the trials", lambda: sum(finished(r) for r in records(out, "seed").values()) == len(CELLS) * SEEDS
         )
         study.finish()
-        trainings = {p: {k: r["trained"] for k, r in records(out, p).items()} for p in ("tune", "seed")}
+        trainings = {p: {k: r["trained"] for k, r in records(out, p).items()} for p in ("tune", "confirm", "seed")}
         ran = json.loads((out / "summary.json").read_text())
 
         # the report rebuilt from the folder alone states the same verdict, budget and ranges as the run
@@ -220,14 +225,16 @@ def test_a_study_killed_at_any_moment_trains_every_trial_once(own_dir):
         damaged.write_bytes(damaged.read_bytes()[:100])
         log = study.finish()
         assert "is damaged" in log and "rebuilding it from the trial records" in log
-        assert {p: {k: r["trained"] for k, r in records(out, p).items()} for p in ("tune", "seed")} == trainings
+        assert {
+            p: {k: r["trained"] for k, r in records(out, p).items()} for p in ("tune", "confirm", "seed")
+        } == trainings
     finally:
         study.cleanup()
 
     print(f"\nkills: {study.kills}; runs: {study.runs}")
     assert len(study.kills) >= 3, study.kills
     history = pd.read_parquet(out / "history.parquet")
-    for phase, trials in (("tune", TRIALS), ("seed", SEEDS)):
+    for phase, trials in (("tune", TRIALS), ("confirm", 1), ("seed", SEEDS)):
         recs = records(out, phase)
         trainings = sum(len(r["trained"]) for r in recs.values())
         print(

@@ -158,7 +158,7 @@ def test_warm_start_adds_each_configuration_once_with_its_mean_and_skips_those_o
 # Confirmation and the choice
 # ---------------------------------------------------------------------------------------------------------------
 def test_the_choice_refuses_a_candidate_whose_extra_seeds_collapse():
-    seeds = {0.3: [0.93, 0.92, 0.80], 0.2: [0.87, 0.875, 0.87], 0.25: [0.95, 0.94, math.nan]}
+    seeds = {0.3: [0.93, 0.93, 0.77], 0.2: [0.87, 0.875, 0.87], 0.25: [0.95, 0.94, math.nan]}
     rows = [
         {"lr": lr, "seed": s, "val_accuracy": v, "status": "diverged" if math.isnan(v) else "completed"}
         for lr, values in seeds.items()
@@ -175,10 +175,11 @@ def test_the_choice_refuses_a_candidate_whose_extra_seeds_collapse():
     assert best_mean["lr"] == 0.3  # what a choice by the mean alone would take
 
 
-def test_when_every_candidate_collapses_the_one_with_the_best_worst_seed_wins():
-    trials = _runs((0.1, 0.9), (0.1, 0.5), (0.2, 0.95), (0.2, 0.4))
-    chosen, _ = choose(trials.assign(seed=[0, 1, 0, 1]), ["lr"])
-    assert chosen["lr"] == 0.1 and "collapsed" in chosen["reason"]
+def test_when_every_candidate_collapses_the_best_mean_wins():
+    trials = _runs((0.1, 0.9), (0.1, 0.5), (0.2, 0.98), (0.2, 0.45))
+    chosen, candidates = choose(trials.assign(seed=[0, 1, 0, 1]), ["lr"])
+    assert chosen["lr"] == 0.2 and "collapsed" in chosen["reason"]
+    assert set(candidates["refused"]) == {"a seed fell more than 0.15 below the best seed"}
 
 
 def test_confirmation_candidates_are_the_best_means_without_fully_diverged_ones():

@@ -89,10 +89,16 @@ def test_the_strategy_replay_reads_the_cached_grid_and_reports_a_shortfall_per_c
     adequacy.main([*TINY, "--cells", "sgd-32", "gradalign-64", "--cache", str(tmp_path)])
     strategies = _load("tuning_strategies")
     grid = ["--dataset", "digits", "--model", "mlp", "--budget-examples", "640", "--cache", str(tmp_path)]
-    frame = strategies.main([*grid, "--cells", "sgd-32", "gradalign-64", "--strategies", "today", "--repeats", "2"])
-    assert len(frame) == 4 and set(frame["cell"]) == {"sgd-32", "gradalign-64"}
-    assert (frame["cost"] == 16).all() and frame["shortfall"].notna().all()
-    assert "today" in capsys.readouterr().out
+    cells = ["--cells", "sgd-32", "gradalign-64"]
+    frame = strategies.main([*grid, *cells, "--strategies", "today", "studies", "--repeats", "2"])
+    assert len(frame) == 8 and set(frame["cell"]) == {"sgd-32", "gradalign-64"} and frame["shortfall"].notna().all()
+    cost = frame.groupby("strategy")["cost"]
+    assert (cost.min()["today"], cost.max()["today"]) == (16, 16)
+    # ASHA: 20 trials, the first runs the whole budget, the others may stop at a quarter or three quarters; then
+    # 2 confirmation seeds for each of at most 3 full runs
+    assert 1 + 19 * 0.25 + 2 <= cost.min()["studies"] and cost.max()["studies"] <= 20 + 6
+    out = capsys.readouterr().out
+    assert "today" in out and "studies" in out
     with pytest.raises(SystemExit):
         strategies.main([*grid, "--cells", "large_batch_sgd-128"])
     assert "no cached grid for large_batch_sgd-128" in capsys.readouterr().err

@@ -14,7 +14,7 @@ in three phases (`Recipe` holds the numbers, measured in docs/tuning.md):
    an edge and a bound can still move.
 3. **Confirmation**: the `Recipe.confirm_top` best configurations (`confirmation_candidates`) are trained on
    `Recipe.confirm_seeds` more seeds each; `choose` takes the best mean among the candidates whose seeds did not
-   collapse (no seed diverged, none more than `Recipe.collapse_gap` below the candidate's median seed).
+   collapse (no seed diverged, none more than `Recipe.collapse_gap` below the candidate's best seed).
 
 The data: `trials` is a pandas frame with one row per training run: a column per searched parameter, `seed`, the
 objective (`metric`, default `val_accuracy`, higher is better) and optionally `status` ('diverged' scores 0).
@@ -79,8 +79,8 @@ class Recipe:
     """Configurations re-scored in the confirmation phase (0: none)."""
     confirm_seeds: int = 2
     """Extra seeds for each of them (seeds no search trial used)."""
-    collapse_gap: float = 0.1
-    """A candidate whose seed lies more than this below its median seed (or diverged) does not win."""
+    collapse_gap: float = 0.15
+    """A candidate with a seed more than this below its best seed (or a diverged seed) does not win."""
     choice: str = "stable"
     """'stable': `choose` (collapsed candidates refused); 'mean': the best mean, as studies chose before."""
 
@@ -201,20 +201,20 @@ def distributions(ranges: Mapping[str, Range]) -> dict[str, FloatDistribution]:
 # Configurations and their seeds
 # ---------------------------------------------------------------------------------------------------------------
 def config_table(
-    trials: pd.DataFrame, params: Sequence[str], metric: str = "val_accuracy", collapse_gap: float = 0.1
+    trials: pd.DataFrame, params: Sequence[str], metric: str = "val_accuracy", collapse_gap: float = 0.15
 ) -> pd.DataFrame:
-    """Per configuration (distinct values of `params`): n (seed runs), mean, min, median, std of `metric` (a
+    """Per configuration (distinct values of `params`): n (seed runs), mean, min, median, max, std of `metric` (a
     diverged run, or a missing value, counts 0), diverged (count), collapsed (a seed diverged or lies more than
-    `collapse_gap` below the median of the configuration's seeds), sorted by mean, best first."""
+    `collapse_gap` below the configuration's best seed), sorted by mean, best first."""
     if trials.empty:
-        return pd.DataFrame(columns=[*params, "n", "mean", "min", "median", "std", "diverged", "collapsed"])
+        return pd.DataFrame(columns=[*params, "n", "mean", "min", "median", "max", "std", "diverged", "collapsed"])
     diverged = trials["status"].eq("diverged") if "status" in trials else pd.Series(False, index=trials.index)
     score = trials[metric].where(~diverged).fillna(0.0).astype(float)
     frame = trials[list(params)].assign(_score=score, _diverged=diverged)
     grouped = frame.groupby(list(params), dropna=False, sort=False)
-    table = grouped["_score"].agg(n="size", mean="mean", min="min", median="median", std="std")
+    table = grouped["_score"].agg(n="size", mean="mean", min="min", median="median", max="max", std="std")
     table["diverged"] = grouped["_diverged"].sum().astype(int)
-    table["collapsed"] = (table["diverged"] > 0) | (table["min"] < table["median"] - collapse_gap)
+    table["collapsed"] = (table["diverged"] > 0) | (table["min"] < table["max"] - collapse_gap)
     return (
         table.reset_index().sort_values(["mean", "n"], ascending=[False, False], kind="stable").reset_index(drop=True)
     )
@@ -231,14 +231,15 @@ def confirmation_candidates(
 
 
 def choose(
-    trials: pd.DataFrame, params: Sequence[str], metric: str = "val_accuracy", collapse_gap: float = 0.1
+    trials: pd.DataFrame, params: Sequence[str], metric: str = "val_accuracy", collapse_gap: float = 0.15
 ) -> tuple[pd.Series, pd.DataFrame]:
     """The stability-aware final choice among the configurations with the most seed runs (the confirmed ones).
 
-    A candidate whose seeds collapsed (one diverged, or one more than `collapse_gap` below its median seed) is
-    refused; the best mean of the others wins. If every candidate collapsed, the one with the highest worst seed
-    wins (`reason` says so). Returns the chosen row (params, n, mean, min, median, std, diverged, collapsed,
-    reason) and the candidates' table with a `refused` column.
+    A candidate whose seeds collapsed (one diverged, or one more than `collapse_gap` below its best seed) is
+    refused; the best mean of the others wins. If every candidate collapsed (a cell at the edge of stability
+    everywhere near its optimum), the best mean wins and `reason` says so: picking the best worst seed instead
+    chose worse configurations in the grid replays (docs/tuning.md). Returns the chosen row (params, n, mean, min,
+    median, max, std, diverged, collapsed, reason) and the candidates' table with a `refused` column.
     """
     table = config_table(trials, params, metric, collapse_gap)
     if table.empty:
@@ -247,15 +248,15 @@ def choose(
     candidates["refused"] = np.where(
         candidates["diverged"] > 0,
         "a seed diverged",
-        np.where(candidates["collapsed"], f"a seed fell more than {collapse_gap:g} below the median", ""),
+        np.where(candidates["collapsed"], f"a seed fell more than {collapse_gap:g} below the best seed", ""),
     )
     stable = candidates[candidates["refused"] == ""]
     if len(stable):
         chosen = stable.iloc[0].copy()
         chosen["reason"] = f"best mean of {len(stable)} stable candidate(s) on {int(chosen['n'])} seeds"
     else:
-        chosen = candidates.sort_values(["min", "mean"], ascending=False, kind="stable").iloc[0].copy()
-        chosen["reason"] = "every candidate collapsed: the one with the best worst seed"
+        chosen = candidates.iloc[0].copy()
+        chosen["reason"] = f"every candidate collapsed: the best mean of {len(candidates)}"
     return chosen.drop("refused"), candidates.reset_index(drop=True)
 
 
@@ -371,7 +372,7 @@ class Tuned:
     """What `tune_cell` found."""
 
     chosen: pd.Series
-    """The chosen configuration: params, n, mean, min, median, std, diverged, collapsed, reason."""
+    """The chosen configuration: params, n, mean, min, median, max, std, diverged, collapsed, reason."""
     candidates: pd.DataFrame
     """The configurations it was chosen from, with `refused` (why one could not win; '' if it could)."""
     trials: pd.DataFrame
