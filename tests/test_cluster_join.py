@@ -38,6 +38,10 @@ TINY_STUDY = [
     "1",
     "--seeds",
     "1",
+    "--confirm-top",  # one tuning trial and one seed run: no confirmation runs, no range extensions
+    "0",
+    "--max-extensions",
+    "0",
     "--target",
     "0.3",
     "--name",

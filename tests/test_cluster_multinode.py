@@ -35,6 +35,7 @@ DRIVER = textwrap.dedent("""
         rc = subprocess.run([sys.executable, study, "--address", cluster.address, "--dataset", "digits", "--model",
                              "mlp", "--batch-sizes", "32", "--algorithms", "gradalign", "--epochs", "1",
                              "--eval-points", "4", "--trials-per-cell", "2", "--seeds", "2",
+                             "--confirm-top", "0", "--max-extensions", "0",
                              "--max-concurrent", "2", "--target", "0.3", "--out", out, "--storage", storage,
                              "--name", "two-nodes"], timeout=900).returncode
         ray.init(address=cluster.address, logging_level="ERROR")
