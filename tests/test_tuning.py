@@ -182,6 +182,18 @@ def test_when_every_candidate_collapses_the_best_mean_wins():
     assert set(candidates["refused"]) == {"a seed fell more than 0.15 below the best seed"}
 
 
+def test_a_configuration_proposed_again_on_its_search_seed_does_not_outnumber_the_confirmed_ones():
+    # A Gaussian process keeps proposing a range's bound: the same run three times must not make that configuration
+    # the only one "with the most seeds" (found replaying an extended range on the MLP grid: it won with 2 of its 3
+    # seeds diverged).
+    rows = [{"lr": 2.36, "seed": 0, "val_accuracy": 0.64, "status": "completed"}] * 3
+    rows += [{"lr": 2.36, "seed": s, "val_accuracy": math.nan, "status": "diverged"} for s in (1, 2)]
+    rows += [{"lr": 1.0, "seed": s, "val_accuracy": v, "status": "completed"} for s, v in enumerate([0.62, 0.61, 0.63])]
+    chosen, candidates = choose(pd.DataFrame(rows), ["lr"])
+    assert chosen["lr"] == 1.0 and "stable" in chosen["reason"]
+    assert dict(zip(candidates["lr"], candidates["n"])) == {1.0: 3, 2.36: 3}
+
+
 def test_confirmation_candidates_are_the_best_means_without_fully_diverged_ones():
     trials = pd.DataFrame(
         [

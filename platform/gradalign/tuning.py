@@ -203,14 +203,17 @@ def distributions(ranges: Mapping[str, Range]) -> dict[str, FloatDistribution]:
 def config_table(
     trials: pd.DataFrame, params: Sequence[str], metric: str = "val_accuracy", collapse_gap: float = 0.15
 ) -> pd.DataFrame:
-    """Per configuration (distinct values of `params`): n (seed runs), mean, min, median, max, std of `metric` (a
-    diverged run, or a missing value, counts 0), diverged (count), collapsed (a seed diverged or lies more than
-    `collapse_gap` below the configuration's best seed), sorted by mean, best first."""
+    """Per configuration (distinct values of `params`): n (distinct seeds run: a configuration that a searcher
+    proposed again on the same seed counts that run once), mean, min, median, max, std of `metric` (a diverged run,
+    or a missing value, counts 0), diverged (count), collapsed (a seed diverged or lies more than `collapse_gap`
+    below the configuration's best seed), sorted by mean, best first."""
     if trials.empty:
         return pd.DataFrame(columns=[*params, "n", "mean", "min", "median", "max", "std", "diverged", "collapsed"])
     diverged = trials["status"].eq("diverged") if "status" in trials else pd.Series(False, index=trials.index)
     score = trials[metric].where(~diverged).fillna(0.0).astype(float)
     frame = trials[list(params)].assign(_score=score, _diverged=diverged)
+    if "seed" in trials:  # a configuration proposed again on the same seed is the same run: it counts once
+        frame = frame.assign(_seed=trials["seed"]).drop_duplicates([*params, "_seed"]).drop(columns="_seed")
     grouped = frame.groupby(list(params), dropna=False, sort=False)
     table = grouped["_score"].agg(n="size", mean="mean", min="min", median="median", max="max", std="std")
     table["diverged"] = grouped["_diverged"].sum().astype(int)
@@ -237,8 +240,8 @@ def choose(
 
     A candidate whose seeds collapsed (one diverged, or one more than `collapse_gap` below its best seed) is
     refused; the best mean of the others wins. If every candidate collapsed (a cell at the edge of stability
-    everywhere near its optimum), the best mean wins and `reason` says so: picking the best worst seed instead
-    chose worse configurations in the grid replays (docs/tuning.md). Returns the chosen row (params, n, mean, min,
+    everywhere near its optimum), the best mean wins and `reason` says so (the best worst seed would favour a step size
+    small enough to be stable and worse on every seed). Returns the chosen row (params, n, mean, min,
     median, max, std, diverged, collapsed, reason) and the candidates' table with a `refused` column.
     """
     table = config_table(trials, params, metric, collapse_gap)
