@@ -40,7 +40,18 @@ from tuning_adequacy import (
 )
 
 from gradalign.config import DATASETS, MODELS, ConfigError
-from gradalign.tuning import Range, Recipe, choose, confirmation_candidates, make_sampler, tune_cell
+from gradalign.tuning import (
+    Range,
+    Recipe,
+    at_edge,
+    choose,
+    confirmation_candidates,
+    distributions,
+    extend_ranges,
+    make_sampler,
+    tune_cell,
+    warm_start,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -85,11 +96,13 @@ def strategies() -> dict[str, Strategy]:
         Strategy("halving-20+c3x2", replace(r, max_extensions=0), halving=20),
         Strategy("sobol4-gp-10+ext+c3x2", replace(r, model="gp"), note="the studies' recipe with --no-asha"),
         Strategy("asha-20-rf2+c3x2", replace(r, trials=20, startup=20, max_extensions=0), asha=(0.25, 2)),
+        Strategy("asha-20-rf3+c3x2", replace(r, trials=20, startup=20, max_extensions=0), asha=(0.25, 3)),
         Strategy(
             "studies",
-            replace(r, trials=20, startup=20, max_extensions=0),
+            replace(r, trials=20, startup=20),
             asha=(0.25, 3),
-            note="what the studies run by default: ASHA (grace 1/4, rf 3) over 20 Sobol trials + c3x2, stable choice",
+            note="what the studies run by default: ASHA (grace 1/4, rf 3) over 20 Sobol trials, range extensions, "
+            "c3x2, stable choice",
         ),
     ]
     return {s.name: s for s in out}
@@ -118,6 +131,12 @@ class GridOracle:
         self.best_test = float(best["test_mean"])
         self.rng = rng
         self.calls = 0.0
+
+    @property
+    def limits(self) -> dict[str, tuple[float, float]]:
+        """The grid's span: a range extension stops there (past it the oracle could only repeat the edge's runs)."""
+        betas = np.concatenate([b for b in self.betas.values() if len(b)] or [np.array([math.nan])])
+        return {"lr": (float(self.lrs.min()), float(self.lrs.max())), "beta": (float(betas.min()), float(betas.max()))}
 
     def snap(self, params: dict) -> tuple:
         lr = float(self.lrs[np.argmin(np.abs(np.log(self.lrs) - math.log(params["lr"])))])
@@ -160,11 +179,19 @@ def simulate(strategy: Strategy, oracle: GridOracle, ranges: dict[str, Range], r
     oracle.calls = 0.0
     extensions = 0
     if strategy.asha:
-        chosen = asha(strategy, oracle, ranges, rep, seeds)
+        chosen, extensions = asha(strategy, oracle, ranges, rep, seeds)
     elif strategy.halving:
         chosen = halving(strategy, oracle, ranges, rep, seeds)
     else:
-        tuned = tune_cell(oracle.evaluate, ranges, recipe, seed=rep, seeds=seeds, sampler=_factory(strategy, ranges))
+        tuned = tune_cell(
+            oracle.evaluate,
+            ranges,
+            recipe,
+            seed=rep,
+            seeds=seeds,
+            limits=oracle.limits,
+            sampler=_factory(strategy, ranges),
+        )
         chosen, extensions = tuned.chosen, tuned.extensions
     point = oracle.snap({k: chosen[k] for k in ranges})
     truth = oracle.truth[point]
@@ -219,34 +246,61 @@ def halving(strategy: Strategy, oracle: GridOracle, ranges: dict[str, Range], re
 def asha(strategy: Strategy, oracle: GridOracle, ranges: dict[str, Range], rep: int, seeds: list[int]):
     """Ray Tune's ASHA rule (`async_hyperband._Bracket`: a trial stops at a rung when its value there falls below
     the (1 - 1/rf) quantile of the values recorded there so far) over the recipe's Sobol design, trials one after
-    another, then the recipe's confirmation among the trials that ran the whole budget, and its choice."""
+    another; then, as `cell_tuning.tune_cells` does, range extensions while the best full run sits at an edge (each
+    `recipe.extension_trials` more trials from a Gaussian process warm-started with the full runs, under the same
+    rule), the confirmation among the trials that ran the whole budget, and the recipe's choice."""
     recipe, names = strategy.recipe, list(ranges)
     grace, rf = strategy.asha
     rungs = [grace * rf**k for k in range(8) if grace * rf**k < 1 - 1e-9]
-    study = optuna.create_study(sampler=make_sampler(recipe, seed=rep, names=names))
     recorded: dict[float, list[float]] = {m: [] for m in rungs}
-    rows = []
-    for _ in range(recipe.trials):
-        trial = study.ask()
-        params = {k: trial.suggest_float(k, r.low, r.high, log=r.log) for k, r in ranges.items()}
-        study.tell(trial, 0.0)
-        run, stopped_at = oracle.run(params, seeds[0]), None
-        for m in rungs:
-            value = rung_value(run, m)
-            cut = np.percentile(recorded[m], (1 - 1 / rf) * 100) if recorded[m] else None
-            recorded[m].append(value)
-            if cut is not None and value < cut:
-                stopped_at = m
-                break
-        oracle.calls += stopped_at if stopped_at is not None else 1.0
-        if stopped_at is None:
-            rows.append({**params, "seed": seeds[0], **_score(run)})
+    rows: list[dict] = []
+
+    def search(study: optuna.Study, n: int, current: dict[str, Range]) -> None:
+        for _ in range(n):
+            trial = study.ask()
+            params = {k: trial.suggest_float(k, r.low, r.high, log=r.log) for k, r in current.items()}
+            run, stopped_at = oracle.run(params, seeds[0]), None
+            for m in rungs:
+                value = rung_value(run, m)
+                cut = np.percentile(recorded[m], (1 - 1 / rf) * 100) if recorded[m] else None
+                recorded[m].append(value)
+                if cut is not None and value < cut:
+                    stopped_at = m
+                    break
+            oracle.calls += stopped_at if stopped_at is not None else 1.0
+            study.tell(trial, rung_value(run, stopped_at) if stopped_at is not None else _score(run)["val_accuracy"])
+            if stopped_at is None:
+                rows.append({**params, "seed": seeds[0], **_score(run)})
+
+    current, extensions = dict(ranges), 0
+    search(
+        optuna.create_study(direction="maximize", sampler=make_sampler(recipe, seed=rep, names=names)),
+        recipe.trials,
+        current,
+    )
+    while recipe.max_extensions > 0:
+        wider = extend_ranges(
+            current,
+            at_edge(pd.DataFrame(rows), current, edge=recipe.edge),
+            ranges,
+            recipe.extend_by,
+            recipe.max_extensions,
+            oracle.limits,
+        )
+        if wider == current:
+            break
+        current, extensions = wider, extensions + 1
+        study = optuna.create_study(
+            direction="maximize", sampler=make_sampler(replace(recipe, startup=0), seed=rep + 1000 * extensions)
+        )
+        warm_start(study, pd.DataFrame(rows), distributions(current))
+        search(study, recipe.extension_trials, current)
     confirm = seeds[recipe.search_seeds : recipe.seeds_needed]
     for _, candidate in confirmation_candidates(pd.DataFrame(rows), names, recipe.confirm_top).iterrows():
         for s in confirm:
             run = oracle.evaluate({k: candidate[k] for k in names}, s)
             rows.append({**{k: candidate[k] for k in names}, "seed": s, **_score(run)})
-    return choose(pd.DataFrame(rows), names, collapse_gap=recipe.collapse_gap)[0]
+    return choose(pd.DataFrame(rows), names, collapse_gap=recipe.collapse_gap)[0], extensions
 
 
 def _score(run: dict) -> dict:

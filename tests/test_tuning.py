@@ -182,6 +182,13 @@ def test_when_every_candidate_collapses_the_best_mean_wins():
     assert set(candidates["refused"]) == {"a seed fell more than 0.15 below the best seed"}
 
 
+def test_when_every_confirmed_candidate_collapses_the_best_unconfirmed_stable_configuration_wins():
+    rows = [{"lr": lr, "seed": s, "val_accuracy": v} for lr in (2.0, 3.0) for s, v in enumerate([0.64, 0.1, 0.1])]
+    rows += [{"lr": 0.3, "seed": 0, "val_accuracy": 0.61}, {"lr": 0.1, "seed": 0, "val_accuracy": 0.5}]
+    chosen, _ = choose(pd.DataFrame(rows).assign(status="completed"), ["lr"])
+    assert chosen["lr"] == 0.3 and "no collapsed seed, on 1 seed" in chosen["reason"]
+
+
 def test_a_configuration_proposed_again_on_its_search_seed_does_not_outnumber_the_confirmed_ones():
     # A Gaussian process keeps proposing a range's bound: the same run three times must not make that configuration
     # the only one "with the most seeds" (found replaying an extended range on the MLP grid: it won with 2 of its 3

@@ -14,7 +14,8 @@ in three phases (`Recipe` holds the numbers, measured in docs/tuning.md):
    an edge and a bound can still move.
 3. **Confirmation**: the `Recipe.confirm_top` best configurations (`confirmation_candidates`) are trained on
    `Recipe.confirm_seeds` more seeds each; `choose` takes the best mean among the candidates whose seeds did not
-   collapse (no seed diverged, none more than `Recipe.collapse_gap` below the candidate's best seed).
+   collapse (no seed diverged, none more than `Recipe.collapse_gap` below the candidate's best seed); if all
+   collapsed, the best configuration not confirmed whose seeds did not collapse.
 
 The data: `trials` is a pandas frame with one row per training run: a column per searched parameter, `seed`, the
 objective (`metric`, default `val_accuracy`, higher is better) and optionally `status` ('diverged' scores 0).
@@ -240,8 +241,8 @@ def choose(
 
     A candidate whose seeds collapsed (one diverged, or one more than `collapse_gap` below its best seed) is
     refused; the best mean of the others wins. If every candidate collapsed (a cell at the edge of stability
-    everywhere near its optimum), the best mean wins and `reason` says so (the best worst seed would favour a step size
-    small enough to be stable and worse on every seed). Returns the chosen row (params, n, mean, min,
+    everywhere near its best search runs), the best configuration that ran fewer seeds and none of them collapsed
+    wins, or, if there is none, the best mean; `reason` says which. Returns the chosen row (params, n, mean, min,
     median, max, std, diverged, collapsed, reason) and the candidates' table with a `refused` column.
     """
     table = config_table(trials, params, metric, collapse_gap)
@@ -254,13 +255,19 @@ def choose(
         np.where(candidates["collapsed"], f"a seed fell more than {collapse_gap:g} below the best seed", ""),
     )
     stable = candidates[candidates["refused"] == ""]
+    unconfirmed = table[(table["n"] < table["n"].max()) & ~table["collapsed"]]
     if len(stable):
         chosen = stable.iloc[0].copy()
         chosen["reason"] = f"best mean of {len(stable)} stable candidate(s) on {int(chosen['n'])} seeds"
+    elif len(unconfirmed):
+        chosen = unconfirmed.iloc[0].copy()
+        chosen["reason"] = (
+            f"every candidate collapsed: the best configuration with no collapsed seed, on {int(chosen['n'])} seed(s)"
+        )
     else:
         chosen = candidates.iloc[0].copy()
         chosen["reason"] = f"every candidate collapsed: the best mean of {len(candidates)}"
-    return chosen.drop("refused"), candidates.reset_index(drop=True)
+    return chosen.drop("refused", errors="ignore"), candidates.reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
