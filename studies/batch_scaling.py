@@ -1,6 +1,6 @@
 """How far does data-parallel training scale? Accuracy and steps-to-target versus global batch size, tuned per cell.
 
-    python studies/batch_scaling.py                  # MNIST-1D, 1-D CNN, B = 128..512 (about 8 min on 2 cores)
+    python studies/batch_scaling.py                  # MNIST-1D, 1-D CNN, B = 128..512 (about 9 min on 2 cores)
     python studies/batch_scaling.py --smoke-test     # the whole pipeline on digits in about a minute
     python studies/batch_scaling.py --report-only --out results/batch-scaling --export png,pdf   # rebuild the report
     python studies/batch_scaling.py --dataset cifar10 --model lenet --batch-sizes 128 512 2048 --download \\

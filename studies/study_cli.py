@@ -40,8 +40,11 @@ from gradalign.protocol import SEED_BASE, StudyProtocol
 from gradalign.study_file import read_study_file
 from gradalign.tables import DamagedTable, NothingToReport, load_history
 
+DEFAULT_STUDY_EXAMPLES = 1.7e7
+"""Training examples of the default batch-scaling study at most (7 cells x (20 + 3 x 2 tuning + 8 seed runs) x 20
+epochs of 3,601 examples; ASHA stops most tuning trials at a quarter of that)."""
 WORK_LIMIT_EXAMPLES = 3e8
-"""Training examples a study may process in all before it asks for --yes (the default batch-scaling study: ~1.2e7)."""
+"""Training examples a study may process in all before it asks for --yes (about 18 default studies)."""
 
 RUN_ONLY = {
     "address",
@@ -644,8 +647,9 @@ class StudyCommand:
                 "yes",
                 False,
                 f"this study would train up to {runs} runs of up to {protocol.budget.epochs:.3g} epochs (about "
-                f"{work:.2g} training examples in all, {work / 1.2e7:.0f} times the default study, which takes about "
-                "8 minutes on 2 CPU cores): check the budget, or pass --yes to start it",
+                f"{work:.2g} training examples in all, {work / DEFAULT_STUDY_EXAMPLES:.0f} times the "
+                "default study, which takes about 9 minutes on 2 CPU cores): check the budget, or pass --yes to "
+                "start it",
             )
         check_writable(self.out, "out")
         if resources.storage and "://" not in resources.storage:
