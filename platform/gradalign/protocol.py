@@ -248,13 +248,14 @@ class StudyProtocol:
         if recipe.max_extensions:
             text += (
                 f"; a range whose best value lies within {100 * recipe.edge:g}% of a bound is extended by "
-                f"{100 * recipe.extend_by:g}% of its width (at most {recipe.max_extensions} times per side) and "
+                f"{100 * recipe.extend_by:g}% of its width (at most {_times(recipe.max_extensions)} per side) and "
                 f"searched {recipe.extension_trials} more trials"
             )
         if recipe.confirm_top and recipe.confirm_seeds:
             text += (
                 f"; the {recipe.confirm_top} best configurations that ran the whole budget re-run on "
-                f"{recipe.confirm_seeds} more seeds and the best mean chosen among those whose seeds did not collapse"
+                f"{recipe.confirm_seeds} more seed{'s' if recipe.confirm_seeds != 1 else ''} and the best mean chosen "
+                "among those whose seeds did not collapse"
             )
         return text
 
@@ -372,3 +373,7 @@ def _show(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return repr(value) if isinstance(value, str) else str(value)
+
+
+def _times(n: int) -> str:
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
