@@ -37,7 +37,7 @@ from gradalign.findings import Evidence, build_report
 from gradalign.protocol import Budget, Comparisons, StudyProtocol
 from gradalign.ranges import Range
 from gradalign.report import noise_by_algorithm
-from gradalign.verdict import protocol_sentence, scaling_facts, scaling_sentences
+from gradalign.verdict import protocol_sentence, scaling_facts, scaling_sentences, step_size_caveat
 from studies.study_cli import DataLocation, StudyCommand, split_sizes, study_parser, tuning_settings
 
 KIND = "batch-scaling"
@@ -249,9 +249,10 @@ def _searched(ranges) -> dict:
     return {"lr": None, **ranges}
 
 
-def verdict(protocol: StudyProtocol):
+def verdict(protocol: StudyProtocol, out: Path | str = "OUT"):
     """The report's opening sentences: the protocol, each algorithm against the small-batch reference at every B,
-    B_crit with its interval, GradAlign against large-batch SGD at every B."""
+    B_crit with its interval, GradAlign against large-batch SGD at every B, and, when those differences compare
+    cells tuned to different step sizes, how to check them at a common one."""
 
     def sentences(evidence: Evidence) -> list[str]:
         critical = evidence.critical or {}
@@ -275,7 +276,8 @@ def verdict(protocol: StudyProtocol):
             design=protocol.design,
             tuning=protocol.tuning_sentence(),
         )
-        return [first, *scaling_sentences(facts, target=protocol.target)]
+        caveat = step_size_caveat(evidence.records, evidence.cells, str(out))
+        return [first, *scaling_sentences(facts, target=protocol.target), *([caveat] if caveat else [])]
 
     return sentences
 
@@ -289,7 +291,7 @@ def write_report(protocol: StudyProtocol, command: StudyCommand) -> Path:
         x="batch_size",
         title="GradAlign batch-scaling study",
         command=command.text,
-        verdict=verdict(protocol),
+        verdict=verdict(protocol, command.args.out),
         export=command.args.export,
     )
     command.finish_report(path, started)

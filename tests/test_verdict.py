@@ -280,3 +280,35 @@ def test_federated_sentences_come_from_the_records_of_each_setting():
     assert "communications to target: FedGA is below FedAvg (-12, 95% CI [-20, -4]" in text
     assert "FedAvg is undetermined against GradAlign" in text and "about 11 seeds per side" in text
     assert text.index("FedGA is") < text.index("FedAvg is")  # the focus first
+
+
+def test_decided_differences_between_cells_tuned_to_different_step_sizes_name_the_check_that_separates_them():
+    from gradalign.verdict import step_size_caveat
+
+    cells = pd.DataFrame(
+        [
+            {"algorithm": "gradalign", "batch_size": 128, "lr": 0.26},
+            {"algorithm": "large_batch_sgd", "batch_size": 128, "lr": 0.19},
+            {"algorithm": "gradalign", "batch_size": 256, "lr": 0.25},
+            {"algorithm": "large_batch_sgd", "batch_size": 256, "lr": 0.26},
+            {"algorithm": "sgd", "batch_size": 32, "lr": 0.1},
+        ]
+    )
+
+    def record(a, b, x, x_b, outcome, metric="acc_final"):
+        return {"a": a, "b": b, "x": x, "x_a": x, "x_b": x_b, "outcome": outcome, "metric": metric}
+
+    records = [
+        record("gradalign", "large_batch_sgd", 128, 128, "better"),
+        record("gradalign", "large_batch_sgd", 256, 256, "worse"),  # step sizes 4% apart: no caveat
+        record("gradalign", "sgd", 128, 32, "worse"),  # against the reference: not a pair of tuned algorithms
+    ]
+    text = step_size_caveat(records, cells, "results/x")
+    assert "B = 128: 0.26 vs 0.19" in text and "B = 256" not in text
+    assert "same_step_size.py --study results/x --cells gradalign-B128 large_batch_sgd-B128" in text
+    undecided = [record("gradalign", "large_batch_sgd", 128, 128, "undetermined")]
+    assert step_size_caveat(undecided, cells, "results/x") is None
+    assert (
+        step_size_caveat([record("gradalign", "large_batch_sgd", 128, 128, "better", "steps_to_target")], cells, "o")
+        is None
+    )

@@ -31,6 +31,7 @@ __all__ = [
     "evidence",
     "scaling_facts",
     "scaling_sentences",
+    "step_size_caveat",
     "federated_facts",
     "federated_sentences",
 ]
@@ -291,6 +292,40 @@ def scaling_sentences(facts: Mapping[str, Any], target: float | None = None, x: 
     for (a, b), records in facts["pairs"].items():
         out.append(f"{_name(a, start=True)} is {_clauses(records, _name(b), x)}.")
     return out
+
+
+def step_size_caveat(
+    records: Sequence[Mapping[str, Any]],
+    cells: pd.DataFrame,
+    study: str,
+    x: str = "batch_size",
+    metric: str = "acc_final",
+    param: str = "lr",
+    ratio: float = 1.1,
+) -> str | None:
+    """A sentence for the decided comparisons between two tuned algorithms (not against the reference) whose cells
+    were tuned to step sizes more than `ratio` apart: such a difference may be where each cell's tuning landed, not
+    the algorithms'; `benchmarks/same_step_size.py` retrains both at each other's step size. None if there is none.
+    `cells`: one row per cell with `algorithm`, `x` and `param`; `study`: the output folder, for the command."""
+    if cells.empty or param not in cells.columns:
+        return None
+    chosen = {(row["algorithm"], row[x]): row[param] for _, row in cells.iterrows()}
+    apart = []
+    for r in records:
+        if r.get("metric") != metric or r.get("outcome") not in ("better", "worse") or r.get("x_a") != r.get("x_b"):
+            continue
+        a, b = chosen.get((r["a"], r["x"])), chosen.get((r["b"], r["x"]))
+        if _finite(a) and _finite(b) and max(a, b) / min(a, b) > ratio:
+            apart.append((r, a, b))
+    if not apart:
+        return None
+    r0 = apart[0][0]
+    where = "; ".join(f"B = {r['x']:g}: {a:.3g} vs {b:.3g}" for r, a, b in apart)
+    return (
+        f"The decided {_name(r0['a'])} − {_name(r0['b'])} differences compare cells tuned to different step sizes "
+        f"({where}): a difference is the algorithms' only if it survives a common step size (`python "
+        f"benchmarks/same_step_size.py --study {study} --cells {r0['a']}-B{r0['x']:g} {r0['b']}-B{r0['x']:g}`)."
+    )
 
 
 # -- federated -----------------------------------------------------------------------------------------------------
