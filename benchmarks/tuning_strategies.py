@@ -235,12 +235,7 @@ def halving(strategy: Strategy, oracle: GridOracle, ranges: dict[str, Range], re
         {**configs[i], "seed": seeds[0], "val_accuracy": runs[i]["val_accuracy"], "status": runs[i]["status"]}
         for i in alive
     ]
-    confirm = seeds[recipe.search_seeds : recipe.seeds_needed]
-    for _, candidate in confirmation_candidates(pd.DataFrame(rows), names, recipe.confirm_top).iterrows():
-        for s in confirm:
-            run = oracle.evaluate({k: candidate[k] for k in names}, s)
-            rows.append({**{k: candidate[k] for k in names}, "seed": s, **_score(run)})
-    return choose(pd.DataFrame(rows), names, collapse_gap=recipe.collapse_gap)[0]
+    return confirm_and_choose(recipe, names, rows, oracle, seeds)
 
 
 def asha(strategy: Strategy, oracle: GridOracle, ranges: dict[str, Range], rep: int, seeds: list[int]):
@@ -295,12 +290,18 @@ def asha(strategy: Strategy, oracle: GridOracle, ranges: dict[str, Range], rep: 
         )
         warm_start(study, pd.DataFrame(rows), distributions(current))
         search(study, recipe.extension_trials, current)
+    return confirm_and_choose(recipe, names, rows, oracle, seeds), extensions
+
+
+def confirm_and_choose(recipe: Recipe, names: list[str], rows: list[dict], oracle: GridOracle, seeds: list[int]):
+    """The recipe's confirmation (its best `confirm_top` full runs on the next seeds) and choice, after a search
+    that left its full runs in `rows`; returns the chosen row."""
     confirm = seeds[recipe.search_seeds : recipe.seeds_needed]
     for _, candidate in confirmation_candidates(pd.DataFrame(rows), names, recipe.confirm_top).iterrows():
         for s in confirm:
             run = oracle.evaluate({k: candidate[k] for k in names}, s)
             rows.append({**{k: candidate[k] for k in names}, "seed": s, **_score(run)})
-    return choose(pd.DataFrame(rows), names, collapse_gap=recipe.collapse_gap)[0], extensions
+    return choose(pd.DataFrame(rows), names, collapse_gap=recipe.collapse_gap)[0]
 
 
 def _score(run: dict) -> dict:

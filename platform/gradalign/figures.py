@@ -390,6 +390,15 @@ def hyperparameters_vs_x(
     return _no_data(fig)
 
 
+def _points(fig: go.Figure, at: tuple[int, int], x, y, name: str, marker: dict, legend: bool = False, **more) -> None:
+    """A marker trace in panel `at` (row, col), legend group `name`; nothing when there are no points."""
+    if len(x):
+        trace = go.Scatter(
+            x=x, y=y, mode="markers", name=name, marker=marker, showlegend=legend, legendgroup=name, **more
+        )
+        fig.add_trace(trace, row=at[0], col=at[1])
+
+
 def tuning_figure(
     trials: pd.DataFrame, ranges: Mapping[str, Mapping[str, tuple]], param: str = "lr", columns: int = 3
 ) -> go.Figure:
@@ -407,21 +416,16 @@ def tuning_figure(
         part = trials[trials["cell"] == cell]
         healthy = part[~part["status"].isin(["diverged", "stopped"])]
         stopped = part[part["status"] == "stopped"]
-        if len(stopped):
-            fig.add_trace(
-                go.Scatter(
-                    x=stopped[param],
-                    y=stopped["score"],
-                    mode="markers",
-                    name="stopped early (ASHA)",
-                    marker={"symbol": "circle-open", "size": 7, "color": "#999999"},
-                    showlegend=i == 0,
-                    legendgroup="stopped",
-                    hovertemplate=f"{param}=%{{x:.3g}}<br>score when stopped %{{y:.3f}}<extra></extra>",
-                ),
-                row=row,
-                col=col,
-            )
+        _points(
+            fig,
+            (row, col),
+            stopped[param],
+            stopped["score"],
+            "stopped early (ASHA)",
+            {"symbol": "circle-open", "size": 7, "color": "#999999"},
+            legend=i == 0,
+            hovertemplate=f"{param}=%{{x:.3g}}<br>score when stopped %{{y:.3f}}<extra></extra>",
+        )
         beta = healthy["beta"] if "beta" in healthy and healthy["beta"].notna().any() else None
         marker = {"size": 8, "color": "#636efa"}
         if beta is not None:
@@ -452,35 +456,12 @@ def tuning_figure(
             col=col,
         )
         bad = part[part["status"] == "diverged"]
-        if len(bad):
-            fig.add_trace(
-                go.Scatter(
-                    x=bad[param],
-                    y=np.zeros(len(bad)),
-                    mode="markers",
-                    name="diverged",
-                    marker={"symbol": "x", "size": 9, "color": "#d62728"},
-                    showlegend=False,
-                    legendgroup="diverged",
-                ),
-                row=row,
-                col=col,
-            )
+        _points(
+            fig, (row, col), bad[param], np.zeros(len(bad)), "diverged", {"symbol": "x", "size": 9, "color": "#d62728"}
+        )
         chosen = part[part["chosen"].astype(bool)]
-        if len(chosen):
-            fig.add_trace(
-                go.Scatter(
-                    x=chosen[param],
-                    y=chosen["score"],
-                    mode="markers",
-                    name="chosen",
-                    marker={"symbol": "star", "size": 16, "color": "#ff7f0e", "line": {"width": 1, "color": "black"}},
-                    showlegend=i == 0,
-                    legendgroup="chosen",
-                ),
-                row=row,
-                col=col,
-            )
+        star = {"symbol": "star", "size": 16, "color": "#ff7f0e", "line": {"width": 1, "color": "black"}}
+        _points(fig, (row, col), chosen[param], chosen["score"], "chosen", star, legend=i == 0)
         algorithm = part["algorithm"].iloc[0] if "algorithm" in part and len(part) else None
         bounds = (ranges.get(cell) or ranges.get(algorithm) or {}).get(param)
         for bound in bounds or ():
